@@ -50,6 +50,10 @@ class ModelArgs:
     """Recompute activations in backward (non-reentrant); the PACE noise is reproduced."""
     attn_implementation: str | None = None
     """transformers attention backend (eager, sdpa, flash_attention_2); None = its default."""
+    build: dict[str, Any] | None = None
+    """Offline base: a transformers config dict (model_type plus sizes). A random-init model is
+    built from it, with a sentencepiece tokenizer trained on the task's text, and saved under
+    <output_dir>/base_model; name_or_path is then that directory."""
 
 
 @dataclass
@@ -291,7 +295,8 @@ def validate(recipe: Recipe) -> list[str]:
         if not cond:
             p.append(msg)
 
-    need(bool(m.name_or_path), "model.name_or_path is empty: give a hub id or a local model directory")
+    need(bool(m.name_or_path) or m.build is not None,
+         "model.name_or_path is empty: give a hub id or a local model directory (or model.build)")
     need(lo.r > 0, f"lora.r: {lo.r} must be a positive integer (e.g. 8, 16)")
     need(lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0 (e.g. 2*r)")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)")
