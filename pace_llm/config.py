@@ -125,6 +125,10 @@ class DataArgs:
     """Synthetic task: number of generated training problems."""
     limit: int | None = None
     """Use only the first N training rows (None = all)."""
+    hub_config: str | None = None
+    """Hub dataset config name; None = the task's default (gsm8k: main; glue: data.glue_task)."""
+    seed: int = 0
+    """Synthetic task: seed of the problem generator (training and eval problems)."""
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""In-loop evaluation on every rank: greedy generation (causal LM) or class predictions, and the
+FP-distance of PACE.md §6.
+
+Each rank evaluates a shard (example i goes to rank i mod world) and the results are gathered.
+Under ZeRO-3 the whole model is gathered once per evaluation pass and DeepSpeed's per-module
+fetch hooks are lifted for the pass, so generation does not all-gather weights per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from pace_llm import distributed as D
+from pace_llm.data import collate_causal, collate_cls
+from pace_llm.lora import adapters_disabled
+
+FP_ROWS = 8  # examples in the fixed FP-distance batch
+
+
+@contextlib.contextmanager
+def full_weights(engine: Any):
+    """Whole, local weights for the block; ZeRO-3 hooks are removed and restored around it."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: list[list[int]], tokenizer: Any,
+                    max_new_tokens: int, batch_size: int, device: torch.device) -> list[list[int]]:
+    """Greedy continuations (new token ids, EOS excluded) for each prompt; batched, left-padded,
+    KV-cached."""
+    eos = tokenizer.eos_token_id
+    outputs = []
+    for s in range(0, len(prompts), batch_size):
+        ids, mask = left_pad(prompts[s:s + batch_size], tokenizer.pad_token_id)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                             num_beams=1, temperature=None, top_p=None, top_k=None)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            outputs.append(row)
+    return outputs
+
+
+class Evaluator:
+    """Runs the task metric and the FP-distance for a Trainer."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        limit = trainer.recipe.eval.limit
+        self.examples = trainer.task.eval[:limit] if limit else trainer.task.eval
+        self.fp_batch = [trainer.task.train[i] for i in range(min(FP_ROWS, len(trainer.task.train)))]
+
+    def run(self) -> dict[str, Any]:
+        tr = self.trainer
+        model = tr.hf_model
+        was_training = model.training
+        model.eval()
+        try:
+            with full_weights(tr.engine):
+                shard = list(range(tr.rank, len(self.examples), tr.world))
+                preds = self._predict([self.examples[i] for i in shard])
+                fp = self.fp_distance()
+        finally:
+            model.train(was_training)
+        merged = dict(_flatten(D.all_gather_objects(list(zip(shard, preds)))))
+        ordered = [merged[i] for i in range(len(self.examples))]
+        return self._score(ordered, fp)
+
+    def _predict(self, examples: list[dict]) -> list[Any]:
+        tr = self.trainer
+        if not examples:
+            return []
+        if tr.causal:
+            rows = greedy_generate(tr.hf_model, [e["prompt_ids"] for e in examples], tr.tokenizer,
+                                   tr.recipe.eval.max_new_tokens, tr.recipe.eval.batch_size,
+                                   tr.engine.device)
+            return [tr.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        preds = []
+        bs = tr.recipe.eval.batch_size
+        for s in range(0, len(examples), bs):
+            batch = collate_cls(examples[s:s + bs], tr.tokenizer.pad_token_id,
+                                regression=tr.task.num_labels == 1)
+            with torch.no_grad():
+                logits = tr.hf_model(input_ids=batch["input_ids"].to(tr.engine.device),
+                                     attention_mask=batch["attention_mask"].to(tr.engine.device)).logits
+            preds += (logits.squeeze(-1).float().tolist() if tr.task.num_labels == 1
+                      else logits.argmax(-1).tolist())
+        return preds
+
+    @torch.no_grad()
+    def fp_distance(self) -> float:
+        """Mean squared difference between fine-tuned and base outputs on the fixed batch:
+        next-token logits at supervised positions (causal LM) or class logits."""
+        tr = self.trainer
+        model, dev = tr.hf_model, tr.engine.device
+        if tr.causal:
+            batch = collate_causal(self.fp_batch, tr.tokenizer.pad_token_id)
+        else:
+            batch = collate_cls(self.fp_batch, tr.tokenizer.pad_token_id, tr.task.num_labels == 1)
+        inputs = {"input_ids": batch["input_ids"].to(dev),
+                  "attention_mask": batch["attention_mask"].to(dev)}
+        tuned = model(**inputs).logits.float()
+        with adapters_disabled(model):
+            base = model(**inputs).logits.float()
+        if tr.causal:
+            sel = (batch["labels"][:, 1:] != -100).to(dev)
+            tuned, base = tuned[:, :-1][sel], base[:, :-1][sel]
+        return float(((tuned - base) ** 2).mean())
+
+    def _score(self, predictions: list[Any], fp: float) -> dict[str, Any]:
+        tr = self.trainer
+        refs = [e["reference"] if tr.causal else e["label"] for e in self.examples]
+        metrics = tr.task.metric(predictions, refs) if predictions else {}
+        primary = metrics.get(tr.task.main_metric, next(iter(metrics.values()), None))
+        record: dict[str, Any] = {"metrics": metrics, "metric": primary, "fp_distance": fp,
+                                  "examples": len(predictions)}
+        if tr.causal:
+            record["samples"] = [{"prediction": p, "reference": r}
+                                 for p, r in list(zip(predictions, refs))[:3]]
+        return record
+
+
+def _flatten(lists: list[list[Any]]) -> list[Any]:
+    return [x for sub in lists for x in sub]

@@ -1,0 +1,52 @@
+"""The curves PNG of a run: task and consistency loss, adapter grad norm, eval metric and
+FP-distance against the step (the curves users compare between pace.mode off and full)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, eval records) of a metrics.jsonl."""
+    train, evals = [], []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" in rec:
+            evals.append(rec)
+        elif "task_loss" in rec:
+            train.append(rec)
+    return train, evals
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(metrics_file)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    steps = [r["step"] for r in train]
+    axes[0].plot(steps, [r["task_loss"] for r in train], label="task loss")
+    axes[0].set_title("task loss")
+    axes[1].plot(steps, [r["consistency_loss"] for r in train], color="tab:orange")
+    axes[1].set_title("consistency loss")
+    axes[2].plot(steps, [r["grad_norm"] or 0.0 for r in train], color="tab:green")
+    axes[2].set_title("adapter grad norm")
+    e_steps = [r["step"] for r in evals]
+    axes[3].plot(e_steps, [r["eval"]["fp_distance"] for r in evals], "o-", color="tab:red",
+                 label="FP-distance")
+    axes[3].set_title("eval")
+    metric = [r["eval"].get("metric") for r in evals]
+    if any(m is not None for m in metric):
+        ax = axes[3].twinx()
+        ax.plot(e_steps, [m if m is not None else float("nan") for m in metric], "s--",
+                color="tab:purple", label="metric")
+        ax.set_ylabel("metric")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png

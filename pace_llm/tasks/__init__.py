@@ -1,0 +1,60 @@
+"""Tasks: tokenized training examples, evaluation inputs and the metric of each task family.
+
+The engine calls :func:`build_task` once; a task module (gsm8k, glue, instruct, synthetic)
+reads its rows, tokenizes them with the base model's tokenizer, applies
+``data.on_too_long`` and returns a :class:`TaskData`. :func:`task_texts` gives the raw text
+an offline base (``model.build``) trains its tokenizer on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from pace_llm.config import DataArgs
+
+
+@dataclass
+class TaskData:
+    """What a task hands the engine.
+
+    causal_lm train rows: ``{"input_ids", "labels"}`` of equal length, labels -100 where not
+    supervised and *unshifted* (labels[i] is the target token at position i). causal_lm eval
+    rows: ``{"prompt_ids", "reference"}`` (the prompt exactly as fed to generation).
+    seq_cls rows (train and eval): ``{"input_ids", "label"}`` (float for STS-B).
+    """
+
+    kind: Literal["causal_lm", "seq_cls"]
+    train: list[dict]
+    eval: list[dict]
+    num_labels: int | None
+    stats: dict[str, int]
+    """Train rows, tokens, supervised_tokens, truncated, dropped; and eval_rows."""
+    metric: Callable[[list, list], dict[str, float]]
+    """causal: (generated_texts, references); seq_cls: (predictions, labels) -> metrics."""
+    name: str
+    main_metric: str = ""
+    """The key of ``metric``'s result that ranks checkpoints (eval.save_best)."""
+    extra_eval: dict[str, list[dict]] = field(default_factory=dict)
+    """Further evaluation sets in the form of ``eval``, by name (MNLI: mismatched)."""
+
+
+def build_task(data: DataArgs, tokenizer: Any) -> TaskData:
+    """Read, tokenize and check the task's data; bad data raises UserError naming file and row."""
+    from pace_llm.tasks import glue, gsm8k, instruct, synthetic
+
+    builders = {"gsm8k": gsm8k.build, "glue": glue.build, "instruct": instruct.build,
+                "synthetic": synthetic.build}
+    return builders[data.task](data, tokenizer)
+
+
+def task_texts(data: DataArgs) -> list[str]:
+    """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
+    from pace_llm.tasks import glue, gsm8k, instruct, synthetic
+
+    texts = {"gsm8k": gsm8k.texts, "glue": glue.texts, "instruct": instruct.texts,
+             "synthetic": synthetic.texts}
+    return texts[data.task](data)
+
+
+__all__ = ["TaskData", "build_task", "task_texts"]

@@ -1,0 +1,188 @@
+"""Task rows from local files (jsonl, json, parquet) or the Hugging Face hub.
+
+Every row keeps its 1-based number so that an error can name the file and the row. In a
+jsonl file the row number is the line number; in a headered TSV it is the data row, and the
+message adds the line (``row 5 (line 6)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pace_llm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCAL_EXTS = (".jsonl", ".json", ".parquet", ".tsv")
+EVAL_NAMES = ("test", "validation", "dev")
+
+
+@dataclass
+class Rows:
+    """Rows of one split: ``items`` holds (row number, row dict) pairs; ``source`` names it."""
+
+    source: str
+    items: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    header_lines: int = 0
+    """Lines before row 1 (a TSV header); errors then also give the line number."""
+
+    def where(self, n: int) -> str:
+        line = f" (line {n + self.header_lines})" if self.header_lines else ""
+        return f"{self.source} row {n}{line}"
+
+    def get(self, n: int, row: dict[str, Any], key: str, kind: type | tuple = str) -> Any:
+        """``row[key]``, or a UserError naming the file, the row and the field."""
+        if key not in row or row[key] is None:
+            have = ", ".join(sorted(map(str, row))) or "nothing"
+            raise UserError(f"{self.where(n)}: missing field '{key}' (the row has: {have})")
+        value = row[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise UserError(f"{self.where(n)}: field '{key}' is {type(value).__name__} "
+                            f"{_short(value)}; expected {_kind_name(kind)}")
+        return value
+
+    def nonempty(self) -> "Rows":
+        if not self.items:
+            raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
+        return self
+
+    def head(self, limit: int | None) -> "Rows":
+        return self if limit is None else Rows(self.source, self.items[:limit], self.header_lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _kind_name(kind: type | tuple) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def looks_local(path: str) -> bool:
+    """True for an existing path or something written as a file path (not an owner/name hub id)."""
+    return (Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~"))
+            or path.lower().endswith(LOCAL_EXTS))
+
+
+def read_local(path: Path) -> Rows:
+    """Rows of a .jsonl, .json (a list of objects) or .parquet file."""
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif suffix == ".json":
+        rows = _read_json(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = Rows(str(path), list(enumerate(pq.read_table(path).to_pylist(), start=1)))
+    else:
+        raise UserError(f"data file {str(path)!r}: unsupported extension {suffix!r}; "
+                        "use .jsonl, .json or .parquet")
+    log.info("read %d rows from %s", len(rows.items), path)
+    return rows
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows = Rows(str(path))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} row {n}: not valid JSON ({exc.msg} at column "
+                                f"{exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{path} row {n}: expected a JSON object, got "
+                                f"{type(obj).__name__}")
+            rows.items.append((n, obj))
+    return rows
+
+
+def _read_json(path: Path) -> Rows:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise UserError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    rows = Rows(str(path))
+    for n, row in enumerate(obj, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path} row {n}: expected a JSON object, got {type(row).__name__}")
+        rows.items.append((n, row))
+    return rows
+
+
+def read_hub(name: str, config: str | None, split: str) -> Rows:
+    """One split of a hub dataset via ``datasets.load_dataset``."""
+    import datasets
+
+    label = f"{name}" + (f" ({config})" if config else "") + f" split '{split}'"
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split name
+        raise UserError(f"data.path: cannot load hub dataset {label}: {exc}. For a local "
+                        "file give a path (./x.jsonl or /abs/path)") from None
+    log.info("loaded %d rows from hub dataset %s", len(ds), label)
+    return Rows(f"hub:{name}[{split}]", list(enumerate(ds.to_list(), start=1)))
+
+
+def find_in_dir(directory: Path, names: tuple[str, ...],
+                exts: tuple[str, ...] = (".jsonl", ".json", ".parquet")) -> Path | None:
+    """The first ``<name><ext>`` that exists in ``directory``."""
+    for name in names:
+        for ext in exts:
+            if (directory / f"{name}{ext}").is_file():
+                return directory / f"{name}{ext}"
+    return None
+
+
+def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str,
+                reader=read_local) -> tuple[Rows, Rows | None]:
+    """Train rows and (if found) eval rows for a hub id, a local directory or a local file.
+
+    Local directory: ``train.*`` and the first of ``test.* / validation.* / dev.*``.
+    Local file: it is the train split; eval is ``data.eval_path`` or a sibling named like
+    ``test.<ext>``. Hub id: split ``train`` and ``data.eval_path`` (a split name or a local
+    file), else ``eval_split``.
+    """
+    if not path:
+        raise UserError("data.path is empty: give a hub dataset id or a local file/directory")
+    eval_rows = None
+    if eval_path is not None and looks_local(eval_path):
+        eval_rows = reader(Path(eval_path).expanduser())
+    if not looks_local(path):
+        train = read_hub(path, config, "train")
+        if eval_rows is None:
+            eval_rows = read_hub(path, config, eval_path or eval_split)
+        return train, eval_rows
+    local = Path(path).expanduser()
+    if local.is_dir():
+        train_file = find_in_dir(local, ("train",))
+        if train_file is None:
+            raise UserError(f"data.path: directory {path!r} has no train.jsonl, train.json or "
+                            "train.parquet")
+        eval_file = find_in_dir(local, EVAL_NAMES)
+    else:
+        train_file = local
+        eval_file = find_in_dir(local.parent, EVAL_NAMES, (local.suffix,)) if (
+            local.stem == "train") else None
+    train = reader(train_file)
+    if eval_rows is None and eval_path is not None:
+        raise UserError(f"data.eval_path {eval_path!r}: not a file (a split name only works "
+                        "with a hub dataset id)")
+    if eval_rows is None and eval_file is not None:
+        eval_rows = reader(eval_file)
+    return train, eval_rows

@@ -1,0 +1,102 @@
+"""Synthetic GSM8K-format word problems for the offline demo: seeded, small, learnable.
+
+Each problem is one of a few templates (one- or two-step addition, subtraction,
+multiplication with numbers below 10) with a worked answer, one equation per line, ending
+``#### N`` exactly like GSM8K. Training and evaluation problems come from the same generator
+with different seeds, and no evaluation question appears in the training set. Prompt,
+target and metric are GSM8K's (:mod:`pace_llm.tasks.gsm8k`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pace_llm.config import DataArgs
+from pace_llm.errors import UserError
+from pace_llm.tasks import TaskData
+from pace_llm.tasks.gsm8k import build_from_rows, render_text
+from pace_llm.tasks.sources import Rows
+
+NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
+ITEMS = ("apples", "pens", "cards", "shells", "books", "coins")
+EVAL_EXAMPLES = 200
+
+
+def _add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a, b = r.randint(1, 9), r.randint(1, 9)
+    return (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} "
+            "have now?", [f"{a} + {b} = {a + b}"], a + b)
+
+
+def _sub(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a = r.randint(2, 9)
+    b = r.randint(1, a - 1)
+    return (f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does {name} "
+            "have left?", [f"{a} - {b} = {a - b}"], a - b)
+
+
+def _mul(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a, b = r.randint(2, 5), r.randint(2, 5)
+    return (f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} "
+            "have?", [f"{a} * {b} = {a * b}"], a * b)
+
+
+def _add_add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a, b, c = r.randint(1, 9), r.randint(1, 9), r.randint(1, 9)
+    return (f"{name} has {a} {item}. {name} buys {b} more and then finds {c} more. How many "
+            f"{item} does {name} have now?", [f"{a} + {b} = {a + b}", f"{a + b} + {c} = "
+                                              f"{a + b + c}"], a + b + c)
+
+
+def _mul_add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
+    a, b, c = r.randint(2, 5), r.randint(2, 5), r.randint(1, 9)
+    return (f"{name} has {a} bags with {b} {item} in each bag and {c} loose {item}. How many "
+            f"{item} does {name} have?", [f"{a} * {b} = {a * b}", f"{a * b} + {c} = "
+                                          f"{a * b + c}"], a * b + c)
+
+
+TEMPLATES = (_add, _sub, _mul, _add_add, _mul_add)
+
+
+def problem(r: random.Random) -> dict[str, str]:
+    """One {question, answer} row; the answer's lines are the steps, then ``#### N``."""
+    template = TEMPLATES[r.randrange(len(TEMPLATES))]
+    question, steps, result = template(r, r.choice(NAMES), r.choice(ITEMS))
+    return {"question": question, "answer": "\n".join(steps + [f"#### {result}"])}
+
+
+def generate(n: int, seed: int, exclude: set[str] | None = None) -> list[dict[str, str]]:
+    """``n`` problems from ``seed`` (repeats allowed, questions in ``exclude`` skipped)."""
+    r = random.Random(seed)
+    exclude = exclude or set()
+    rows: list[dict[str, str]] = []
+    for _ in range(100 * n):
+        row = problem(r)
+        if row["question"] not in exclude:
+            rows.append(row)
+            if len(rows) == n:
+                return rows
+    raise UserError(f"data.num_examples: cannot draw {n} synthetic problems outside the "
+                    f"{len(exclude)} excluded ones; lower data.num_examples")
+
+
+def splits(data: DataArgs) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, eval) problems: num_examples from data.seed, 200 unseen ones from seed + 1."""
+    train = generate(data.num_examples, data.seed)
+    evals = generate(EVAL_EXAMPLES, data.seed + 1, exclude={row["question"] for row in train})
+    return train, evals
+
+
+def build(data: DataArgs, tok: Any) -> TaskData:
+    """The synthetic task as causal_lm TaskData (GSM8K prompt, target and metric)."""
+    train, evals = splits(data)
+    return build_from_rows(Rows("synthetic:train", list(enumerate(train, 1))),
+                           Rows("synthetic:eval", list(enumerate(evals, 1))), data, tok,
+                           "synthetic")
+
+
+def texts(data: DataArgs) -> list[str]:
+    """Rendered training problems (the demo trains its tokenizer on them)."""
+    return [render_text(row["question"], row["answer"], data.prompt_style)
+            for row in splits(data)[0][: data.limit]]

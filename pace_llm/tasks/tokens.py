@@ -1,0 +1,175 @@
+"""Tokenizer-side helpers shared by the task modules: BOS/EOS, chat templates, segments.
+
+A causal example is built from *segments* of text, each tokenized on its own
+(``add_special_tokens=False``) and concatenated, so the boundary between what is and is not
+supervised is exact. Chat conversations are split into segments by rendering prefixes of the
+conversation with the template: the assistant turn ``i`` is the text that
+``render(messages[:i+1])`` adds to ``render(messages[:i], add_generation_prompt=True)``. No
+generation markers (``{% generation %}``) are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pace_llm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '### Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
+)
+"""pace_llm's plain chat layout, used for ``prompt_style: plain`` conversations and for
+tokenizers without a chat template::
+
+    <system>\\n\\n### User:\\n<user>\\n\\n### Assistant:\\n<assistant><eos>\\n\\n### User:\\n...
+"""
+
+Segment = tuple[str, bool]  # (text, supervised)
+
+
+def encode(tok: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added (special-token text is still parsed)."""
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def bos_prefix(tok: Any) -> list[int]:
+    """The BOS id if this tokenizer adds one when encoding text, else []."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return []
+    with_special = tok("a", add_special_tokens=True)["input_ids"]
+    return [bos] if with_special and with_special[0] == bos else []
+
+
+def eos_id(tok: Any, what: str) -> int:
+    """The EOS id; a causal task cannot train a stop without one."""
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer has no eos_token, which {what} needs to end each target; "
+                        "use a tokenizer that defines one")
+    return int(tok.eos_token_id)
+
+
+def chat_template(tok: Any, prompt_style: str) -> str:
+    """The template to render with: the tokenizer's for ``chat``, pace_llm's for ``plain``.
+
+    A tokenizer without a template gets :data:`DEFAULT_CHAT_TEMPLATE` set on it explicitly (so
+    an exported tokenizer serves with the layout it was trained on), with a log line.
+    """
+    if not getattr(tok, "chat_template", None):
+        log.warning("the tokenizer has no chat template; setting pace_llm's default template "
+                    "(### User: / ### Assistant:, EOS after each assistant turn)")
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok.chat_template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+
+
+def render(tok: Any, messages: list[dict[str, str]], template: str, generation: bool,
+           where: str) -> str:
+    """The template applied to ``messages`` as text; template errors name the row."""
+    from jinja2 import TemplateError
+
+    if not messages:
+        return ""
+    try:
+        return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                       add_generation_prompt=generation)
+    except TemplateError as exc:
+        raise UserError(f"{where}: the chat template rejected this conversation: {exc}") from None
+
+
+def chat_segments(tok: Any, messages: list[dict[str, str]], template: str,
+                  where: str) -> list[Segment]:
+    """Split a rendered conversation into (text, supervised) segments, assistant turns supervised.
+
+    Raises UserError if the template is not prefix-consistent (rendering a longer conversation
+    changes the text of a shorter one), since the supervised span cannot then be located.
+    """
+    segments: list[Segment] = []
+    done = ""  # text covered so far
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise UserError(f"{where}: the conversation starts with an assistant turn; it needs "
+                            "a user (or system) message before the first assistant reply")
+        start = render(tok, messages[:i], template, True, where)
+        end = render(tok, messages[: i + 1], template, False, where)
+        if not start.startswith(done) or not end.startswith(start):
+            raise UserError(f"{where}: the chat template is not prefix-consistent (rendering "
+                            f"turn {i + 1} changes the text before it), so the assistant span "
+                            "cannot be located; use data.prompt_style: plain")
+        segments += [(start[len(done):], False), (end[len(start):], True)]
+        done = end
+    return [(text, sup) for text, sup in segments if text]
+
+
+def supervised_ids(segment_ids: list[int], eos: int, last: bool) -> tuple[list[int], list[int]]:
+    """Split an assistant segment into (supervised, unsupervised tail) around its EOS.
+
+    If the segment contains EOS, supervision ends with the last EOS and what follows (a
+    template's trailing newline) is not supervised. Otherwise EOS is appended to the last
+    assistant turn, so the model always learns to stop.
+    """
+    if eos in segment_ids:
+        cut = len(segment_ids) - segment_ids[::-1].index(eos)
+        return segment_ids[:cut], segment_ids[cut:]
+    return (segment_ids + [eos], []) if last else (segment_ids, [])
+
+
+def segments_to_example(tok: Any, segments: list[Segment], eos: int) -> dict[str, list[int]]:
+    """input_ids / labels (unshifted, -100 where not supervised) from text segments.
+
+    The tokenizer's BOS is prepended unless the first segment's ids already start with it;
+    trailing unsupervised tokens are dropped (nothing after the last EOS is trained or needed).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    n_sup = sum(sup for _, sup in segments)
+    seen = 0
+    for text, sup in segments:
+        piece = encode(tok, text)
+        if not ids:
+            bos = bos_prefix(tok)
+            piece = piece if piece[:1] == bos else bos + piece
+        if sup:
+            seen += 1
+            sup_ids, rest = supervised_ids(piece, eos, last=seen == n_sup)
+            ids += sup_ids + rest
+            labels += sup_ids + [-100] * len(rest)
+        else:
+            ids += piece
+            labels += [-100] * len(piece)
+    while labels and labels[-1] == -100:
+        labels.pop()
+        ids.pop()
+    return {"input_ids": ids, "labels": labels}
+
+
+def prompt_ids(tok: Any, segments: list[Segment]) -> list[int]:
+    """Token ids of unsupervised prompt segments as fed to generation (same tokenization as
+    training: each segment on its own, BOS as the tokenizer does)."""
+    ids: list[int] = []
+    for text, _ in segments:
+        piece = encode(tok, text)
+        if not ids:
+            bos = bos_prefix(tok)
+            piece = piece if piece[:1] == bos else bos + piece
+        ids += piece
+    return ids
+
+
+def render_default(messages: list[dict[str, str]], eos_token: str = "</s>") -> str:
+    """:data:`DEFAULT_CHAT_TEMPLATE` rendered without a tokenizer (text for tokenizer training)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(DEFAULT_CHAT_TEMPLATE).render(
+        messages=messages, eos_token=eos_token, add_generation_prompt=False)
