@@ -83,6 +83,7 @@ def fill_ds_config(recipe: Recipe, world_size: int, precision: str) -> dict[str,
     if problems:
         raise UserError("DeepSpeed config problems:\n" + "\n".join(f"  - {p}" for p in problems))
     cfg.setdefault("steps_per_print", 10 ** 9)
+    cfg["zero_allow_untested_optimizer"] = True  # ours: torch AdamW that can skip a bad step
     return cfg
 
 

@@ -561,6 +561,15 @@ def _reexport(src: Path, out: str, dtype: torch.dtype | None, base: str | None,
     print(f"adapter written to {out}")
 
 
+def _saved_dtype(base: str | None) -> torch.dtype | None:
+    """The dtype a local base checkpoint was saved in (auto for --merge); None if unknown."""
+    path = Path(base or "") / "config.json"
+    if not base or not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "")
+
+
 def _load_base(src: Path, base: str | None, recipe: Any) -> tuple[nn.Module, Any]:
     import transformers
 
@@ -602,11 +611,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         src = _source_adapter(args)
+        if args.merge and not args.out:
+            raise UserError("--merge needs --out DIR for the merged model")
         if not args.out and not args.check:
             raise UserError("nothing to do: give --out DIR (with --merge for a merged model) "
                             "and/or --check vllm")
-        if args.merge and not args.out:
-            raise UserError("--merge needs --out DIR for the merged model")
         recipe = _run_recipe(Path(args.run)) if args.run else None
         config, _ = read_adapter(src)
         base = _base_dir(args, config)
@@ -619,8 +628,9 @@ def main(argv: list[str] | None = None) -> int:
             refuse_nonempty(args.out, args.overwrite)
             model, tokenizer = _load_base(src, base, recipe)
             load_peft_adapter(model, src)
-            merge_and_save(model, args.out, tokenizer=tokenizer,
-                           dtype=_export_dtype(args, recipe), overwrite=args.overwrite)
+            dtype = _export_dtype(args, recipe) or _saved_dtype(base)
+            merge_and_save(model, args.out, tokenizer=tokenizer, dtype=dtype,
+                           overwrite=args.overwrite)
             print(f"merged model written to {args.out}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

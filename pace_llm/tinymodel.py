@@ -33,7 +33,6 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = DEFAULT_V
     transformers tokenizer (BOS added, pad = unk).
     """
     import sentencepiece as spm
-    from transformers import AutoTokenizer
 
     if vocab_size < MIN_VOCAB:
         raise UserError(f"model.build.vocab_size: {vocab_size} is too small for a byte-fallback "
@@ -48,14 +47,29 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = DEFAULT_V
         character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
+    tok = tokenizer_from_sentencepiece(model.getvalue(), out_dir)
+    log.info("trained a %d-piece BPE tokenizer on %d lines -> %s", len(tok), len(lines), out_dir)
+    return tok
+
+
+def tokenizer_from_sentencepiece(model: bytes | Path, out_dir: Path) -> Any:
+    """A sentencepiece ``.model`` (bytes or file) as a transformers tokenizer saved in ``out_dir``.
+
+    Loaded as ``tokenizer.model`` with ``AutoTokenizer`` (needs protobuf once), BOS added to
+    every encoding, pad = unk, then saved with ``save_pretrained`` and reloaded from there.
+    """
+    from transformers import AutoTokenizer
+
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.model").write_bytes(model.getvalue())
+        (Path(tmp) / "tokenizer.model").write_bytes(data)
         tok = AutoTokenizer.from_pretrained(tmp, add_bos_token=True)
+    if tok.unk_token is None:
+        raise UserError("the sentencepiece model has no unk piece to pad with")
     tok.pad_token = tok.unk_token
     tok.save_pretrained(out_dir)
-    log.info("trained a %d-piece BPE tokenizer on %d lines -> %s", len(tok), len(lines), out_dir)
     return AutoTokenizer.from_pretrained(out_dir)
 
 

@@ -345,6 +345,8 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
     config, tensors = read_adapter(adapter_dir)
     if base_config is None:
         base_config, shape_note = _default_base(config)
+    elif isinstance(base_config, (str, Path)):
+        shape_note = f"shapes checked against {base_config}/config.json"
     else:
         shape_note = "shapes checked against the given base config"
     problems = contract_violations(config, tensors, base_config, max_lora_rank)

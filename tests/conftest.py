@@ -41,3 +41,28 @@ def shared_data() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"../shared/data not found at {DATA}; tests need the shared data beside the repo")
     return DATA
+
+
+def save_tiny_base(out: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny Llama and a real sentencepiece BPE tokenizer (512 pieces), saved like a hub model."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model",
+                out / "tokenizer.model")
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "tokenizer.model").unlink()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**SMALL, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                         "eos_token_id": tok.eos_token_id, "max_position_embeddings": 512,
+                         **overrides})
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("tiny_base"))

@@ -211,7 +211,7 @@ def test_accepts_every_project_adapter(tmp_path, family, targets, rslora, r):
     d = export_adapter(model, tmp_path / "a", base_model_name_or_path="base", task_type="CAUSAL_LM",
                        dtype=torch.bfloat16)
     model.config.save_pretrained(tmp_path / "base")
-    report = check_vllm_contract(d, base_config=tmp_path / "base")
+    report = check_vllm_contract(d, base_config=model.config.to_dict())
     assert report[0].startswith("vLLM contract: OK")
     assert f"--max-lora-rank {required_max_lora_rank(r)} " in report[-1]
     if r > 16:

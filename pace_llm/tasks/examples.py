@@ -69,11 +69,13 @@ class LengthPolicy:
         """The statistics; a UserError if no example survived."""
         if self.stats["rows"] == 0:
             if self.stats["dropped"]:
+                fix = ("truncating would cut away every target; raise data.max_length"
+                       if self.mode == "truncate" else
+                       "raise data.max_length or set data.on_too_long: truncate")
                 raise UserError(
                     f"{self.source}: every example ({self.stats['dropped']}) is longer than "
                     f"data.max_length={self.max_length} (the shortest has "
-                    f"{self.shortest_dropped} tokens); raise data.max_length or set "
-                    "data.on_too_long: truncate")
+                    f"{self.shortest_dropped} tokens); {fix}")
             raise UserError(f"{self.source}: the dataset is empty (no rows)")
         return dict(self.stats)
 

@@ -1,0 +1,179 @@
+"""Peak memory of fp32 LoRA vs 4-bit QLoRA on the same model: load + a few PACE steps.
+
+    python bench/qlora_memory.py [--steps 3] [--rows 2] [--length 64]
+
+Each contender runs in a fresh subprocess, so its peak RSS (``resource.getrusage`` maxrss) is
+its own. The base is a random Llama (hidden 1024, 8 blocks, vocab 32000, ~158M parameters)
+saved once as a bf16 safetensors checkpoint, as hub checkpoints are. Both contenders import the
+same libraries (torch, transformers, bitsandbytes, deepspeed via pace_llm), inject the same
+noisy LoRA (r 16, attn+mlp) and run the same PACE ``full`` steps (doubled batch, AdamW on the
+adapters), in fp32 compute. Three numbers per contender:
+
+    baseline  RSS after the imports (the same for both; subtracted for the "net" figures)
+    load      peak RSS while loading; includes the mmapped checkpoint pages, which the
+              loader keeps mapped until every tensor is read (the same ~316 MB for both)
+    train     peak RSS during the steps, after the load (the high-water mark is reset with
+              /proc/self/clear_refs once the load is done)
+
+The QLoRA footprint target is net train peak below 40% of fp32 LoRA's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=512,
+             tie_word_embeddings=False)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the RSS high-water mark to the current RSS
+
+
+def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
+    """Load the base as ``kind`` (lora | qlora), inject noisy LoRA, run PACE steps."""
+    import gc
+
+    import bitsandbytes  # noqa: F401  (both contenders pay the same imports)
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
+    from pace_llm.inject import adapter_parameters, inject_noisy_lora
+    from pace_llm.lora import shared_views
+    from pace_llm.quant import load_quantized
+
+    torch.set_num_threads(1)
+    gc.collect()
+    _reset_peak()
+    baseline = _rss_mb()
+    t0 = time.perf_counter()
+    if kind == "lora":
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    else:
+        model = load_quantized(LlamaForCausalLM, ckpt, QuantArgs(bits=4), torch.float32, 0)
+    torch.manual_seed(0)
+    inject_noisy_lora(model, LoraArgs(r=16, alpha=32), PaceArgs(mode="full", sigma=1.0))
+    load_s = time.perf_counter() - t0
+    gc.collect()
+    load_peak, after_load = _peak_mb(), _rss_mb()
+    _reset_peak()
+    params = adapter_parameters(model)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    x = torch.randint(0, MODEL["vocab_size"], (rows, length),
+                      generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with shared_views(model, 2):
+            logits = model(torch.cat([x, x])).logits
+        v1, v2 = logits.chunk(2)
+        ce = F.cross_entropy(v1[:, :-1].reshape(-1, v1.shape[-1]), x[:, 1:].reshape(-1))
+        loss = ce + 0.05 * (v1 - v2).pow(2).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(round(ce.item(), 4))
+    step_s = (time.perf_counter() - t0) / steps
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return dict(kind=kind, baseline_mb=baseline, load_peak_mb=load_peak, after_load_mb=after_load,
+                train_peak_mb=_peak_mb(), state_dict_mb=weights / 2**20,
+                trainable=sum(p.numel() for p in params), load_s=load_s, step_s=step_s,
+                losses=losses)
+
+
+def write_checkpoint(path: str) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL)).to(torch.bfloat16)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=2, help="micro-batch rows (doubled by PACE)")
+    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--contender", choices=["lora", "qlora"], help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.contender:
+        print("RESULT " + json.dumps(contender(args.contender, args.ckpt, args.steps, args.rows,
+                                               args.length)))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory() as ckpt:
+        n_params = write_checkpoint(ckpt)
+        ckpt_mb = sum(f.stat().st_size for f in Path(ckpt).iterdir()) / 2**20
+        results = {}
+        for kind in ("lora", "qlora"):
+            cmd = [sys.executable, __file__, "--contender", kind, "--ckpt", ckpt,
+                   "--steps", str(args.steps), "--rows", str(args.rows),
+                   "--length", str(args.length)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+            results[kind] = json.loads(lines[-1][len("RESULT "):])
+
+    lo, q = results["lora"], results["qlora"]
+    print(f"model: Llama {MODEL['hidden_size']}x{MODEL['num_hidden_layers']}, vocab "
+          f"{MODEL['vocab_size']}, {n_params / 1e6:.1f}M params; bf16 checkpoint {ckpt_mb:.0f} MB; "
+          f"PACE full, r 16 attn+mlp, {args.steps} steps of {args.rows}x{args.length} (doubled)")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, python "
+          f"{platform.python_version()}")
+    header = ("contender", "weights MB", "baseline", "load peak", "after load", "train peak",
+              "net load", "net train", "load s", "step s")
+    print(" | ".join(header))
+    for r in (lo, q):
+        print(" | ".join([r["kind"], f"{r['state_dict_mb']:.0f}", f"{r['baseline_mb']:.0f}",
+                          f"{r['load_peak_mb']:.0f}", f"{r['after_load_mb']:.0f}",
+                          f"{r['train_peak_mb']:.0f}",
+                          f"{r['load_peak_mb'] - r['baseline_mb']:.0f}",
+                          f"{r['train_peak_mb'] - r['baseline_mb']:.0f}",
+                          f"{r['load_s']:.1f}", f"{r['step_s']:.2f}"]))
+
+    def ratio(key: str, net: bool) -> float:
+        base = (lo["baseline_mb"], q["baseline_mb"]) if net else (0.0, 0.0)
+        return (q[key] - base[1]) / (lo[key] - base[0])
+
+    print(f"qlora / lora: weights {q['state_dict_mb'] / lo['state_dict_mb']:.1%}, "
+          f"net train peak {ratio('train_peak_mb', True):.1%} (target < 40%), "
+          f"net load peak {ratio('load_peak_mb', True):.1%}, "
+          f"raw peak {max(q['load_peak_mb'], q['train_peak_mb']) / max(lo['load_peak_mb'], lo['train_peak_mb']):.1%}")
+    print(f"losses: lora {lo['losses']}, qlora {q['losses']}")
+
+
+if __name__ == "__main__":
+    main()

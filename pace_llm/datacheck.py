@@ -1,0 +1,113 @@
+"""`pace-llm data-check --recipe X [--example N] [--section.key value ...]`.
+
+Builds the recipe's tokenizer and task exactly as training would (for a ``model.build`` recipe
+the tokenizer is trained in a temporary directory, as the demo does), then prints one
+rendered training example with the supervised tokens between ``[SUP]`` and ``[/SUP]``, one
+evaluation prompt, and the data statistics. Bad input prints one message and exits 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pace_llm.config import Recipe, load_recipe
+from pace_llm.errors import UserError
+from pace_llm.tasks import TaskData, build_task, task_texts
+
+SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"
+
+
+def render_example(tok: Any, example: dict[str, Any]) -> str:
+    """A training example as text; causal: supervised runs wrapped in [SUP]...[/SUP]."""
+    if "labels" not in example:
+        return f"{tok.decode(example['input_ids'])}\n  -> label {example['label']}"
+    out, run, sup = [], [], False
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if (label != -100) != sup and run:
+            out.append(_run(tok, run, sup))
+            run = []
+        sup = label != -100
+        run.append(token)
+    if run:
+        out.append(_run(tok, run, sup))
+    return "".join(out)
+
+
+def _run(tok: Any, ids: list[int], sup: bool) -> str:
+    text = tok.decode(ids)
+    return f"{SUP_OPEN}{text}{SUP_CLOSE}" if sup else text
+
+
+def report(task: TaskData, tok: Any, index: int = 0) -> str:
+    """The data-check report: one example, one eval input, the statistics."""
+    if not 0 <= index < len(task.train):
+        raise UserError(f"--example {index}: the training set has {len(task.train)} examples")
+    lines = [f"task: {task.name} ({task.kind}" + (f", {task.num_labels} labels)" if
+                                                  task.num_labels else ")"),
+             f"--- training example {index} ---", render_example(tok, task.train[index])]
+    if task.eval:
+        first = task.eval[0]
+        lines.append("--- first evaluation input ---")
+        if "prompt_ids" in first:
+            lines += [tok.decode(first["prompt_ids"]), f"  reference: {first['reference']!r}"]
+        else:
+            lines.append(render_example(tok, first))
+    lines.append("--- statistics ---")
+    lines += [f"{key}: {value}" for key, value in task.stats.items()]
+    for name, rows in task.extra_eval.items():
+        lines.append(f"eval_rows[{name}]: {len(rows)}")
+    return "\n".join(lines)
+
+
+def check(recipe: Recipe, index: int = 0) -> str:
+    """Build tokenizer and task as training would; return the report."""
+    if recipe.model.build is not None:
+        from pace_llm.tinymodel import DEFAULT_VOCAB, train_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = int(recipe.model.build.get("vocab_size", DEFAULT_VOCAB))
+            tok = train_tokenizer(task_texts(recipe.data), Path(tmp), vocab)
+    else:
+        from pace_llm.model import load_tokenizer
+
+        tok = load_tokenizer(recipe.model.name_or_path, recipe)
+    return report(build_task(recipe.data, tok), tok, index)
+
+
+def _pop_example(argv: list[str]) -> tuple[list[str], int]:
+    rest, index, i = [], 0, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--example" or arg.startswith("--example="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv)
+                                                             else "")
+            i += 1 if "=" in arg else 2
+            if not value.isdigit():
+                raise UserError(f"--example {value!r}: give a non-negative example index")
+            index = int(value)
+            continue
+        rest.append(arg)
+        i += 1
+    return rest, index
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the data check; 0 on success, 2 (message on stderr) on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    try:
+        argv, index = _pop_example(argv)
+        print(check(load_recipe(argv), index))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
