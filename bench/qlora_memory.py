@@ -3,11 +3,17 @@
     python bench/qlora_memory.py [--steps 3] [--rows 2] [--length 64]
 
 Each contender runs in a fresh subprocess, so its peak RSS (``resource.getrusage`` maxrss) is
-its own. The base is a random Llama (hidden 1024, 8 blocks, vocab 32000, ~158M parameters)
-saved once as a bf16 safetensors checkpoint, as hub checkpoints are. Both contenders import the
-same libraries (torch, transformers, bitsandbytes, deepspeed via pace_llm), inject the same
-noisy LoRA (r 16, attn+mlp) and run the same PACE ``full`` steps (doubled batch, AdamW on the
-adapters), in fp32 compute. Three numbers per contender:
+its own. The base is a random Llama (hidden 1024, 8 blocks, vocab 32000, 160M parameters)
+saved once as a bf16 safetensors checkpoint, as hub checkpoints are. Every contender imports the
+same libraries (torch, transformers, bitsandbytes, deepspeed via pace_llm), injects the same
+noisy LoRA (r 16, attn+mlp) and runs the same PACE ``full`` steps (doubled batch, AdamW on the
+adapters). Contenders: ``lora-fp32`` (the reference), ``qlora-fp32`` (4-bit NF4 + double quant,
+everything else fp32: the effect of quantization alone), ``lora-bf16`` and ``qlora-bf16`` (the
+QLoRA recipe's setting: bf16 compute, embeddings / lm_head / norms in bf16).
+
+glibc's malloc keeps freed large blocks and grows RSS step after step (fragmentation); the
+subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` so RSS follows the live memory. Three
+numbers per contender:
 
     baseline  RSS after the imports (the same for both; subtracted for the "net" figures)
     load      peak RSS while loading; includes the mmapped checkpoint pages, which the
@@ -54,8 +60,11 @@ def _reset_peak() -> None:
         f.write("5")  # reset the RSS high-water mark to the current RSS
 
 
+CONTENDERS = ("lora-fp32", "qlora-fp32", "lora-bf16", "qlora-bf16")
+
+
 def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
-    """Load the base as ``kind`` (lora | qlora), inject noisy LoRA, run PACE steps."""
+    """Load the base as ``kind`` (CONTENDERS), inject noisy LoRA, run PACE steps."""
     import gc
 
     import bitsandbytes  # noqa: F401  (both contenders pay the same imports)
@@ -73,10 +82,12 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
     _reset_peak()
     baseline = _rss_mb()
     t0 = time.perf_counter()
-    if kind == "lora":
-        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    method, _, precision = kind.partition("-")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if method == "lora":
+        model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype)
     else:
-        model = load_quantized(LlamaForCausalLM, ckpt, QuantArgs(bits=4), torch.float32, 0)
+        model = load_quantized(LlamaForCausalLM, ckpt, QuantArgs(bits=4), dtype, 0)
     torch.manual_seed(0)
     inject_noisy_lora(model, LoraArgs(r=16, alpha=32), PaceArgs(mode="full", sigma=1.0))
     load_s = time.perf_counter() - t0
@@ -94,8 +105,8 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
         with shared_views(model, 2):
             logits = model(torch.cat([x, x])).logits
         v1, v2 = logits.chunk(2)
-        ce = F.cross_entropy(v1[:, :-1].reshape(-1, v1.shape[-1]), x[:, 1:].reshape(-1))
-        loss = ce + 0.05 * (v1 - v2).pow(2).sum(-1).mean()
+        ce = F.cross_entropy(v1[:, :-1].reshape(-1, v1.shape[-1]).float(), x[:, 1:].reshape(-1))
+        loss = ce + 0.05 * (v1 - v2).float().pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -123,7 +134,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=2, help="micro-batch rows (doubled by PACE)")
     ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--contender", choices=["lora", "qlora"], help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.contender:
@@ -132,12 +143,12 @@ def main() -> None:
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as ckpt:
         n_params = write_checkpoint(ckpt)
         ckpt_mb = sum(f.stat().st_size for f in Path(ckpt).iterdir()) / 2**20
         results = {}
-        for kind in ("lora", "qlora"):
+        for kind in CONTENDERS:
             cmd = [sys.executable, __file__, "--contender", kind, "--ckpt", ckpt,
                    "--steps", str(args.steps), "--rows", str(args.rows),
                    "--length", str(args.length)]
@@ -147,33 +158,27 @@ def main() -> None:
                 sys.exit(f"{kind} failed:\n{proc.stderr[-3000:]}")
             results[kind] = json.loads(lines[-1][len("RESULT "):])
 
-    lo, q = results["lora"], results["qlora"]
     print(f"model: Llama {MODEL['hidden_size']}x{MODEL['num_hidden_layers']}, vocab "
           f"{MODEL['vocab_size']}, {n_params / 1e6:.1f}M params; bf16 checkpoint {ckpt_mb:.0f} MB; "
           f"PACE full, r 16 attn+mlp, {args.steps} steps of {args.rows}x{args.length} (doubled)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, python "
-          f"{platform.python_version()}")
-    header = ("contender", "weights MB", "baseline", "load peak", "after load", "train peak",
-              "net load", "net train", "load s", "step s")
-    print(" | ".join(header))
-    for r in (lo, q):
-        print(" | ".join([r["kind"], f"{r['state_dict_mb']:.0f}", f"{r['baseline_mb']:.0f}",
-                          f"{r['load_peak_mb']:.0f}", f"{r['after_load_mb']:.0f}",
-                          f"{r['train_peak_mb']:.0f}",
-                          f"{r['load_peak_mb'] - r['baseline_mb']:.0f}",
-                          f"{r['train_peak_mb'] - r['baseline_mb']:.0f}",
-                          f"{r['load_s']:.1f}", f"{r['step_s']:.2f}"]))
-
-    def ratio(key: str, net: bool) -> float:
-        base = (lo["baseline_mb"], q["baseline_mb"]) if net else (0.0, 0.0)
-        return (q[key] - base[1]) / (lo[key] - base[0])
-
-    print(f"qlora / lora: weights {q['state_dict_mb'] / lo['state_dict_mb']:.1%}, "
-          f"net train peak {ratio('train_peak_mb', True):.1%} (target < 40%), "
-          f"net load peak {ratio('load_peak_mb', True):.1%}, "
-          f"raw peak {max(q['load_peak_mb'], q['train_peak_mb']) / max(lo['load_peak_mb'], lo['train_peak_mb']):.1%}")
-    print(f"losses: lora {lo['losses']}, qlora {q['losses']}")
-
+          f"{platform.python_version()}; MB = 2^20 bytes")
+    print("| contender | weights | baseline | load peak | train peak | net peak | net train "
+          "| load s | step s | CE first -> last |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results.values():
+        r["net_peak"] = max(r["load_peak_mb"], r["train_peak_mb"]) - r["baseline_mb"]
+        r["net_train"] = r["train_peak_mb"] - r["baseline_mb"]
+        print(f"| {r['kind']} | {r['state_dict_mb']:.0f} | {r['baseline_mb']:.0f} | "
+              f"{r['load_peak_mb']:.0f} | {r['train_peak_mb']:.0f} | {r['net_peak']:.0f} | "
+              f"{r['net_train']:.0f} | {r['load_s']:.1f} | {r['step_s']:.2f} | "
+              f"{r['losses'][0]} -> {r['losses'][-1]} |")
+    for q, lo in (("qlora-fp32", "lora-fp32"), ("qlora-bf16", "lora-bf16"),
+                  ("qlora-bf16", "lora-fp32")):
+        a, b = results[q], results[lo]
+        print(f"{q} / {lo}: weights {a['state_dict_mb'] / b['state_dict_mb']:.1%}, "
+              f"net peak {a['net_peak'] / b['net_peak']:.1%}, "
+              f"net train peak {a['net_train'] / b['net_train']:.1%} (target < 40%)")
 
 if __name__ == "__main__":
     main()

@@ -252,7 +252,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# names that PEFT / TRL / HF Trainer users type, mapped to ours
+ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+           "target_modules": "targets", "use_rslora": "rslora", "learning_rate": "lr",
+           "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size":
+           "micro_batch_size", "num_train_epochs": "epochs", "lr_scheduler_type": "schedule",
+           "max_seq_length": "max_length", "model_name_or_path": "name_or_path"}
+
+
 def _nearest(key: str, options: list[str]) -> str:
+    if ALIASES.get(key) in options:
+        return f"did you mean '{ALIASES[key]}'?"
     near = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(sorted(options))
 

@@ -22,10 +22,10 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,8 +33,13 @@ from torch import nn
 from pace_llm.errors import UserError
 from pace_llm.inject import block_relative
 from pace_llm.lora import NoisyLoRALinear, lora_layers
-from pace_llm.vllm_contract import (PREFIX, check_vllm_contract, contract_violations,
-                                    peft_target_match, read_adapter)
+from pace_llm.vllm_contract import (
+    PREFIX,
+    check_vllm_contract,
+    contract_violations,
+    peft_target_match,
+    read_adapter,
+)
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -573,7 +578,7 @@ def _saved_dtype(base: str | None) -> torch.dtype | None:
 def _load_base(src: Path, base: str | None, recipe: Any) -> tuple[nn.Module, Any]:
     import transformers
 
-    config, tensors = read_adapter(src)
+    config, _ = read_adapter(src)
     if not base:
         raise UserError(f"{src}/adapter_config.json names no base model; pass --base DIR")
     kwargs: dict[str, Any] = {"dtype": torch.float32}

@@ -173,7 +173,7 @@ def _tensor_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.Te
     bad_keys, embed_keys, named_keys = [], [], []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key.removeprefix(PREFIX)
         m = _LORA_KEY.match(name)
         if any(w in name.split(".") for w in _EMBEDDING_WORDS) or "lora_embedding" in name:
             embed_keys.append(key)
@@ -362,13 +362,13 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
     base = config.get("base_model_name_or_path") or "<base model>"
     return [
         f"vLLM contract: OK ({adapter_dir})",
-        f"  rank r={r}, lora_alpha={alpha}, scaling {scaling:.4g}"
-        f"{' (rsLoRA)' if config.get('use_rslora') else ''}",
-        f"  targets {', '.join(config['target_modules'])}: {len(modules)} modules, "
-        f"{len(tensors)} tensors, dtype {', '.join(dtypes)}",
+        (f"  rank r={r}, lora_alpha={alpha}, scaling {scaling:.4g}"
+         f"{' (rsLoRA)' if config.get('use_rslora') else ''}"),
+        (f"  targets {', '.join(config['target_modules'])}: {len(modules)} modules, "
+         f"{len(tensors)} tensors, dtype {', '.join(dtypes)}"),
         f"  {shape_note}",
-        f"  serve: vllm serve {base} --enable-lora --max-lora-rank {need} "
-        f"--lora-modules pace={Path(adapter_dir).resolve()}"
-        + ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
-           f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)"),
+        (f"  serve: vllm serve {base} --enable-lora --max-lora-rank {need} "
+         f"--lora-modules pace={Path(adapter_dir).resolve()}"
+         + ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
+            f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")),
     ]

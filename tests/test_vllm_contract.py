@@ -16,8 +16,12 @@ from pace_llm.errors import UserError
 from pace_llm.export import export_adapter
 from pace_llm.inject import inject_noisy_lora
 from pace_llm.lora import lora_layers
-from pace_llm.vllm_contract import (check_vllm_contract, contract_violations, expected_shape,
-                                    required_max_lora_rank)
+from pace_llm.vllm_contract import (
+    check_vllm_contract,
+    contract_violations,
+    expected_shape,
+    required_max_lora_rank,
+)
 
 P = "base_model.model.model.layers.0."
 
@@ -79,8 +83,8 @@ def _rename_one_module(c, t):
 
 BAD = [  # (case, mutate(config, tensors), max_lora_rank, base config, expected text)
     ("rank 48 on a default server", _rank(48), 16, None,
-     "r = 48 is greater than max_lora_rank 16 (vLLM: 'LoRA rank 48 is greater than max_lora_rank "
-     "16'); serve with --max-lora-rank 64"),
+     ("r = 48 is greater than max_lora_rank 16 (vLLM: 'LoRA rank 48 is greater than max_lora_rank "
+      "16'); serve with --max-lora-rank 64")),
     ("rank above 512", _rank(600), None, None,
      "r = 600 is above vLLM's largest --max-lora-rank (512"),
     ("DoRA", lambda c, t: c.update(use_dora=True), None, None, "use_dora: true — vLLM does not support DoRA"),
@@ -100,8 +104,8 @@ BAD = [  # (case, mutate(config, tensors), max_lora_rank, base config, expected 
     ("target without tensors", lambda c, t: c["target_modules"].append("fc_out"), None, None,
      "target_modules ['fc_out'] have no lora_A/lora_B tensors"),
     ("tensors for an unlisted target", lambda c, t: c["target_modules"].remove("o_proj"), None, None,
-     "modules model.layers.0.self_attn.o_proj, model.layers.1.self_attn.o_proj have tensors but "
-     "match no entry of target_modules"),
+     ("modules model.layers.0.self_attn.o_proj, model.layers.1.self_attn.o_proj have tensors but "
+      "match no entry of target_modules")),
     ("shapes for another hidden size", _bigger_hidden, None, {**SMALL, "hidden_size": 128},
      "tensor shapes do not fit the base model (hidden_size 128"),
     ("more layers than the base", lambda c, t: None, None, {**SMALL, "num_hidden_layers": 1},
@@ -169,15 +173,15 @@ def test_required_max_lora_rank():
 
 
 def test_expected_shapes():
-    phi3 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    phi3 = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
     assert expected_shape("self_attn.qkv_proj", phi3) == (64 + 2 * 32, 64)
     assert expected_shape("mlp.gate_up_proj", phi3) == (256, 64)
-    gemma = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
-                 head_dim=256)
+    gemma = {**phi3, "num_key_value_heads": 1, "head_dim": 256}
     assert expected_shape("self_attn.q_proj", gemma) == (1024, 64)
     assert expected_shape("self_attn.o_proj", gemma) == (64, 1024)
     assert expected_shape("self_attn.v_proj", gemma) == (256, 64)
-    bert = dict(hidden_size=64, intermediate_size=256, num_attention_heads=4)
+    bert = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4}
     assert expected_shape("attention.output.dense", bert) == (64, 64)
     assert expected_shape("output.dense", bert) == (64, 256)
     assert expected_shape("intermediate.dense", bert) == (256, 64)

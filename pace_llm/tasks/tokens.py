@@ -1,8 +1,9 @@
 """Tokenizer-side helpers shared by the task modules: BOS/EOS, chat templates, segments.
 
 A causal example is built from *segments* of text, each tokenized on its own
-(``add_special_tokens=False``) and concatenated, so the boundary between what is and is not
-supervised is exact. Chat conversations are split into segments by rendering prefixes of the
+(``add_special_tokens=False``; later segments as continuations, without a sentencepiece
+word-start marker) and concatenated, so the boundary between what is and is not supervised
+is exact and generation from the prompt ids sees exactly the training prefix. Chat conversations are split into segments by rendering prefixes of the
 conversation with the template: the assistant turn ``i`` is the text that
 ``render(messages[:i+1])`` adds to ``render(messages[:i], add_generation_prompt=True)``. No
 generation markers (``{% generation %}``) are needed.
@@ -39,6 +40,19 @@ Segment = tuple[str, bool]  # (text, supervised)
 def encode(tok: Any, text: str) -> list[int]:
     """Token ids of ``text`` with no special tokens added (special-token text is still parsed)."""
     return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_continuation(tok: Any, text: str) -> list[int]:
+    """Token ids of ``text`` as it reads *after* other text, not at the start of one.
+
+    A sentencepiece tokenizer puts a word-start marker on the first word of every encoding
+    (``"Hi"`` -> ``"▁Hi"``) which whole-text tokenization would not have mid-sequence. Encoding
+    ``"\n" + text`` and removing the ids of ``"\n"`` avoids it; when the newline merges with
+    the text (``"\n\n"``), plain :func:`encode` is used.
+    """
+    anchor = encode(tok, "\n")
+    ids = encode(tok, "\n" + text)
+    return ids[len(anchor):] if ids[:len(anchor)] == anchor else encode(tok, text)
 
 
 def bos_prefix(tok: Any) -> list[int]:
@@ -135,10 +149,7 @@ def segments_to_example(tok: Any, segments: list[Segment], eos: int) -> dict[str
     n_sup = sum(sup for _, sup in segments)
     seen = 0
     for text, sup in segments:
-        piece = encode(tok, text)
-        if not ids:
-            bos = bos_prefix(tok)
-            piece = piece if piece[:1] == bos else bos + piece
+        piece = _piece(tok, text, first=not ids)
         if sup:
             seen += 1
             sup_ids, rest = supervised_ids(piece, eos, last=seen == n_sup)
@@ -158,12 +169,18 @@ def prompt_ids(tok: Any, segments: list[Segment]) -> list[int]:
     training: each segment on its own, BOS as the tokenizer does)."""
     ids: list[int] = []
     for text, _ in segments:
-        piece = encode(tok, text)
-        if not ids:
-            bos = bos_prefix(tok)
-            piece = piece if piece[:1] == bos else bos + piece
-        ids += piece
+        ids += _piece(tok, text, first=not ids)
     return ids
+
+
+def _piece(tok: Any, text: str, first: bool) -> list[int]:
+    """A segment's ids: the first starts the sequence (BOS as the tokenizer adds it, unless the
+    text already renders it); later ones continue it."""
+    if not first:
+        return encode_continuation(tok, text)
+    bos = bos_prefix(tok)
+    piece = encode(tok, text)
+    return piece if piece[:1] == bos else bos + piece
 
 
 def render_default(messages: list[dict[str, str]], eos_token: str = "</s>") -> str:

@@ -1,0 +1,193 @@
+"""Instruction task: every row format, assistant-only masks, multi-turn, templates, bad rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import DATA
+
+from pace_llm.config import DataArgs
+from pace_llm.errors import UserError
+from pace_llm.tasks import build_task
+from pace_llm.tasks.instruct import text_metrics
+from pace_llm.tasks.tokens import DEFAULT_CHAT_TEMPLATE
+from pace_llm.tinymodel import tokenizer_from_sentencepiece
+
+SPM = DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model"
+SEED_TASKS = DATA / "instruct" / "self_instruct_seed_tasks.jsonl"
+# ChatML-like, EOS closes each assistant turn, then a newline the model need not learn
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>' + (eos_token if m['role'] == 'assistant' else '') + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CONVERSATION = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Add 2 and 3."},
+                {"role": "assistant", "content": "2 + 3 = 5"}]
+
+
+@pytest.fixture
+def tok(tmp_path):
+    t = tokenizer_from_sentencepiece(SPM, tmp_path / "tok")
+    t.chat_template = CHATML
+    return t
+
+
+def runs(tok, example: dict) -> list[tuple[bool, str]]:
+    """(supervised, decoded text) for each maximal run of the example."""
+    out, cur, sup = [], [], None
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if sup is not None and (label != -100) != sup:
+            out.append((sup, tok.decode(cur)))
+            cur = []
+        sup = label != -100
+        cur.append(token)
+    return out + [(sup, tok.decode(cur))]
+
+
+def supervised_runs(tok, example: dict) -> list[str]:
+    return [text for sup, text in runs(tok, example) if sup]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build(tok, path: Path, **kw):
+    return build_task(DataArgs(task="instruct", path=str(path), prompt_style="chat", **kw), tok)
+
+
+def test_alpaca_rows_supervise_only_the_output(tok, tmp_path):
+    rows = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[1:])
+    task = build(tok, tmp_path)
+    assert task.kind == "causal_lm" and task.stats["rows"] == 2
+    assert supervised_runs(tok, task.train[0]) == ["Blue.<|im_end|></s>"]
+    assert supervised_runs(tok, task.train[1]) == ["5<|im_end|></s>"]
+    prompt = tok.decode([t for t, y in zip(task.train[1]["input_ids"], task.train[1]["labels"])
+                         if y == -100])
+    assert prompt == "<s> <|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
+    assert task.eval[0]["reference"] == "5"
+    n_prompt = task.train[1]["labels"].count(-100)
+    assert task.eval[0]["prompt_ids"] == task.train[1]["input_ids"][:n_prompt]
+
+
+def test_multi_turn_messages_mask_every_user_turn(tok, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    write_jsonl(tmp_path / "test.jsonl", [{"messages": CONVERSATION}])
+    task = build(tok, tmp_path)
+    ex = task.train[0]
+    assert supervised_runs(tok, ex) == ["Hello! How can I help?<|im_end|></s>",
+                                        "2 + 3 = 5<|im_end|></s>"]
+    unsupervised = " ".join(text for sup, text in runs(tok, ex) if not sup)
+    assert "Hi there" in unsupervised and "Add 2 and 3." in unsupervised
+    assert ex["labels"][-1] == tok.eos_token_id  # trailing newline after EOS is not kept
+    # eval: everything up to the last assistant turn is the prompt
+    ev = task.eval[0]
+    assert ev["reference"] == "2 + 3 = 5"
+    assert tok.decode(ev["prompt_ids"]).endswith("Add 2 and 3.<|im_end|>\n<|im_start|>assistant\n")
+    assert ev["prompt_ids"] == ex["input_ids"][:len(ev["prompt_ids"])]
+
+
+def test_sharegpt_equals_messages(tok, tmp_path):
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    share = {"conversations": [{"from": names[m["role"]], "value": m["content"]}
+                               for m in CONVERSATION]}
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}, share])
+    write_jsonl(tmp_path / "test.jsonl", [share])
+    task = build(tok, tmp_path)
+    assert task.train[0] == task.train[1]
+
+
+def test_self_instruct_seed_tasks(tok):
+    rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()]
+    task = build(tok, SEED_TASKS, max_length=8192)
+    # 175 tasks x 1 instance; no eval split beside it: the last 5% (8) are held out
+    assert task.stats["rows"] + task.stats["dropped"] == 167 and task.stats["eval_rows"] == 8
+    assert task.stats["dropped"] == 0
+    first = rows[0]["instances"][0]
+    assert supervised_runs(tok, task.train[0]) == [first["output"] + "<|im_end|></s>"]
+    assert task.eval[-1]["reference"] == rows[-1]["instances"][0]["output"]
+    assert task.main_metric == "token_f1"
+
+
+def test_default_template_when_tokenizer_has_none(tmp_path, caplog):
+    tok = tokenizer_from_sentencepiece(SPM, tmp_path / "tok")
+    assert not tok.chat_template
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    write_jsonl(tmp_path / "test.jsonl", [{"messages": CONVERSATION}])
+    with caplog.at_level(logging.WARNING):
+        task = build(tok, tmp_path)
+    assert "no chat template; setting pace_llm's default template" in caplog.text
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert supervised_runs(tok, task.train[0]) == ["Hello! How can I help?</s>", "2 + 3 = 5</s>"]
+    assert [text for sup, text in runs(tok, task.train[0]) if not sup][1] == (
+        "\n\n### User:\nAdd 2 and 3.\n\n### Assistant:\n")
+
+
+def test_plain_style_uses_default_layout_even_with_a_template(tok, tmp_path):
+    rows = [{"instruction": "Say hi.", "output": "Hi!"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    task = build_task(DataArgs(task="instruct", path=str(tmp_path), prompt_style="plain"), tok)
+    assert [text for _, text in runs(tok, task.train[0])] == [
+        "<s> ### User:\nSay hi.\n\n### Assistant:\n", "Hi!</s>"]
+    assert tok.chat_template == CHATML  # untouched
+
+
+def test_template_without_eos_gets_eos_on_the_last_turn(tok, tmp_path):
+    tok.chat_template = CHATML.replace("(eos_token if m['role'] == 'assistant' else '')", "''")
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    write_jsonl(tmp_path / "test.jsonl", [{"messages": CONVERSATION}])
+    task = build(tok, tmp_path)
+    assert supervised_runs(tok, task.train[0]) == ["Hello! How can I help?<|im_end|>\n",
+                                                   "2 + 3 = 5<|im_end|>\n</s>"]
+
+
+def test_prefix_inconsistent_template_is_refused(tok, tmp_path):
+    tok.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
+                         "{% endfor %}")
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}] * 2)
+    with pytest.raises(UserError, match=r"train\.jsonl row 1: the chat template is not "
+                                        "prefix-consistent"):
+        build(tok, tmp_path / "train.jsonl")
+
+
+def test_bad_rows_name_file_and_row(tok, tmp_path):
+    good = {"instruction": "Say hi.", "output": "Hi!"}
+    cases = [
+        ({"messages": [{"role": "robot", "content": "x"}]},
+         r"row 2: messages\[1\]\.role = 'robot' is not a known role"),
+        ({"messages": [{"role": "user", "content": "x"}]},
+         r"row 2: the conversation has no assistant turn"),
+        ({"messages": [{"role": "assistant", "content": "x"}]},
+         r"row 2: the conversation starts with an assistant turn"),
+        ({"conversations": [{"from": "human"}]},
+         r"row 2: conversations\[1\] needs fields 'from' and 'value'"),
+        ({"instruction": "Say hi."}, r"row 2: missing field 'output' \(the row has: instruction\)"),
+        ({"prompt": "x", "completion": "y"}, r"row 2: not an instruction row \(the row has: "
+                                             r"completion, prompt\)"),
+    ]
+    for bad, message in cases:
+        path = write_jsonl(tmp_path / "train.jsonl", [good, bad, good])
+        with pytest.raises(UserError, match=rf"{path} {message}"):
+            build(tok, path)
+    with pytest.raises(UserError, match=r"data file '.*/absent\.jsonl' does not exist"):
+        build(tok, tmp_path / "absent.jsonl")
+    path = write_jsonl(tmp_path / "train.jsonl", [])
+    with pytest.raises(UserError, match=rf"{path}: the dataset is empty"):
+        build(tok, path)
+    path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "x" * 400, "output": "y"}] * 3)
+    with pytest.raises(UserError, match="every example \\(2\\) is longer than data.max_length=64"):
+        build(tok, path, max_length=64)
+
+
+def test_text_metrics():
+    assert text_metrics(["Blue.", "the cat sat"], ["Blue.", "a cat sat down"]) == {
+        "exact_match": 0.5, "token_f1": pytest.approx((1.0 + 2 * 2 / (3 + 4)) / 2)}
