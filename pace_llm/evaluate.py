@@ -19,6 +19,7 @@ from pace_llm.data import collate_causal, collate_cls
 from pace_llm.lora import adapters_disabled
 
 FP_ROWS = 8  # examples in the fixed FP-distance batch
+LOSS_ROWS = 64  # held-out examples in the eval loss
 
 
 @contextlib.contextmanager
@@ -92,11 +93,15 @@ class Evaluator:
                 shard = list(range(tr.rank, len(self.examples), tr.world))
                 preds = self._predict([self.examples[i] for i in shard])
                 fp = self.fp_distance()
+                loss = self.eval_loss() if tr.causal else None
         finally:
             model.train(was_training)
         merged = dict(_flatten(D.all_gather_objects(list(zip(shard, preds)))))
         ordered = [merged[i] for i in range(len(self.examples))]
-        return self._score(ordered, fp)
+        record = self._score(ordered, fp)
+        if loss is not None:
+            record["eval_loss"] = loss
+        return record
 
     def _predict(self, examples: list[dict]) -> list[Any]:
         tr = self.trainer
@@ -138,6 +143,26 @@ class Evaluator:
             sel = (batch["labels"][:, 1:] != -100).to(dev)
             tuned, base = tuned[:, :-1][sel], base[:, :-1][sel]
         return float(((tuned - base) ** 2).mean())
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Mean next-token CE on the held-out references (prompt masked), on a fixed slice of the
+        eval set; every rank computes it on the same rows."""
+        tr = self.trainer
+        eos = tr.tokenizer.eos_token_id
+        rows = []
+        for e in self.examples[:LOSS_ROWS]:
+            target = tr.tokenizer(e["reference"], add_special_tokens=False)["input_ids"] + [eos]
+            ids = e["prompt_ids"] + target
+            rows.append({"input_ids": ids, "labels": [-100] * len(e["prompt_ids"]) + target})
+        total, count = 0.0, 0
+        for s in range(0, len(rows), tr.recipe.eval.batch_size):
+            batch = collate_causal(rows[s:s + tr.recipe.eval.batch_size], tr.tokenizer.pad_token_id)
+            batch = {k: v.to(tr.engine.device) for k, v in batch.items()}
+            out = tr.objective(**batch, views=1)
+            total += float(out["ce"])
+            count += int((batch["labels"][:, 1:] != -100).sum())
+        return total / max(count, 1)
 
     def _score(self, predictions: list[Any], fp: float) -> dict[str, Any]:
         tr = self.trainer

@@ -43,7 +43,8 @@ from pace_llm.vllm_contract import (
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PEFT_LINEARS = ("Conv1D", "Linear4bit", "Linear8bitLt")
+_QUANT_LINEARS = ("Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4")  # bitsandbytes
+_PEFT_LINEARS = ("Conv1D", *_QUANT_LINEARS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def _peft_visible_linears(model: nn.Module, adapted: set[str]) -> list[str]:
     for name, module in model.named_modules():
         if any(name.startswith(a + ".") for a in adapted):
             continue  # the .base inside a NoisyLoRALinear does not exist in the plain base
-        if isinstance(module, (nn.Linear, NoisyLoRALinear)) or type(module).__name__ in _PEFT_LINEARS:
+        kind = type(module).__name__
+        if isinstance(module, (nn.Linear, NoisyLoRALinear)) or kind in _PEFT_LINEARS:
             names.append(name)
     return names
 
@@ -310,19 +312,19 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
 # Merged export
 # --------------------------------------------------------------------------------------------
 
-def dequantized_base(layer: NoisyLoRALinear) -> nn.Module:
-    """The layer's base as a plain nn.Linear. Hook for quantized (bitsandbytes) bases."""
-    if type(layer.base) is nn.Linear:
-        return layer.base
+def dequantized(module: nn.Module) -> nn.Module:
+    """A plain nn.Linear for a quantized (bitsandbytes) linear: the quantized-base hook."""
+    if type(module) is nn.Linear:
+        return module
     from pace_llm.quant import dequantize_linear  # owned by quant.py; imported only when needed
 
-    return dequantize_linear(layer.base)
+    return dequantize_linear(module)
 
 
 @torch.no_grad()
 def merged_linear(name: str, layer: NoisyLoRALinear, dtype: torch.dtype) -> nn.Linear:
     """A new CPU nn.Linear holding W0 + s·BA (call with the layer's params gathered)."""
-    base = dequantized_base(layer)
+    base = dequantized(layer.base)
     weight = base.weight.detach().to("cpu", torch.float32)
     if not layer.merged:
         weight = weight + layer.delta_weight().cpu()
@@ -423,6 +425,12 @@ def merge_and_save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = No
             with gathered(list(layer.parameters())):
                 merged = merged_linear(name, layer, dtype)
             originals[name] = _swap(model, name, merged)
+        quantized = [(n, m) for n, m in model.named_modules()
+                     if type(m).__name__ in _QUANT_LINEARS]  # linears left without an adapter
+        for name, module in quantized:
+            with gathered(list(module.parameters())):
+                plain = dequantized(module).to(dtype)
+            originals[name] = _swap(model, name, plain)
         sd = full_state_dict(model, dtype)
     finally:
         for name, layer in originals.items():

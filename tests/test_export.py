@@ -259,9 +259,9 @@ def test_merged_classifier_and_dtype(tmp_path):
 
 
 def test_merge_dequantizes_a_quantized_base(tmp_path, monkeypatch):
-    """A base that is not a plain nn.Linear goes through pace_llm.quant.dequantize_linear."""
+    """Quantized linears (adapted bases and plain ones) go through quant.dequantize_linear."""
 
-    class FakeQuantLinear(nn.Module):
+    class Linear4bit(nn.Module):  # stands in for bitsandbytes' class of that name
         def __init__(self, lin: nn.Linear):
             super().__init__()
             self.in_features, self.out_features = lin.in_features, lin.out_features
@@ -278,17 +278,43 @@ def test_merge_dequantizes_a_quantized_base(tmp_path, monkeypatch):
         lin.weight.data.copy_(module.packed)
         return lin
 
-    monkeypatch.setitem(sys.modules, "pace_llm.quant", types.SimpleNamespace(dequantize_linear=dequantize_linear))
-    model = trained(tiny_llama())
+    fake = types.SimpleNamespace(dequantize_linear=dequantize_linear)
+    monkeypatch.setitem(sys.modules, "pace_llm.quant", fake)
+    model = trained(tiny_llama(), targets="attn")
     for _, layer in lora_layers(model):
-        layer.base = FakeQuantLinear(layer.base)
+        layer.base = Linear4bit(layer.base)
+    for block in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.mlp, name, Linear4bit(getattr(block.mlp, name)))
     ours = logits(model)
     from transformers import AutoModelForCausalLM
 
     merge_and_save(model, tmp_path / "m")
-    assert len(calls) == 14
+    assert len(calls) == 8 + 6
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert (logits(merged) - ours).abs().max().item() <= 1e-5
+    assert isinstance(model.model.layers[0].mlp.up_proj, Linear4bit)  # restored
+
+
+def test_merge_real_4bit_base(tmp_path):
+    """QLoRA: a bitsandbytes NF4 base (mlp left without adapters) merges into plain floats."""
+    from transformers import AutoModelForCausalLM
+
+    from pace_llm.config import QuantArgs
+    from pace_llm.quant import load_quantized
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = load_quantized(AutoModelForCausalLM, str(tmp_path / "base"), QuantArgs(bits=4),
+                           torch.float32, 0)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    model = trained(model, targets="attn")
+    ours = logits(model)
+    merge_and_save(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert (logits(merged) - ours).abs().max().item() <= 1e-5
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"  # restored
 
 
 # --------------------------------------------------------------------------------------------

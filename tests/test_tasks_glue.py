@@ -6,8 +6,8 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 from conftest import DATA
 
 from pace_llm.config import DataArgs
@@ -132,11 +132,14 @@ MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence
 
 
 def mnli_row(i: int, label: str) -> str:
-    return f"{i}\t1\t1\tfiction\t(x)\t(y)\t(x)\t(y)\tA man sleeps {i}.\tA person rests.\t{label}\t{label}\n"
+    fields = [str(i), "1", "1", "fiction", "(x)", "(y)", "(x)", "(y)", f"A man sleeps {i}.",
+              "A person rests.", label, label]
+    return "\t".join(fields) + "\n"
 
 
 def test_mnli_tsv_directory_with_mismatched(tok, tmp_path):
-    write(tmp_path / "train.tsv", MNLI_HEADER + mnli_row(0, "neutral") + mnli_row(1, "contradiction"))
+    write(tmp_path / "train.tsv", MNLI_HEADER + mnli_row(0, "neutral")
+          + mnli_row(1, "contradiction"))
     write(tmp_path / "dev_matched.tsv", MNLI_HEADER + mnli_row(2, "entailment"))
     write(tmp_path / "dev_mismatched.tsv", MNLI_HEADER + mnli_row(3, "contradiction")
           + mnli_row(4, "neutral"))
@@ -206,7 +209,7 @@ def test_length_policy_for_classification(tok, tmp_path):
     long = "word " * 50
     write(tmp_path / "train.tsv", f"sentence\tlabel\nshort\t1\n{long}\t0\n")
     write(tmp_path / "dev.tsv", f"sentence\tlabel\n{long}\t1\n")
-    args = dict(task="glue", glue_task="sst2", path=str(tmp_path), max_length=16)
+    args = {"task": "glue", "glue_task": "sst2", "path": str(tmp_path), "max_length": 16}
     cut = build_task(DataArgs(**args, on_too_long="truncate"), tok)
     assert (cut.stats["rows"], cut.stats["truncated"], cut.stats["dropped"]) == (2, 1, 0)
     assert [len(e["input_ids"]) for e in cut.train][1] == 16

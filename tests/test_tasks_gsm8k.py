@@ -162,9 +162,10 @@ def test_on_too_long(tok, tmp_path):
     long = {"question": "word " * 200, "answer": "#### 3"}
     write_jsonl(tmp_path / "train.jsonl", [short, long, long])
     write_jsonl(tmp_path / "test.jsonl", [short])
-    base = dict(task="gsm8k", path=str(tmp_path), max_length=128)
+    base = {"task": "gsm8k", "path": str(tmp_path), "max_length": 128}
     dropped = build_task(DataArgs(**base, on_too_long="drop"), tok)
-    assert (dropped.stats["rows"], dropped.stats["dropped"], dropped.stats["truncated"]) == (1, 2, 0)
+    stats = dropped.stats
+    assert (stats["rows"], stats["dropped"], stats["truncated"]) == (1, 2, 0)
     # truncation keeps the first 128 tokens: the long rows lose their whole target -> dropped
     cut = build_task(DataArgs(**base, on_too_long="truncate"), tok)
     assert (cut.stats["rows"], cut.stats["dropped"]) == (1, 2)

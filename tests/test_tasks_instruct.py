@@ -72,7 +72,8 @@ def test_alpaca_rows_supervise_only_the_output(tok, tmp_path):
     assert supervised_runs(tok, task.train[1]) == ["5<|im_end|></s>"]
     prompt = tok.decode([t for t, y in zip(task.train[1]["input_ids"], task.train[1]["labels"])
                          if y == -100])
-    assert prompt == "<s> <|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt == ("<s> <|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>\n"
+                      "<|im_start|>assistant\n")
     assert task.eval[0]["reference"] == "5"
     n_prompt = task.train[1]["labels"].count(-100)
     assert task.eval[0]["prompt_ids"] == task.train[1]["input_ids"][:n_prompt]
@@ -171,8 +172,8 @@ def test_bad_rows_name_file_and_row(tok, tmp_path):
         ({"conversations": [{"from": "human"}]},
          r"row 2: conversations\[1\] needs fields 'from' and 'value'"),
         ({"instruction": "Say hi."}, r"row 2: missing field 'output' \(the row has: instruction\)"),
-        ({"prompt": "x", "completion": "y"}, r"row 2: not an instruction row \(the row has: "
-                                             r"completion, prompt\)"),
+        ({"prompt": "x", "completion": "y"},
+         r"row 2: not an instruction row \(the row has: completion, prompt\)"),
     ]
     for bad, message in cases:
         path = write_jsonl(tmp_path / "train.jsonl", [good, bad, good])

@@ -8,8 +8,9 @@ an offline base (``model.build``) trains its tokenizer on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pace_llm.config import DataArgs
 

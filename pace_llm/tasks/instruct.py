@@ -93,7 +93,7 @@ def conversations(rows: Rows) -> list[Conversation]:
 
 
 def _split(data: DataArgs) -> tuple[list[Conversation], list[Conversation]]:
-    train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, "test")
+    train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, None)
     train = conversations(train_rows)
     if eval_rows is not None:
         return train[: data.limit], conversations(eval_rows)

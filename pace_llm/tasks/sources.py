@@ -45,12 +45,12 @@ class Rows:
                             f"{_short(value)}; expected {_kind_name(kind)}")
         return value
 
-    def nonempty(self) -> "Rows":
+    def nonempty(self) -> Rows:
         if not self.items:
             raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
         return self
 
-    def head(self, limit: int | None) -> "Rows":
+    def head(self, limit: int | None) -> Rows:
         return self if limit is None else Rows(self.source, self.items[:limit], self.header_lines)
 
 
@@ -149,14 +149,14 @@ def find_in_dir(directory: Path, names: tuple[str, ...],
     return None
 
 
-def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str,
+def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str | None,
                 reader=read_local) -> tuple[Rows, Rows | None]:
     """Train rows and (if found) eval rows for a hub id, a local directory or a local file.
 
     Local directory: ``train.*`` and the first of ``test.* / validation.* / dev.*``.
     Local file: it is the train split; eval is ``data.eval_path`` or a sibling named like
     ``test.<ext>``. Hub id: split ``train`` and ``data.eval_path`` (a split name or a local
-    file), else ``eval_split``.
+    file), else ``eval_split`` (None: no eval split).
     """
     if not path:
         raise UserError("data.path is empty: give a hub dataset id or a local file/directory")
@@ -165,7 +165,7 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
         eval_rows = reader(Path(eval_path).expanduser())
     if not looks_local(path):
         train = read_hub(path, config, "train")
-        if eval_rows is None:
+        if eval_rows is None and (eval_path or eval_split):
             eval_rows = read_hub(path, config, eval_path or eval_split)
         return train, eval_rows
     local = Path(path).expanduser()

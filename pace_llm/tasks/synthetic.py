@@ -25,35 +25,38 @@ EVAL_EXAMPLES = 200
 
 def _add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     a, b = r.randint(1, 9), r.randint(1, 9)
-    return (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} "
-            "have now?", [f"{a} + {b} = {a + b}"], a + b)
+    question = (f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does "
+                f"{name} have now?")
+    return question, [f"{a} + {b} = {a + b}"], a + b
 
 
 def _sub(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     a = r.randint(2, 9)
     b = r.randint(1, a - 1)
-    return (f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does {name} "
-            "have left?", [f"{a} - {b} = {a - b}"], a - b)
+    question = (f"{name} has {a} {item}. {name} gives away {b} {item}. How many {item} does "
+                f"{name} have left?")
+    return question, [f"{a} - {b} = {a - b}"], a - b
 
 
 def _mul(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     a, b = r.randint(2, 5), r.randint(2, 5)
-    return (f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} "
-            "have?", [f"{a} * {b} = {a * b}"], a * b)
+    question = (f"{name} has {a} bags with {b} {item} in each bag. How many {item} does {name} "
+                "have?")
+    return question, [f"{a} * {b} = {a * b}"], a * b
 
 
 def _add_add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     a, b, c = r.randint(1, 9), r.randint(1, 9), r.randint(1, 9)
-    return (f"{name} has {a} {item}. {name} buys {b} more and then finds {c} more. How many "
-            f"{item} does {name} have now?", [f"{a} + {b} = {a + b}", f"{a + b} + {c} = "
-                                              f"{a + b + c}"], a + b + c)
+    question = (f"{name} has {a} {item}. {name} buys {b} more and then finds {c} more. How many "
+                f"{item} does {name} have now?")
+    return question, [f"{a} + {b} = {a + b}", f"{a + b} + {c} = {a + b + c}"], a + b + c
 
 
 def _mul_add(r: random.Random, name: str, item: str) -> tuple[str, list[str], int]:
     a, b, c = r.randint(2, 5), r.randint(2, 5), r.randint(1, 9)
-    return (f"{name} has {a} bags with {b} {item} in each bag and {c} loose {item}. How many "
-            f"{item} does {name} have?", [f"{a} * {b} = {a * b}", f"{a * b} + {c} = "
-                                          f"{a * b + c}"], a * b + c)
+    question = (f"{name} has {a} bags with {b} {item} in each bag and {c} loose {item}. How many "
+                f"{item} does {name} have?")
+    return question, [f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"], a * b + c
 
 
 TEMPLATES = (_add, _sub, _mul, _add_add, _mul_add)

@@ -3,8 +3,9 @@
 A causal example is built from *segments* of text, each tokenized on its own
 (``add_special_tokens=False``; later segments as continuations, without a sentencepiece
 word-start marker) and concatenated, so the boundary between what is and is not supervised
-is exact and generation from the prompt ids sees exactly the training prefix. Chat conversations are split into segments by rendering prefixes of the
-conversation with the template: the assistant turn ``i`` is the text that
+is exact and generation from the prompt ids sees exactly the training prefix. Chat
+conversations are split into segments by rendering prefixes of the conversation with the
+template: the assistant turn ``i`` is the text that
 ``render(messages[:i+1])`` adds to ``render(messages[:i], add_generation_prompt=True)``. No
 generation markers (``{% generation %}``) are needed.
 """
