@@ -11,9 +11,13 @@ adapters). Contenders: ``lora-fp32`` (the reference), ``qlora-fp32`` (4-bit NF4 
 everything else fp32: the effect of quantization alone), ``lora-bf16`` and ``qlora-bf16`` (the
 QLoRA recipe's setting: bf16 compute, embeddings / lm_head / norms in bf16).
 
-glibc's malloc keeps freed large blocks and grows RSS step after step (fragmentation); the
-subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536`` so RSS follows the live memory. Three
-numbers per contender:
+Two things would make RSS measure something other than the model, and are switched off: glibc's
+malloc keeps freed large blocks and grows RSS step after step (the subprocesses run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so RSS follows the live memory), and a bf16 load from a bf16
+checkpoint leaves the tensors aliasing the mmapped file, so the whole file stays mapped and its
+touched pages count (every tensor is cloned after the load). The checkpoint is written and the
+contenders are started from lean processes: a child inherits its parent's maxrss. Numbers per
+contender:
 
     baseline  RSS after the imports (the same for both; subtracted for the "net" figures)
     load      peak RSS while loading; includes the mmapped checkpoint pages, which the
@@ -99,6 +103,9 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
         model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype)
     else:
         model = load_quantized(LlamaForCausalLM, ckpt, QuantArgs(bits=4), dtype, 0)
+    with torch.no_grad():  # own every tensor: bf16 loads alias the mmapped checkpoint file
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = t.data.clone()
     torch.manual_seed(0)
     inject_noisy_lora(model, LoraArgs(r=16, alpha=32), PaceArgs(mode="full", sigma=1.0))
     load_s = time.perf_counter() - t0
@@ -147,7 +154,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--contender", choices=CONTENDERS, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--write", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write:
+        print("PARAMS", write_checkpoint(args.write))
+        return
     if args.contender:
         print("RESULT " + json.dumps(contender(args.contender, args.ckpt, args.steps, args.rows,
                                                args.length)))
@@ -156,7 +167,9 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
            "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as ckpt:
-        n_params = write_checkpoint(ckpt)
+        proc = subprocess.run([sys.executable, __file__, "--write", ckpt], env=env,
+                              capture_output=True, text=True, check=True)
+        n_params = int(proc.stdout.split("PARAMS ")[1].split()[0])
         ckpt_mb = sum(f.stat().st_size for f in Path(ckpt).iterdir()) / 2**20
         results = {}
         for kind in CONTENDERS:

@@ -90,6 +90,11 @@ def run(recipe: Recipe) -> Path:
     trainer.train()
     if trainer.step >= trainer.max_steps:
         trainer.export_adapter(out / "adapter", overwrite=True)
+        if recipe.export.merge:
+            from pace_llm.export import merge_and_save
+
+            merge_and_save(trainer.hf_model, out / "merged", tokenizer=tokenizer, overwrite=True)
+            trainer.log(f"merged model written: {out / 'merged'}")
         if D.is_main():
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
             trainer.log(f"done: recipe {out / 'recipe.yaml'}, metrics {out / 'metrics.jsonl'}, "

@@ -127,6 +127,7 @@ def test_plain_layout_and_mask_on_real_data(tok):
     assert tok.decode(first["prompt_ids"], skip_special_tokens=True) == squeeze(
         PAPER_PROMPT.format(question=test0["question"]) + "\n\n")
     assert first["prompt_ids"][0] == tok.bos_token_id
+    assert tok.decode(first["target_ids"]) == squeeze(test0["answer"]) + "</s>"
     assert task.metric(["#### 18"], [test0["answer"]]) == {"exact_match": 1.0}
 
 
@@ -140,6 +141,7 @@ def test_train_prompt_ids_equal_eval_prompt_ids(tok, tmp_path):
         ex = task.train[0]
         n_prompt = sum(1 for t in ex["labels"] if t == -100)
         assert task.eval[0]["prompt_ids"] == ex["input_ids"][:n_prompt], style
+        assert task.eval[0]["target_ids"] == ex["input_ids"][n_prompt:] == supervised(ex), style
 
 
 def test_chat_style_supervises_only_the_reply(tok, tmp_path):
@@ -209,3 +211,20 @@ def test_bad_data_names_file_and_row(tok, tmp_path):
     lone = write_jsonl(tmp_path / "mine.jsonl", [good])
     with pytest.raises(UserError, match="set data.eval_path"):
         build_task(DataArgs(task="gsm8k", path=str(lone)), tok)
+
+
+def test_hub_reader_via_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    from pace_llm.tasks.sources import read_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+
+    rows = [{"question": "1 + 1?", "answer": "#### 2"}, {"question": "2 + 2?", "answer": "#### 4"}]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "test.jsonl", rows[:1])
+    train = read_hub(str(tmp_path / "data"), None, "train")  # datasets.load_dataset on a data folder
+    assert train.items == [(1, rows[0]), (2, rows[1])] and train.where(2).endswith("[train] row 2")
+    with pytest.raises(UserError, match=r"cannot load hub dataset .* split 'validation'"):
+        read_hub(str(tmp_path / "data"), None, "validation")

@@ -93,7 +93,8 @@ def test_multi_turn_messages_mask_every_user_turn(tok, tmp_path):
     ev = task.eval[0]
     assert ev["reference"] == "2 + 3 = 5"
     assert tok.decode(ev["prompt_ids"]).endswith("Add 2 and 3.<|im_end|>\n<|im_start|>assistant\n")
-    assert ev["prompt_ids"] == ex["input_ids"][:len(ev["prompt_ids"])]
+    assert ev["prompt_ids"] + ev["target_ids"] == ex["input_ids"]
+    assert tok.decode(ev["target_ids"]) == "2 + 3 = 5<|im_end|></s>"
 
 
 def test_sharegpt_equals_messages(tok, tmp_path):

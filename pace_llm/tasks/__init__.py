@@ -21,7 +21,9 @@ class TaskData:
 
     causal_lm train rows: ``{"input_ids", "labels"}`` of equal length, labels -100 where not
     supervised and *unshifted* (labels[i] is the target token at position i). causal_lm eval
-    rows: ``{"prompt_ids", "reference"}`` (the prompt exactly as fed to generation).
+    rows: ``{"prompt_ids", "reference", "target_ids"}`` (the prompt exactly as fed to
+    generation; the reference text for the metric; the answer's ids exactly as trained, EOS
+    included, for an evaluation loss). Evaluation rows are never cut or dropped.
     seq_cls rows (train and eval): ``{"input_ids", "label"}`` (float for STS-B).
     """
 

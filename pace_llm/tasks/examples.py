@@ -54,10 +54,13 @@ class LengthPolicy:
         self._keep(len(example["input_ids"]), sum(t != IGNORE for t in example["labels"]))
         return example
 
-    def keep_classification(self, n_tokens: int) -> None:
+    def keep_classification(self, n_tokens: int, truncated: bool) -> None:
+        """Count a kept classification example (one supervised label)."""
+        self.stats["truncated"] += truncated
         self._keep(n_tokens, 1)
 
     def drop_classification(self, n_tokens: int) -> None:
+        """Count a dropped classification example."""
         self._drop(n_tokens)
 
     def _keep(self, n_tokens: int, n_supervised: int) -> None:

@@ -24,8 +24,6 @@ from pace_llm.tasks import TaskData
 from pace_llm.tasks.examples import LengthPolicy, count_eval
 from pace_llm.tasks.sources import Rows, load_splits, looks_local, read_hub, read_local
 
-HUB_ID = "nyu-mll/glue"
-
 
 @dataclass(frozen=True)
 class GlueSpec:
@@ -248,7 +246,8 @@ def load_glue(data: DataArgs, task: str
             extra["mismatched"] = [read_tsv(local / "dev_mismatched.tsv", task)]
         return train, evals, extra
     config = data.hub_config or task
-    train, evals = load_splits(data.path, data.eval_path, config, spec.eval_split, _reader(task))
+    train, evals = load_splits(data.path, data.eval_path, config, spec.eval_split, _reader(task),
+                               eval_names=(spec.eval_split, "validation", "dev", "dev_matched"))
     if evals is None:
         raise UserError(f"data.path {data.path!r}: no evaluation split found; set data.eval_path")
     extra = {}
@@ -308,8 +307,7 @@ def _tokenize(rows: Rows, spec: GlueSpec, tok: Any, policy: LengthPolicy | None,
             policy.drop_classification(lengths[i])
             continue
         if policy is not None:
-            policy.keep_classification(len(ids))
-            policy.stats["truncated"] += i in long
+            policy.keep_classification(len(ids), truncated=i in long)
         out.append({"input_ids": list(ids), "label": label})
     return out
 

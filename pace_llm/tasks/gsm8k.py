@@ -23,8 +23,8 @@ from pace_llm.errors import UserError
 from pace_llm.tasks import TaskData
 from pace_llm.tasks.examples import LengthPolicy, count_eval
 from pace_llm.tasks.sources import Rows, load_splits
-from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, eos_id, prompt_ids,
-                                   render_default, segments_to_example)
+from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, eos_id,
+                                   generation_example, render_default, segments_to_example)
 
 PAPER_PROMPT = ("Answer below question. First think step-by-step and then answer the final "
                 "number:\n\n{question}")
@@ -101,8 +101,7 @@ def build_from_rows(train_rows: Rows, eval_rows: Rows, data: DataArgs, tok: Any,
     for n, row in eval_rows.nonempty().items:
         question, answer = eval_rows.get(n, row, "question"), eval_rows.get(n, row, "answer")
         segs = segments(tok, question, answer, data.prompt_style, template, eval_rows.where(n))
-        evals.append({"prompt_ids": prompt_ids(tok, [s for s in segs if not s[1]]),
-                      "reference": answer})
+        evals.append(generation_example(tok, segs, eos, answer))
     return TaskData(kind="causal_lm", train=train, eval=evals, num_labels=None,
                     stats=count_eval(stats, evals), metric=exact_match, name=name,
                     main_metric="exact_match")

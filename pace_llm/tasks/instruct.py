@@ -28,8 +28,8 @@ from pace_llm.errors import UserError
 from pace_llm.tasks import TaskData
 from pace_llm.tasks.examples import LengthPolicy, count_eval
 from pace_llm.tasks.sources import Rows, load_splits
-from pace_llm.tasks.tokens import (chat_segments, chat_template, eos_id, prompt_ids,
-                                   render_default, segments_to_example)
+from pace_llm.tasks.tokens import (chat_segments, chat_template, eos_id,
+                                   generation_example, render_default, segments_to_example)
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,12 @@ def _split(data: DataArgs) -> tuple[list[Conversation], list[Conversation]]:
     return train[:-hold][: data.limit], train[-hold:]
 
 
-def eval_example(tok: Any, where: str, messages: list[dict[str, str]],
-                 template: str) -> dict[str, Any]:
+def eval_example(tok: Any, where: str, messages: list[dict[str, str]], template: str,
+                 eos: int) -> dict[str, Any]:
     """Prompt = the conversation up to the last assistant turn; reference = that turn's text."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     segments = chat_segments(tok, messages[: last + 1], template, where)
-    return {"prompt_ids": prompt_ids(tok, segments[:-1]), "reference": messages[last]["content"]}
+    return generation_example(tok, segments, eos, messages[last]["content"])
 
 
 def _words(text: str) -> list[str]:
@@ -146,7 +146,7 @@ def build(data: DataArgs, tok: Any) -> TaskData:
         if example is not None:
             train.append(example)
     stats = policy.finish()
-    evals = [eval_example(tok, where, messages, template) for where, messages in eval_convs]
+    evals = [eval_example(tok, where, messages, template, eos) for where, messages in eval_convs]
     return TaskData(kind="causal_lm", train=train, eval=evals, num_labels=None,
                     stats=count_eval(stats, evals), metric=text_metrics, name="instruct",
                     main_metric="token_f1")

@@ -150,13 +150,14 @@ def find_in_dir(directory: Path, names: tuple[str, ...],
 
 
 def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str | None,
-                reader=read_local) -> tuple[Rows, Rows | None]:
+                reader=read_local, eval_names: tuple[str, ...] = EVAL_NAMES
+                ) -> tuple[Rows, Rows | None]:
     """Train rows and (if found) eval rows for a hub id, a local directory or a local file.
 
-    Local directory: ``train.*`` and the first of ``test.* / validation.* / dev.*``.
-    Local file: it is the train split; eval is ``data.eval_path`` or a sibling named like
-    ``test.<ext>``. Hub id: split ``train`` and ``data.eval_path`` (a split name or a local
-    file), else ``eval_split`` (None: no eval split).
+    Local directory: ``train.*`` and the first of ``eval_names`` (``test.* / validation.* /
+    dev.*``). Local file: it is the train split; eval is ``data.eval_path`` or, for a file
+    named ``train.<ext>``, a sibling named like ``test.<ext>``. Hub id: split ``train`` and
+    ``data.eval_path`` (a split name or a local file), else ``eval_split`` (None: none).
     """
     if not path:
         raise UserError("data.path is empty: give a hub dataset id or a local file/directory")
@@ -174,10 +175,10 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
         if train_file is None:
             raise UserError(f"data.path: directory {path!r} has no train.jsonl, train.json or "
                             "train.parquet")
-        eval_file = find_in_dir(local, EVAL_NAMES)
+        eval_file = find_in_dir(local, eval_names)
     else:
         train_file = local
-        eval_file = find_in_dir(local.parent, EVAL_NAMES, (local.suffix,)) if (
+        eval_file = find_in_dir(local.parent, eval_names, (local.suffix,)) if (
             local.stem == "train") else None
     train = reader(train_file)
     if eval_rows is None and eval_path is not None:

@@ -48,8 +48,8 @@ def encode_continuation(tok: Any, text: str) -> list[int]:
 
     A sentencepiece tokenizer puts a word-start marker on the first word of every encoding
     (``"Hi"`` -> ``"▁Hi"``) which whole-text tokenization would not have mid-sequence. Encoding
-    ``"\n" + text`` and removing the ids of ``"\n"`` avoids it; when the newline merges with
-    the text (``"\n\n"``), plain :func:`encode` is used.
+    ``"\\n" + text`` and removing the ids of ``"\\n"`` avoids it; when the newline merges with
+    the text (``"\\n\\n"``), plain :func:`encode` is used.
     """
     anchor = encode(tok, "\n")
     ids = encode(tok, "\n" + text)
@@ -165,13 +165,20 @@ def segments_to_example(tok: Any, segments: list[Segment], eos: int) -> dict[str
     return {"input_ids": ids, "labels": labels}
 
 
-def prompt_ids(tok: Any, segments: list[Segment]) -> list[int]:
-    """Token ids of unsupervised prompt segments as fed to generation (same tokenization as
-    training: each segment on its own, BOS as the tokenizer does)."""
-    ids: list[int] = []
-    for text, _ in segments:
-        ids += _piece(tok, text, first=not ids)
-    return ids
+def generation_example(tok: Any, segments: list[Segment], eos: int,
+                       reference: str) -> dict[str, Any]:
+    """An evaluation row from segments ending with the supervised answer.
+
+    ``prompt_ids``: everything before the last segment, as fed to generation (identical to the
+    training prefix); ``target_ids``: the last segment's ids exactly as trained (EOS included);
+    ``reference``: the answer text the metric compares against.
+    """
+    example = segments_to_example(tok, segments, eos)
+    prompt: list[int] = []
+    for text, _ in segments[:-1]:
+        prompt += _piece(tok, text, first=not prompt)
+    return {"prompt_ids": prompt, "target_ids": example["input_ids"][len(prompt):],
+            "reference": reference}
 
 
 def _piece(tok: Any, text: str, first: bool) -> list[int]:
