@@ -15,16 +15,18 @@ Two things would make RSS measure something other than the model, and are switch
 malloc keeps freed large blocks and grows RSS step after step (the subprocesses run with
 ``MALLOC_MMAP_THRESHOLD_=65536`` so RSS follows the live memory), and a bf16 load from a bf16
 checkpoint leaves the tensors aliasing the mmapped file, so the whole file stays mapped and its
-touched pages count (every tensor is cloned after the load). The checkpoint is written and the
+touched pages count (those bf16 tensors are cloned, one at a time, after the load). The checkpoint is written and the
 contenders are started from lean processes: a child inherits its parent's maxrss. Numbers per
 contender:
 
     baseline  RSS after the imports (the same for both; subtracted for the "net" figures)
     load      peak RSS while loading; includes the mmapped checkpoint pages, which the
               loader keeps mapped until every tensor is read (the same 305 MB for all)
-    train     peak RSS during the steps, after the load (the high-water mark VmHWM is reset
-              with /proc/self/clear_refs once the load is done)
-    maxrss    getrusage's peak over the whole process (imports, load and steps)
+    train     peak RSS during the steps, after the load
+    net       peak minus baseline: over load + steps ("net peak"), over the steps ("net train")
+
+The peaks are the kernel's RSS high-water mark, the counter getrusage's maxrss reports, read as
+VmHWM from /proc/self/status so it can be reset between phases (/proc/self/clear_refs).
 
 The QLoRA footprint target is net train peak below 40% of fp32 LoRA's.
 """
@@ -35,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,13 +62,10 @@ def _rss_mb() -> float:
 
 
 def _hwm_mb() -> float:
-    """Peak RSS since the last reset (VmHWM). getrusage's maxrss cannot be reset: the kernel
-    folds the high-water mark into it whenever a thread exits (the loader's thread pool)."""
+    """Peak RSS since the last reset (VmHWM). getrusage's maxrss reads the same counter but also
+    keeps the peak the kernel recorded when a thread exited (the loader's pool), so it cannot
+    be reset per phase."""
     return _status_mb("VmHWM")
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def _reset_peak() -> None:
@@ -103,9 +101,10 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
         model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype)
     else:
         model = load_quantized(LlamaForCausalLM, ckpt, QuantArgs(bits=4), dtype, 0)
-    with torch.no_grad():  # own every tensor: bf16 loads alias the mmapped checkpoint file
+    with torch.no_grad():  # own the tensors that alias the mmapped bf16 checkpoint file
         for t in list(model.parameters()) + list(model.buffers()):
-            t.data = t.data.clone()
+            if t.dtype == torch.bfloat16:
+                t.data = t.data.clone()
     torch.manual_seed(0)
     inject_noisy_lora(model, LoraArgs(r=16, alpha=32), PaceArgs(mode="full", sigma=1.0))
     load_s = time.perf_counter() - t0
@@ -132,7 +131,7 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
     step_s = (time.perf_counter() - t0) / steps
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return dict(kind=kind, baseline_mb=baseline, load_peak_mb=load_peak, after_load_mb=after_load,
-                train_peak_mb=_hwm_mb(), maxrss_mb=_maxrss_mb(), state_dict_mb=weights / 2**20,
+                train_peak_mb=_hwm_mb(), state_dict_mb=weights / 2**20,
                 trainable=sum(p.numel() for p in params), load_s=load_s, step_s=step_s,
                 losses=losses)
 
@@ -187,15 +186,14 @@ def main() -> None:
           f"PACE full, r 16 attn+mlp, {args.steps} steps of {args.rows}x{args.length} (doubled)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, python "
           f"{platform.python_version()}; MB = 2^20 bytes")
-    print("| contender | weights | baseline | load peak | train peak | maxrss | net peak | "
-          "net train | load s | step s | CE first -> last |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| contender | weights | baseline | load peak | train peak | net peak | net train | "
+          "load s | step s | CE first -> last |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results.values():
-        r["net_peak"] = r["maxrss_mb"] - r["baseline_mb"]
+        r["net_peak"] = max(r["load_peak_mb"], r["train_peak_mb"]) - r["baseline_mb"]
         r["net_train"] = r["train_peak_mb"] - r["baseline_mb"]
         print(f"| {r['kind']} | {r['state_dict_mb']:.0f} | {r['baseline_mb']:.0f} | "
-              f"{r['load_peak_mb']:.0f} | {r['train_peak_mb']:.0f} | {r['maxrss_mb']:.0f} | "
-              f"{r['net_peak']:.0f} | "
+              f"{r['load_peak_mb']:.0f} | {r['train_peak_mb']:.0f} | {r['net_peak']:.0f} | "
               f"{r['net_train']:.0f} | {r['load_s']:.1f} | {r['step_s']:.2f} | "
               f"{r['losses'][0]} -> {r['losses'][-1]} |")
     for q, lo in (("qlora-fp32", "lora-fp32"), ("qlora-bf16", "lora-bf16"),

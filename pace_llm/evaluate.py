@@ -149,10 +149,9 @@ class Evaluator:
         """Mean next-token CE on the held-out references (prompt masked), on a fixed slice of the
         eval set; every rank computes it on the same rows."""
         tr = self.trainer
-        eos = tr.tokenizer.eos_token_id
         rows = []
         for e in self.examples[:LOSS_ROWS]:
-            target = tr.tokenizer(e["reference"], add_special_tokens=False)["input_ids"] + [eos]
+            target = e["target_ids"]  # the answer's ids exactly as trained, EOS included
             ids = e["prompt_ids"] + target
             rows.append({"input_ids": ids, "labels": [-100] * len(e["prompt_ids"]) + target})
         total, count = 0.0, 0
