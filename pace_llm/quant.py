@@ -206,7 +206,7 @@ def bnb_config(quant: QuantArgs, compute_dtype: torch.dtype,
 
 def _local_device() -> str:
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu"
 
 

@@ -198,3 +198,23 @@ def test_nan_losses_are_skipped_then_stop(tiny_base, tmp_path):
     assert "update skipped" in log
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_in_a_row"] for r in rows if r.get("skipped_step")] == [1, 2, 3]
+
+
+@pytest.mark.multiproc
+def test_fast_mode_on_glue_classification(tiny_base, tmp_path, shared_data):
+    """fast: no consistency while every example is unseen (epoch 1), then a falling term
+    against last epoch's stored outputs; the head trains and exports as SEQ_CLS."""
+    out = tmp_path / "fast"
+    rows, evals = train_ok(tiny_base, out, data__task="glue", data__glue_task="cola",
+                           data__path=shared_data / "glue" / "CoLA", data__limit=128,
+                           data__max_length=64, train__max_steps=0, train__epochs=4,
+                           train__micro_batch_size=8, train__log_every=4, train__lr=5e-3,
+                           pace__mode="fast", pace__consistency_weight=0.5, eval__limit=64)
+    per_epoch = 16  # 128 rows / 8
+    first_epoch = [r["consistency_loss"] for r in rows if r["step"] <= per_epoch]
+    later = [r["consistency_loss"] for r in rows if r["step"] > per_epoch]
+    assert all(c == 0.0 for c in first_epoch) and all(c > 0 for c in later)
+    assert sum(later[-3:]) / 3 < 0.7 * max(later), later
+    assert set(evals[-1]["eval"]["metrics"]) == {"matthews", "accuracy"}
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]

@@ -29,8 +29,8 @@ from pace_llm.inject import adapter_parameters, inject_noisy_lora
 from pace_llm.lora import NoisyLoRALinear, shared_views
 from tests.conftest import tiny_llama
 
-QLLAMA = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+QLLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}
 VOCAB = QLLAMA["vocab_size"]
 TARGETS = 14  # 2 blocks x (q, k, v, o, gate, up, down)
 
@@ -72,7 +72,8 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_bnb_config_fields():
     c = Q.bnb_config(QuantArgs(bits=4), torch.bfloat16, zero_stage=2)
-    assert (c.load_in_4bit, c.bnb_4bit_quant_type, c.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert (c.load_in_4bit, c.bnb_4bit_quant_type, c.bnb_4bit_use_double_quant) == (
+        True, "nf4", True)
     assert c.bnb_4bit_compute_dtype == torch.bfloat16
     assert c.bnb_4bit_quant_storage == torch.uint8
     assert {"lm_head", "score", "classifier"} <= set(c.llm_int8_skip_modules)
@@ -96,7 +97,7 @@ def test_load_4bit_layout_and_nf4_error(base_dir, fp32_base):
     q = load4(base_dir).eval()
     linears = {n: m for n, m in q.named_modules() if Q.is_quantized_linear(m)}
     assert len(linears) == TARGETS
-    for name, m in linears.items():
+    for m in linears.values():
         assert isinstance(m, bnb.nn.Linear4bit)
         assert m.weight.dtype == torch.uint8
         assert m.weight.numel() == m.in_features * m.out_features // 2  # two codes per byte
@@ -310,7 +311,7 @@ def test_zero3_partitions_4bit_base(base_dir, tmp_path):
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, str(script), str(base_dir)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
@@ -392,3 +393,24 @@ def test_prequantized_gptq(tmp_path, base_dir):
     recipe.quant.bits = 4
     (msg,) = Q.quant_problems(recipe, 2)
     assert "already quantized with GPTQ; set quant.bits: none" in msg
+
+
+@pytest.mark.parametrize(("name", "stage", "storage"), [("gsm8k_qlora", 2, torch.uint8),
+                                                        ("gsm8k_qlora_zero3", 3, torch.bfloat16)])
+def test_shipped_qlora_recipes(monkeypatch, name, stage, storage):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    path = f"recipes/{name}.yaml"
+    assert (repo / path).read_text().splitlines()[0] == (
+        f"# deepspeed pace_llm/train.py --recipe {path}")
+    recipe = load_recipe(["--recipe", path])
+    assert (recipe.model.name_or_path, recipe.data.task, recipe.data.path) == (
+        "microsoft/Phi-3-mini-4k-instruct", "gsm8k", "openai/gsm8k")
+    assert (recipe.lora.r, recipe.lora.targets, recipe.pace.mode, recipe.train.precision) == (
+        16, "attn+mlp", "full", "bf16")
+    ds = json.loads((repo / recipe.deepspeed).read_text())
+    assert ds["zero_optimization"]["stage"] == stage
+    assert Q.quant_problems(recipe, stage) == []
+    c = Q.bnb_config(recipe.quant, torch.bfloat16, stage)
+    assert (c.bnb_4bit_quant_type, c.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert (c.bnb_4bit_compute_dtype, c.bnb_4bit_quant_storage) == (torch.bfloat16, storage)
