@@ -141,7 +141,7 @@ def test_dequantize_linear_matches_bnb(base_dir):
     assert rel_err(Q.dequantize_weight(packed), ref.float()) < 5e-3
 
 
-def test_dequantize_8bit(base_dir, fp32_base):
+def test_8bit_dequantize_and_wrap(base_dir, fp32_base):
     q = Q.load_quantized(LlamaForCausalLM, str(base_dir), QuantArgs(bits=8), torch.float32, 2)
     layer = q.get_submodule("model.layers.0.mlp.up_proj")
     assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
@@ -151,6 +151,18 @@ def test_dequantize_8bit(base_dir, fp32_base):
     ref = fp32_base.get_submodule("model.layers.0.mlp.up_proj").weight
     # int8 row-wise absmax: mean relative weight error measures 0.0068
     assert ((lin.weight - ref).abs().mean() / ref.abs().mean()).item() < 0.015
+
+    # wrapped like nn.Linear: fp32 adapter, gradients reach A and B, the int8 base is untouched
+    wrap = NoisyLoRALinear(layer, r=4, alpha=8.0, dropout=0.1, sigma=0.5).train()
+    cb = layer.weight.data.clone()
+    assert wrap.lora_A.dtype == torch.float32 and not layer.weight.requires_grad
+    with torch.no_grad():
+        wrap.lora_B.fill_(0.01)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2))
+    with shared_views(wrap, 2):
+        wrap(torch.cat([x, x])).pow(2).mean().backward()
+    assert wrap.lora_A.grad.abs().sum() > 0 and wrap.lora_B.grad.abs().sum() > 0
+    assert torch.equal(layer.weight.data, cb)
 
 
 # --------------------------------------------------------------------------------------------
