@@ -16,18 +16,24 @@ heads are named in ``llm_int8_skip_modules`` and stay plain ``nn.Linear`` in the
 DeepSpeed rules (why ``storage_dtype`` exists):
 
 - DeepSpeed casts every floating-point parameter to the training precision, and ZeRO-3 also
-  partitions and all-gathers them in it. The packed 4-bit bytes are a parameter too: stored as
-  uint8 they are left alone (ZeRO-0/1/2), stored as a float dtype they must *be* the training
-  dtype, or the cast would scramble the bytes. Under ZeRO-3 they must be a float dtype
-  (PEFT, "DeepSpeed ZeRO-3 with QLoRA": ``bnb_4bit_quant_storage`` = the model dtype), so
-  ``storage_dtype: auto`` is uint8, or the training dtype under ZeRO-3.
+  partitions and all-gathers them. The packed 4-bit bytes are a parameter too: stored as uint8
+  they are left alone, stored as a float dtype they must *be* the training dtype, or the cast
+  would scramble the bytes. For ZeRO-3, PEFT ("DeepSpeed ZeRO-3 with QLoRA") stores them in the
+  model dtype (``bnb_4bit_quant_storage`` = ``torch_dtype``), so that every parameter a module
+  all-gathers has one dtype; ``storage_dtype: auto`` is uint8, or the training dtype under
+  ZeRO-3. (DeepSpeed 0.19.8 also gathers a uint8 storage correctly: 2 CPU ranks gave ZeRO-2's
+  losses; but its all-reduce fetch path, ``use_all_reduce_for_fetch_params``, still requires
+  one dtype per bucket.)
 - transformers never wraps a quantized load in ``deepspeed.zero.Init`` (modeling_utils: ZeRO-3
   init only ``if not is_quantized``), and refuses a ``device_map`` while an ``HfDeepSpeedConfig``
   with stage 3 is alive. So under ZeRO-3 each rank materialises the 4-bit base (a quarter of its
   bf16 size) on its own device, and ``deepspeed.initialize`` partitions it: DeepSpeed converts
   the parameters that are not yet ZeRO parameters with ``zero.Init(module=...)``.
-- LLM.int8 keeps its row scales outside the parameter, so ZeRO-3 cannot partition it: 8-bit is
-  refused under ZeRO-3. GPTQ/AWQ checkpoints hold integer buffers (qweight, qzeros): refused too.
+- LLM.int8 keeps a second reference to its int8 weight (``Int8Params.CB``) and its row scales
+  (``SCB``) outside the parameter's data: ZeRO-3 partitions the data, yet every rank still holds
+  the full int8 weight (DeepSpeed 0.19.8, 2 ranks: ``weight.data`` (0,), ``weight.CB`` whole).
+  8-bit is refused under ZeRO-3. GPTQ/AWQ checkpoints hold integer buffers (qweight, qzeros)
+  that ZeRO-3 does not partition: refused too.
 """
 
 from __future__ import annotations
@@ -136,13 +142,10 @@ def _problems(quant: QuantArgs, zero_stage: int, method: str | None,
         p.append(f"quant.bits: {bits} needs bitsandbytes, which is not installed; install it "
                  f"with: {INSTALL_HINT}")
     if bits == 8 and zero_stage == 3:
-        p.append(f"quant.bits: 8 is not supported with {stage}: LLM.int8 keeps its row scales "
-                 "outside the weight, so DeepSpeed cannot partition it; use quant.bits: 4 "
-                 "(QLoRA works with ZeRO-3) or a ZeRO-2 config (deepspeed: ds_configs/zero2.json)")
-    if bits == 4 and zero_stage == 3 and quant.storage_dtype == "uint8":
-        p.append(f"quant.storage_dtype: 'uint8' is not supported with {stage}: ZeRO-3 partitions "
-                 "the packed 4-bit weights with the other parameters, so they must be stored in "
-                 "the training dtype; use quant.storage_dtype: auto")
+        p.append(f"quant.bits: 8 is not supported with {stage}: bitsandbytes keeps the int8 "
+                 "weight and its row scales outside the parameter ZeRO-3 partitions, so every "
+                 "rank would still hold the whole base; use quant.bits: 4 (QLoRA works with "
+                 "ZeRO-3) or a ZeRO-2 config (deepspeed: ds_configs/zero2.json)")
     storage = _DTYPES.get(quant.storage_dtype)
     if (bits == 4 and storage is not None and storage.is_floating_point
             and train_dtype is not None and storage != train_dtype):
@@ -251,8 +254,15 @@ def load_quantized(model_cls: Any, name_or_path: str, quant: QuantArgs, compute_
     if problems:
         raise UserError("cannot load a quantized base:\n" + "\n".join(f"  - {p}" for p in problems))
     bnb = bnb_config(quant, compute_dtype, zero_stage)
-    if zero_stage == 3:
-        kwargs.pop("device_map", None)  # transformers refuses a device_map under ZeRO-3
+    if bits == 4 and zero_stage == 3 and quant.storage_dtype == "uint8":
+        log.warning("quant.storage_dtype: uint8 under ZeRO-3 mixes dtypes in DeepSpeed's "
+                    "parameter gathers (fine with DeepSpeed 0.19.8's all-gather); "
+                    "storage_dtype: auto stores the packed weights in the training dtype, as "
+                    "PEFT documents for ZeRO-3")
+    if zero_stage == 3:  # transformers refuses a device_map under ZeRO-3; the quantizer then
+        kwargs.pop("device_map", None)  # places the model on the current CUDA device
+        if torch.cuda.is_available():
+            torch.cuda.set_device(_local_device())
     else:
         kwargs.setdefault("device_map", {"": _local_device()})
     model = model_cls.from_pretrained(name_or_path, quantization_config=bnb, **kwargs)
