@@ -234,7 +234,7 @@ def load_quantized(model_cls: Any, name_or_path: str, quant: QuantArgs, compute_
 
     Raises:
         UserError: bitsandbytes missing, 8-bit or GPTQ/AWQ under ZeRO-3, a pre-quantized base
-            asked to be quantized again, a float storage dtype other than the load dtype.
+            asked to be quantized again, a float storage dtype other than the training dtype.
     """
     kwargs = dict(from_pretrained_kwargs)
     bits = quant_bits(quant)
@@ -276,7 +276,7 @@ def load_quantized(model_cls: Any, name_or_path: str, quant: QuantArgs, compute_
     else:
         what = "8-bit LLM.int8"
     log.info("loaded %s as %s: %d linear layers quantized, kept in %s: %s", name_or_path, what,
-                len(quantized), kwargs["dtype"], ", ".join(kept) or "none")
+             len(quantized), kwargs["dtype"], ", ".join(kept) or "none")
     return model
 
 
@@ -286,7 +286,7 @@ def _keep_cpu_layout(model: nn.Module) -> None:
     On a CPU with AVX512-BF16, bitsandbytes re-packs a Linear4bit's weight at its first no-grad
     eval forward into a bf16-kernel layout (and rounds the absmax scales to bf16, irreversibly).
     Eval would then compute a different function from training, and the stored bytes would
-    change; so the fp32 path (dequantize, then a plain matmul) is used for every forward.
+    change; so every forward takes the dequantize-then-matmul path, in the compute dtype.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
