@@ -286,15 +286,16 @@ ZERO3_SCRIPT = textwrap.dedent("""
     from transformers.integrations import HfDeepSpeedConfig
     from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
     from pace_llm.inject import adapter_parameters, inject_noisy_lora
+    from pace_llm.distributed import init_distributed
     from pace_llm.quant import load_quantized
     base = sys.argv[1]
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # gloo, and no JIT build of DeepSpeed's shm comm op
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     out = {}
     for stage in (2, 3):
         ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
               "steps_per_print": 10**9}
         keep = HfDeepSpeedConfig(ds) if stage == 3 else None
         model = load_quantized(LlamaForCausalLM, base, QuantArgs(bits=4), torch.float32, stage)
