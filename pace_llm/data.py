@@ -108,6 +108,3 @@ def doubled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """[x1..xB] → [x1..xB, x1..xB] along the batch dimension (the two PACE views)."""
     return {k: torch.cat([v, v]) for k, v in batch.items()}
 
-
-def head(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    return {k: v[:rows] for k, v in batch.items()}

@@ -25,23 +25,28 @@ from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.config import Recipe
 from pace_llm.consistency import PaceObjective
-from pace_llm.data import (BatchPlan, Cursor, collate_causal, collate_cls, doubled, head,
+from pace_llm.data import (BatchPlan, Cursor, collate_causal, collate_cls, doubled,
                            rank_micro_batches, supervised_count)
 from pace_llm.dsconfig import offloads_optimizer, zero_stage
 from pace_llm.errors import UserError
 from pace_llm.inject import adapter_parameters
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step()`` can be skipped (a non-finite loss), whatever wraps it."""
+class SkipNextStep:
+    """Optimizer mixin: the next ``step()`` can be skipped (a non-finite loss), whatever ZeRO
+    wrapper calls it."""
 
     skip_next = False
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
         if self.skip_next:
             self.skip_next = False
             return None
-        return super().step(closure)
+        return super().step(*args, **kwargs)
+
+
+class GuardedAdamW(SkipNextStep, torch.optim.AdamW):
+    """torch AdamW with SkipNextStep."""
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -58,17 +63,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-
-def gathered(params: list[nn.Parameter]):
-    """Context in which ZeRO-3-partitioned params are whole (a no-op otherwise)."""
-    import contextlib
-
-    import deepspeed
-
-    if any(hasattr(p, "ds_id") for p in params):
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 class Trainer:
@@ -116,16 +110,8 @@ class Trainer:
         if offloads_optimizer(ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            class GuardedCPUAdam(DeepSpeedCPUAdam):
-                skip_next = False
-
-                def step(self, closure=None, **kw):
-                    if self.skip_next:
-                        self.skip_next = False
-                        return None
-                    return super().step(closure, **kw)
-
-            return GuardedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
+            guarded = type("GuardedCPUAdam", (SkipNextStep, DeepSpeedCPUAdam), {})
+            return guarded(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
         return GuardedAdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def _new_history(self) -> torch.Tensor:
@@ -200,17 +186,17 @@ class Trainer:
         scale = self.world * t.grad_accum / n_total
         lam = self.pace.consistency_weight if views == 2 or self.history is not None else 0.0
         ce_sum = cons_sum = 0.0
-        losses_finite = True
+        local_finite = True
         for ids, batch in zip(micro, batches):
             idx = ids[:rows] if rows else ids
             out = self._forward(batch, views, lam, scale, idx)
-            ok = bool(torch.isfinite(out["loss"]).item())
-            losses_finite &= D.all_reduce([0.0 if ok else 1.0], op="max")[0] == 0.0
+            local_finite &= bool(torch.isfinite(out["loss"]).item())
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
             if self.history is not None:
                 self._update_history(idx, out["logits"][: len(idx)])
-            if self.engine.is_gradient_accumulation_boundary() and not losses_finite:
-                self.guard.skip_next = True
+            if self.engine.is_gradient_accumulation_boundary():  # one collective per step
+                losses_finite = D.all_reduce([0.0 if local_finite else 1.0], op="max")[0] == 0.0
+                self.guard.skip_next = not losses_finite
             grad_norm = self._grad_norm_before_step()
             self.engine.step()
             ce_sum += out["ce"].item()
@@ -301,6 +287,8 @@ class Trainer:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, whole (gathered under ZeRO-3), on CPU."""
         named = [(n, p) for n, p in self.hf_model.named_parameters() if p.requires_grad]
+        from pace_llm.export import gathered
+
         with gathered([p for _, p in named]):
             return {n: p.detach().float().cpu().clone() for n, p in named}
 

@@ -13,12 +13,15 @@ from pace_llm.config import RecipeError, load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def train_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "pace_llm" / "train.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
 def cli(tmp_path: Path, recipe: str, *extra: str) -> subprocess.CompletedProcess:
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
-    return subprocess.run([sys.executable, str(ROOT / "pace_llm" / "train.py"), "--recipe",
-                           str(path), *extra], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+    return train_cli("--recipe", str(path), *extra, cwd=tmp_path)
 
 
 def rejects(tmp_path, recipe: str, *needles: str, extra: tuple[str, ...] = ()) -> str:
@@ -83,14 +86,12 @@ def test_quant_bits(tmp_path):
 
 
 def test_missing_recipe_file(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "pace_llm" / "train.py"), "--recipe",
-                          str(tmp_path / "nope.yaml")], capture_output=True, text=True)
+    res = train_cli("--recipe", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_help_lists_keys_with_docstrings():
-    res = subprocess.run([sys.executable, str(ROOT / "pace_llm" / "train.py"), "--help"],
-                         capture_output=True, text=True)
+    res = train_cli("--help")
     assert res.returncode == 0
     assert "--pace.sigma SIGMA" in res.stdout and "z ~ N(1, sigma^2)" in res.stdout
 
@@ -100,8 +101,7 @@ def test_overrides_and_print_config(tmp_path):
     path.write_text(BASE + "lora: {r: 4}\n")
     recipe = load_recipe(["--recipe", str(path), "--lora.r", "16", "--pace.mode", "off"])
     assert recipe.lora.r == 16 and recipe.pace.mode == "off" and recipe.model.name_or_path == "some/model"
-    res = subprocess.run([sys.executable, str(ROOT / "pace_llm" / "train.py"), "--recipe",
-                          str(path), "--print_config"], capture_output=True, text=True)
+    res = train_cli("--recipe", str(path), "--print_config")
     assert res.returncode == 0 and "name_or_path: some/model" in res.stdout
 
 
