@@ -185,6 +185,7 @@ class Trainer:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
         lam = self.pace.consistency_weight if views == 2 or self.history is not None else 0.0
+        clean = self.clean_grad_norm(batches) if self._logs_after_this_step() else None
         ce_sum = cons_sum = 0.0
         local_finite = True
         for ids, batch in zip(micro, batches):
@@ -206,7 +207,7 @@ class Trainer:
         grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": _float(grad_norm),
-                "tokens": tokens, "time": time.perf_counter() - started,
+                "clean_grad_norm": clean, "tokens": tokens, "time": time.perf_counter() - started,
                 "paired": views == 2 or self.history is not None, "skipped": not losses_finite}
 
     def _views_for_step(self) -> tuple[int, int | None]:
@@ -241,6 +242,37 @@ class Trainer:
         """fast mode: every rank stores every rank's outputs, so the buffer stays identical."""
         for ids, values in D.all_gather_objects((idx, logits.float().cpu())):
             self.history[torch.tensor(ids)] = values
+
+    def _logs_after_this_step(self) -> bool:
+        nxt = self.step + 1
+        return nxt % self.recipe.train.log_every == 0 or nxt == self.max_steps
+
+    def clean_grad_norm(self, batches: list[dict[str, torch.Tensor]]) -> float:
+        """‖∇_adapter L_task‖₂ at the current weights without noise or dropout — the quantity
+        PACE's theory says it lowers — over this step's micro-batches on every rank (token
+        mean, as training). Costs one extra forward/backward, at logging steps only. The
+        gradients come from torch.autograd.grad, so nothing reaches DeepSpeed's buffers."""
+        module = self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        n_total = D.all_reduce([float(sum(supervised_count(b, self.causal) for b in batches))])[0]
+        was_training = module.training
+        module.eval()
+        try:
+            total = [torch.zeros(tuple(getattr(p, "ds_shape", p.shape))) for p in params]
+            for batch in batches:
+                out = module(**{k: v.to(self.engine.device) for k, v in batch.items()}, views=1)
+                grads = torch.autograd.grad(out["loss"] / n_total, params, allow_unused=True)
+                for acc, g in zip(total, grads):
+                    if g is not None:
+                        acc += g.float()
+        finally:
+            module.train(was_training)
+        flat = torch.cat([g.flatten() for g in total])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flat)
+        return float(flat.norm())
 
     def _grad_norm_before_step(self) -> float | None:
         """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
@@ -368,6 +400,7 @@ class _Window:
         peak = _peak_memory_mb()
         return {"step": step, "task_loss": task, "consistency_loss": cons,
                 "loss_ratio": cons / task if task else None, "grad_norm": mean("grad_norm"),
+                "clean_grad_norm": self.steps[-1]["clean_grad_norm"],
                 "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
                 "step_time_s": elapsed / n, "peak_memory_mb": peak,
                 "skipped_steps": sum(1 for s in self.steps if s["skipped"])}

@@ -32,8 +32,13 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path:
     axes[0].set_title("task loss")
     axes[1].plot(steps, [r["consistency_loss"] for r in train], color="tab:orange")
     axes[1].set_title("consistency loss")
-    axes[2].plot(steps, [r["grad_norm"] or 0.0 for r in train], color="tab:green")
+    axes[2].plot(steps, [r["grad_norm"] or 0.0 for r in train], color="tab:green",
+                 label="training (noisy total loss)")
+    clean = [(r["step"], r["clean_grad_norm"]) for r in train if r.get("clean_grad_norm")]
+    if clean:
+        axes[2].plot(*zip(*clean), color="tab:olive", label="task loss, no noise")
     axes[2].set_title("adapter grad norm")
+    axes[2].legend(fontsize=7)
     e_steps = [r["step"] for r in evals]
     axes[3].plot(e_steps, [r["eval"]["fp_distance"] for r in evals], "o-", color="tab:red",
                  label="FP-distance")

@@ -53,6 +53,9 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
     ref, _ = train_ok(tiny_base, tmp_path / "z0")
     curve = [r["task_loss"] for r in ref]
     assert len(curve) == 10 and curve[-1] < curve[0]
+    # without noise the clean task-gradient norm is the training gradient norm
+    clean = [r["clean_grad_norm"] for r in ref]
+    assert rel_close(clean, [r["grad_norm"] for r in ref])
     accum, _ = train_ok(tiny_base, tmp_path / "accum", train__micro_batch_size=2,
                         train__grad_accum=2)
     assert rel_close(curve, [r["task_loss"] for r in accum])
@@ -61,6 +64,7 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
         got, _ = train_ok(tiny_base, out, world=2, train__micro_batch_size=2,
                           deepspeed=DS / f"zero{stage}.json")
         assert rel_close(curve, [r["task_loss"] for r in got]), (stage, curve, got)
+        assert rel_close(clean, [r["clean_grad_norm"] for r in got], 1e-4), stage
         if stage == 3:  # the tiny base really was partitioned
             cfg = json.loads((out / "ds_config.json").read_text())
             assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
@@ -89,14 +93,17 @@ def test_pace_modes_train_and_consistency_falls(tiny_base, tmp_path, mode):
 @pytest.mark.multiproc
 def test_mechanism_full_stays_closer_to_the_base(tiny_base, tmp_path):
     """The paper's claim on one run pair (same seed, steps, data): PACE keeps the fine-tuned
-    model closer to the base (FP-distance). The logged grad norm is that of the noisy total
-    loss; it is printed for the record (bench/RESULTS.md discusses it), not asserted."""
+    model closer to the base (FP-distance). Both gradient norms (noisy training loss, and the
+    clean task loss) are printed for the record: on this tiny random-init base neither is lower
+    with full at the end (bench/RESULTS.md), so they are not asserted."""
     common = dict(train__max_steps=30, train__lr=2e-3, pace__sigma=1.0,
                   pace__consistency_weight=1.0, train__log_every=5)
     off, off_eval = train_ok(tiny_base, tmp_path / "off", pace__mode="off", **common)
     full, full_eval = train_ok(tiny_base, tmp_path / "full", pace__mode="full", **common)
     fp_off, fp_full = off_eval[-1]["eval"]["fp_distance"], full_eval[-1]["eval"]["fp_distance"]
     print(f"grad norm off {off[-1]['grad_norm']:.4f} full {full[-1]['grad_norm']:.4f}; "
+          f"clean task-gradient norm off {off[-1]['clean_grad_norm']:.4f} "
+          f"full {full[-1]['clean_grad_norm']:.4f}; "
           f"FP-distance off {fp_off:.5f} full {fp_full:.5f}")
     assert fp_off > 0 and fp_full < 0.5 * fp_off
 
