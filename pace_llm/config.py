@@ -93,7 +93,7 @@ class PaceArgs:
 
 @dataclass
 class QuantArgs:
-    bits: str | int = "none"
+    bits: int | Literal["none"] = "none"
     """Quantize the frozen base: none, 4 (QLoRA, bitsandbytes) or 8."""
     type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type."""
