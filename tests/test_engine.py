@@ -264,3 +264,26 @@ def test_generation_eval_equals_hf_generate(tiny_base, tmp_path, stage, world):
         theirs.append(tok.decode(gen, skip_special_tokens=True))
     assert ours == theirs
     assert any(t.strip() for t in theirs)
+
+
+@pytest.mark.multiproc
+def test_bf16_training_follows_fp32(tiny_base, tmp_path):
+    """bf16 (ZeRO-2, DeepSpeed's bf16 path, as on a GPU) tracks the fp32 curve within bf16's
+    precision and exports bf16 tensors by default (export.dtype auto)."""
+    common = dict(pace__mode="full", train__max_steps=4, deepspeed=DS / "zero2.json")
+    ref, _ = train_ok(tiny_base, tmp_path / "fp32", **common)
+    got, _ = train_ok(tiny_base, tmp_path / "bf16", train__precision="bf16", **common)
+    for a, b in zip([r["task_loss"] for r in ref], [r["task_loss"] for r in got], strict=True):
+        assert abs(a - b) / a < 0.02
+    tensors = load_file(str(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+
+
+@pytest.mark.multiproc
+def test_gradient_checkpointing_keeps_the_noisy_curve(tiny_base, tmp_path):
+    common = dict(pace__mode="full", train__max_steps=6, pace__sigma=1.0)
+    ref, _ = train_ok(tiny_base, tmp_path / "plain", **common)
+    got, _ = train_ok(tiny_base, tmp_path / "gc", model__gradient_checkpointing=True, **common)
+    assert [r["task_loss"] for r in ref] == [r["task_loss"] for r in got]
+    assert [r["consistency_loss"] for r in ref] == [r["consistency_loss"] for r in got]
+    assert any(r["consistency_loss"] > 0 for r in got)
