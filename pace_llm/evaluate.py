@@ -80,28 +80,42 @@ class Evaluator:
     def __init__(self, trainer: Any):
         self.trainer = trainer
         limit = trainer.recipe.eval.limit
-        self.examples = trainer.task.eval[:limit] if limit else trainer.task.eval
+        clip = (lambda rows: rows[:limit]) if limit else (lambda rows: rows)  # noqa: E731
+        self.examples = clip(trainer.task.eval)
+        self.extra = {name: clip(rows) for name, rows in trainer.task.extra_eval.items()}
         self.fp_batch = [trainer.task.train[i] for i in range(min(FP_ROWS, len(trainer.task.train)))]
 
     def run(self) -> dict[str, Any]:
+        """The eval record: metrics (and samples) on the eval set, metrics on each extra set
+        (e.g. MNLI mismatched), FP-distance, and the held-out loss for causal LMs."""
         tr = self.trainer
         model = tr.hf_model
         was_training = model.training
         model.eval()
         try:
             with full_weights(tr.engine):
-                shard = list(range(tr.rank, len(self.examples), tr.world))
-                preds = self._predict([self.examples[i] for i in shard])
+                preds = self._sharded_predictions(self.examples)
+                extra = {name: self._sharded_predictions(rows) for name, rows in self.extra.items()}
                 fp = self.fp_distance()
                 loss = self.eval_loss() if tr.causal else None
         finally:
             model.train(was_training)
-        merged = dict(_flatten(D.all_gather_objects(list(zip(shard, preds)))))
-        ordered = [merged[i] for i in range(len(self.examples))]
-        record = self._score(ordered, fp)
+        record = self._score(self.examples, preds)
+        record["fp_distance"] = fp
         if loss is not None:
             record["eval_loss"] = loss
+        if extra:
+            record["extra"] = {name: self._score(self.extra[name], p)["metrics"]
+                               for name, p in extra.items()}
         return record
+
+    def _sharded_predictions(self, examples: list[dict]) -> list[Any]:
+        """Rank r predicts examples r, r+world, …; every rank gets all predictions in order."""
+        tr = self.trainer
+        shard = list(range(tr.rank, len(examples), tr.world))
+        preds = self._predict([examples[i] for i in shard])
+        merged = dict(_flatten(D.all_gather_objects(list(zip(shard, preds)))))
+        return [merged[i] for i in range(len(examples))]
 
     def _predict(self, examples: list[dict]) -> list[Any]:
         tr = self.trainer
@@ -163,12 +177,12 @@ class Evaluator:
             count += int((batch["labels"][:, 1:] != -100).sum())
         return total / max(count, 1)
 
-    def _score(self, predictions: list[Any], fp: float) -> dict[str, Any]:
+    def _score(self, examples: list[dict], predictions: list[Any]) -> dict[str, Any]:
         tr = self.trainer
-        refs = [e["reference"] if tr.causal else e["label"] for e in self.examples]
+        refs = [e["reference"] if tr.causal else e["label"] for e in examples]
         metrics = tr.task.metric(predictions, refs) if predictions else {}
         primary = metrics.get(tr.task.main_metric, next(iter(metrics.values()), None))
-        record: dict[str, Any] = {"metrics": metrics, "metric": primary, "fp_distance": fp,
+        record: dict[str, Any] = {"metrics": metrics, "metric": primary,
                                   "examples": len(predictions)}
         if tr.causal:
             record["samples"] = [{"prediction": p, "reference": r}

@@ -29,7 +29,8 @@ def argv(base: Path, out: Path, **overrides) -> list[str]:
     opts.update({k.replace("__", "."): v for k, v in overrides.items()})
     out_args = []
     for k, v in opts.items():
-        out_args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+        text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        out_args += [f"--{k}", text]
     return out_args
 
 
@@ -208,14 +209,16 @@ def test_nan_losses_are_skipped_then_stop(tiny_base, tmp_path):
 
 
 @pytest.mark.multiproc
-def test_fast_mode_on_glue_classification(tiny_base, tmp_path, shared_data):
+@pytest.mark.parametrize("world", [1, 2])
+def test_fast_mode_on_glue_classification(tiny_base, tmp_path, shared_data, world):
     """fast: no consistency while every example is unseen (epoch 1), then a falling term
     against last epoch's stored outputs; the head trains and exports as SEQ_CLS."""
     out = tmp_path / "fast"
-    rows, evals = train_ok(tiny_base, out, data__task="glue", data__glue_task="cola",
+    rows, evals = train_ok(tiny_base, out, world=world, data__task="glue", data__glue_task="cola",
                            data__path=shared_data / "glue" / "CoLA", data__limit=128,
                            data__max_length=64, train__max_steps=0, train__epochs=4,
-                           train__micro_batch_size=8, train__log_every=4, train__lr=5e-3,
+                           train__micro_batch_size=8 // world, train__log_every=4,
+                           train__lr=5e-3,
                            pace__mode="fast", pace__consistency_weight=0.5, eval__limit=64)
     per_epoch = 16  # 128 rows / 8
     first_epoch = [r["consistency_loss"] for r in rows if r["step"] <= per_epoch]
@@ -287,3 +290,24 @@ def test_gradient_checkpointing_keeps_the_noisy_curve(tiny_base, tmp_path):
     assert [r["task_loss"] for r in ref] == [r["task_loss"] for r in got]
     assert [r["consistency_loss"] for r in ref] == [r["consistency_loss"] for r in got]
     assert any(r["consistency_loss"] > 0 for r in got)
+
+
+@pytest.mark.multiproc
+def test_mnli_mismatched_is_evaluated_too(tiny_base, tmp_path):
+    from tests.test_tasks_glue import MNLI_HEADER, mnli_row
+
+    labels = ["entailment", "neutral", "contradiction"]
+    data = tmp_path / "mnli"
+    data.mkdir()
+    (data / "train.tsv").write_text(MNLI_HEADER + "".join(mnli_row(i, labels[i % 3])
+                                                          for i in range(24)))
+    (data / "dev_matched.tsv").write_text(MNLI_HEADER + "".join(mnli_row(i, labels[i % 3])
+                                                                for i in range(6)))
+    (data / "dev_mismatched.tsv").write_text(MNLI_HEADER + "".join(mnli_row(i, labels[i % 2])
+                                                                   for i in range(5)))
+    _, evals = train_ok(tiny_base, tmp_path / "run", world=2, data__task="glue",
+                        data__glue_task="mnli", data__path=data, train__max_steps=2,
+                        train__micro_batch_size=2, data__max_length=64, eval__limit=None)
+    last = evals[-1]["eval"]
+    assert last["examples"] == 6 and set(last["extra"]) == {"mismatched"}
+    assert set(last["extra"]["mismatched"]) == {"accuracy"}
