@@ -56,7 +56,7 @@ SUBGRID = {
     "lazy": [(s, lam) for s in (1.0, 2.0) for lam in (0.5, 1.0)],   # lazy wants larger λ
     "fast": [(s, lam) for s in (1.0, 2.0) for lam in (0.1, 0.5)],   # fast: larger σ, smaller λ
 }
-LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+LR_GRID = (5e-4, 1e-3, 2e-3, 5e-3)
 
 
 # ------------------------------------------------------------------------------------ data

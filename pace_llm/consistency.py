@@ -9,8 +9,8 @@ Causal LM: let S be the supervised positions (labels ≠ −100 after the shift)
     Σ_task = Σ_{s∈S} CE(ℓ¹_s, y_s)               (task_loss_on=both: mean of the two views' sums)
     Σ_consistency = Σ_{s∈S} ‖ℓ¹_s − ℓ²_s‖²₂      (summed over the vocabulary)
 or, with consistency_on=hidden, ‖h¹_s − h²_s‖²₂ over the final hidden states. lm_head runs on
-the supervised positions only, in chunks that are recomputed in backward, so full-vocabulary
-logits for a whole batch never exist. N = supervised tokens in the accumulation window on all
+the supervised positions only, in chunks (recomputed in backward when there is more than one),
+so full-vocabulary logits for a whole batch never exist. N = supervised tokens in the accumulation window on all
 ranks, so the loss is a token mean over the window, not a mean of micro-batch means.
 
 Classification / regression: Σ_task = Σ_b CE(ℓ¹_b, y_b) (MSE for one output), Σ_consistency =
@@ -88,12 +88,15 @@ class PaceObjective(nn.Module):
         want_logit_cons = views == 2 and self.consistency_on == "logits"
         zero = hidden.new_zeros((), dtype=torch.float32)
         ce, cons = zero, zero
+        # one chunk: keep its logits for backward; several: recompute each in backward, so at
+        # most one chunk of full-vocabulary logits is alive at a time
+        recompute = torch.is_grad_enabled() and targets.numel() > self.chunk
         for s in range(0, targets.numel(), self.chunk):
             a = h1[s:s + self.chunk]
             c = h2[s:s + self.chunk] if h2 is not None else None
             y = targets[s:s + self.chunk]
             args = (a, c if (both or want_logit_cons) else None, y, both, want_logit_cons)
-            if torch.is_grad_enabled():
+            if recompute:
                 dce, dcons = checkpoint(self._chunk_terms, *args, use_reentrant=False)
             else:
                 dce, dcons = self._chunk_terms(*args)
