@@ -1,7 +1,13 @@
 """Training throughput and memory: pace_llm (off / full / lazy) against HF PEFT + transformers
 ``Trainer`` on one workload, side by side in one run.
 
-    OMP_NUM_THREADS=2 python bench/throughput.py [--steps 20] [--repeats 2] [--write-results]
+    OMP_NUM_THREADS=1 python bench/throughput.py [--steps 20] [--repeats 2] [--write-results]
+
+Threads: give every contender the same OMP_NUM_THREADS (inherited). On a machine whose cores are
+shared with other jobs, use fewer threads than free cores: with OMP_NUM_THREADS equal to the core
+count and another busy process, every parallel region waits for a descheduled thread and a step
+of this workload took 5x longer, uncorrelated with its token count (measured: pace_llm off 6.95
+s/step at 2 threads vs 1.39 s at 1 thread on 2 shared cores), which drowns the comparison.
 
 Workload (the same for every contender):
     data        GSM8K train rows (``--data``, default ../shared/data/gsm8k/train.jsonl; the first
@@ -350,15 +356,16 @@ def summarize(res: dict, cfg: dict, counts: dict, vocab: int) -> dict:
     flops = sum(s["views"] * (s["tokens"] * per_tok + s["supervised"] * 4 * counts["hidden"] * vocab)
                 for s in window)
     durations = [b["end"] - a["end"] for a, b in zip(steps[w - 1:w + n - 1], window)]
-    logging = [d for d, s in zip(durations, range(w + 1, w + n + 1)) if s % LOG_EVERY == 0]
-    plain = [d for d, s in zip(durations, range(w + 1, w + n + 1)) if s % LOG_EVERY]
+    numbered = list(zip(range(w + 1, w + n + 1), durations, window))
+    logging = [(d, s["tokens"]) for k, d, s in numbered if k % LOG_EVERY == 0]
+    plain = [(d, s["tokens"]) for k, d, s in numbered if k % LOG_EVERY]
     mem = res["mem"]
     return {"tokens_per_s": tokens / wall, "step_s": wall / n, "tokens": tokens,
             "padding_frac": 1 - tokens / padded if padded else 0.0,
             "flops_per_s": flops / wall,
             "median_step_s": statistics.median(durations),
-            "plain_step_s": statistics.mean(plain) if plain else None,
-            "logging_step_s": statistics.mean(logging) if logging else None,
+            "plain_s": sum(d for d, _ in plain), "plain_tokens": sum(t for _, t in plain),
+            "logging_s": sum(d for d, _ in logging), "logging_tokens": sum(t for _, t in logging),
             "peak_rss_mb": max(mem["load_hwm_mb"], mem["train_hwm_mb"]),
             "train_delta_mb": mem["train_hwm_mb"] - mem["rss_before_train_mb"],
             "rss_before_train_mb": mem["rss_before_train_mb"], "setup_s": res["setup_s"],
@@ -574,15 +581,17 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
     L.append("")
     extra = []
     for c in ("a", "c", "d"):
-        if c in results and agg(c, "plain_step_s") and agg(c, "logging_step_s"):
-            extra.append(f"({c}) {agg(c, 'plain_step_s'):.2f} s on non-logging steps vs "
-                         f"{agg(c, 'logging_step_s'):.2f} s on logging steps")
+        if c in results and agg(c, "plain_tokens") and agg(c, "logging_tokens"):
+            extra.append(f"({c}) {1000 * agg(c, 'plain_s') / agg(c, 'plain_tokens'):.2f} ms/token "
+                         f"on non-logging steps vs "
+                         f"{1000 * agg(c, 'logging_s') / agg(c, 'logging_tokens'):.2f} on logging steps")
     if extra:
-        L.append("pace_llm step time, non-logging vs logging steps (a logging step adds the "
-                 "clean-gradient-norm forward/backward): " + "; ".join(extra) + ".")
-        if "c" in results and "a" in results:
-            r_plain = agg("c", "plain_step_s") / agg("a", "plain_step_s")
-            L.append(f"(c)/(a) step time on non-logging steps only: {r_plain:.2f}.")
+        L.append("pace_llm time per non-padding token, non-logging vs logging steps of the window "
+                 "(a logging step adds the clean-gradient-norm forward/backward): "
+                 + "; ".join(extra) + ".")
+        if "c" in results and "a" in results and agg("a", "plain_s"):
+            L.append(f"(c)/(a) time on the same non-logging steps (identical batches): "
+                     f"{agg('c', 'plain_s') / agg('a', 'plain_s'):.2f}.")
         L.append("")
     return "\n".join(L)
 

@@ -159,6 +159,9 @@ class TrainArgs:
     """Seed for data order, init and the PACE noise."""
     log_every: int = 10
     """Log to metrics.jsonl every N optimizer steps."""
+    clean_grad_norm_every: int = 0
+    """Every N steps also log clean_grad_norm: the task-loss gradient norm at the un-noised
+    weights (PACE's theory says PACE lowers it). One extra forward/backward; 0 = never."""
     save_every: int = 0
     """Checkpoint every N optimizer steps (0 = only at the end)."""
     keep_last: int = 2
@@ -346,6 +349,8 @@ def validate(recipe: Recipe) -> list[str]:
     need(t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} must be >= 0")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm: {t.max_grad_norm} must be >= 0 (0 = off)")
     need(t.log_every >= 1, f"train.log_every: {t.log_every} must be >= 1")
+    need(t.clean_grad_norm_every >= 0,
+         f"train.clean_grad_norm_every: {t.clean_grad_norm_every} must be >= 0 (0 = never)")
     need(t.save_every >= 0, f"train.save_every: {t.save_every} must be >= 0")
     need(t.keep_last >= 1, f"train.keep_last: {t.keep_last} must be >= 1")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps: {t.max_bad_steps} must be >= 1")

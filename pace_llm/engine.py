@@ -149,7 +149,9 @@ class Trainer:
         self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
         while self.step < self.max_steps:
             cursor, global_batch = next(stream)
+            clean = self.maybe_clean_grad_norm(global_batch)
             stats = self.train_step(global_batch)
+            stats["clean_grad_norm"] = clean
             self.cursor = cursor
             self.step += 1
             window.add(stats)
@@ -185,7 +187,6 @@ class Trainer:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
         lam = self.pace.consistency_weight if views == 2 or self.history is not None else 0.0
-        clean = self.clean_grad_norm(batches) if self._logs_after_this_step() else None
         ce_sum = cons_sum = 0.0
         local_finite = True
         for ids, batch in zip(micro, batches):
@@ -207,7 +208,7 @@ class Trainer:
         grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": _float(grad_norm),
-                "clean_grad_norm": clean, "tokens": tokens, "time": time.perf_counter() - started,
+                "tokens": tokens, "time": time.perf_counter() - started,
                 "paired": views == 2 or self.history is not None, "skipped": not losses_finite}
 
     def _views_for_step(self) -> tuple[int, int | None]:
@@ -243,15 +244,22 @@ class Trainer:
         for ids, values in D.all_gather_objects((idx, logits.float().cpu())):
             self.history[torch.tensor(ids)] = values
 
-    def _logs_after_this_step(self) -> bool:
-        nxt = self.step + 1
-        return nxt % self.recipe.train.log_every == 0 or nxt == self.max_steps
+    def maybe_clean_grad_norm(self, global_batch: list[int]) -> float | None:
+        """clean_grad_norm on the coming step's batch every train.clean_grad_norm_every steps
+        (outside the step's timing)."""
+        every = self.recipe.train.clean_grad_norm_every
+        if not every or (self.step + 1) % every:
+            return None
+        t = self.recipe.train
+        micro = rank_micro_batches(global_batch, t.micro_batch_size, t.grad_accum, self.world,
+                                   self.rank)
+        return self.clean_grad_norm([self._collate(ids) for ids in micro])
 
     def clean_grad_norm(self, batches: list[dict[str, torch.Tensor]]) -> float:
         """‖∇_adapter L_task‖₂ at the current weights without noise or dropout — the quantity
         PACE's theory says it lowers — over this step's micro-batches on every rank (token
-        mean, as training). Costs one extra forward/backward, at logging steps only. The
-        gradients come from torch.autograd.grad, so nothing reaches DeepSpeed's buffers."""
+        mean, as training). Costs one extra forward/backward. The gradients come from
+        torch.autograd.grad, so nothing reaches DeepSpeed's buffers."""
         module = self.engine.module
         params = [p for p in module.parameters() if p.requires_grad]
         n_total = D.all_reduce([float(sum(supervised_count(b, self.causal) for b in batches))])[0]
@@ -400,7 +408,8 @@ class _Window:
         peak = _peak_memory_mb()
         return {"step": step, "task_loss": task, "consistency_loss": cons,
                 "loss_ratio": cons / task if task else None, "grad_norm": mean("grad_norm"),
-                "clean_grad_norm": self.steps[-1]["clean_grad_norm"],
+                "clean_grad_norm": next((s["clean_grad_norm"] for s in reversed(self.steps)
+                                         if s["clean_grad_norm"] is not None), None),
                 "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
                 "step_time_s": elapsed / n, "peak_memory_mb": peak,
                 "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
