@@ -263,7 +263,8 @@ def phase_tune(args) -> None:
     chosen = load_chosen(args)
     lr = chosen[args.task]["lr"]
     for mode in args.modes:
-        if mode == "off":
+        if mode == "off":  # the LoRA reference at the chosen lr, for the tuning table
+            train_run(args, args.task, "tune", "off", lr, 0, 0, 0)
             continue
         res = [train_run(args, args.task, "tune", mode, lr, s, lam, 0) for s, lam in SUBGRID[mode]]
         best = max(res, key=lambda r: r["metric"])

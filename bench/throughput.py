@@ -22,6 +22,17 @@ Workload (the same for every contender):
                 clip 1.0, ``--warmup`` + ``--steps`` + 1 optimizer steps, logging every 10 steps,
                 no evaluation, no checkpoints, one process, fp32, CPU.
 
+GPU (``--device cuda --dtype bf16``): the same workload on one GPU: the base is saved and loaded
+in bf16, pace_llm trains with ``train.precision bf16`` (DeepSpeed bf16: bf16 weights and
+activations, fp32 master adapter weights in the optimizer), PEFT + Trainer as the PEFT docs do
+it (base loaded in bf16, ``bf16=True``, adapters kept in fp32 by PEFT's autocast_adapter_dtype).
+Each recorded step ends with ``torch.cuda.synchronize()`` for every contender, so the window
+measures finished GPU work. Memory is the CUDA allocator's peak (``max_memory_allocated``, reset
+before the first step, so "train" is the peak over the steps; "peak" over the whole process).
+MFU is reported against the card's dense bf16 peak (``--peak-tflops``, default 989 = H100/H200
+SXM datasheet) and against an 8192³ bf16 torch.mm measured in the same run. Contender ``q``
+(GPU only): pace_llm ``off`` on a 4-bit NF4 double-quant base (bf16 compute) = QLoRA.
+
 Contenders, each in its own fresh subprocess (so peak RSS is its own), interleaved and repeated
 ``--repeats`` times (repeat 1 in the order below, repeat 2 reversed, ...):
     a    pace_llm ``pace.mode off`` (ZeRO-0 DeepSpeed engine): the run ``python pace_llm/train.py
@@ -88,11 +99,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cpu"  # set from --device in the parent; workers read PACE_BENCH_DEVICE
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 HEADING = "## Throughput (bench/throughput.py)"
-CONTENDERS = ["a", "b", "b-grouped", "c", "d"]
+CONTENDERS = ["a", "b", "b-grouped", "c", "d"]  # and "q" (QLoRA, GPU)
 DESCRIBE = {"a": "pace_llm off", "b": "PEFT+Trainer", "b-grouped": "PEFT+Trainer grouped",
-            "c": "pace_llm full", "d": "pace_llm lazy/2"}
+            "c": "pace_llm full", "d": "pace_llm lazy/2", "q": "pace_llm off, 4-bit base"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_R, LORA_ALPHA = 16, 32
 SIGMA, LAMBDA = 0.5, 0.02
@@ -116,13 +128,20 @@ def _reset_hwm() -> None:
 class Recorder:
     """Per-step timestamps and token counts; memory marks around the training phase."""
 
-    def __init__(self, total_steps: int):
-        self.total = total_steps
+    def __init__(self, total_steps: int, warmup: int = 0):
+        self.total, self.warmup = total_steps, warmup
+        self.profiler = None
         self.steps: list[dict] = []
         self.mem: dict[str, float] = {}
         self.t_start = time.perf_counter()
 
     def before_training(self) -> None:
+        if _cuda():
+            import torch
+
+            torch.cuda.synchronize()
+            self.mem["gpu_load_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+            torch.cuda.reset_peak_memory_stats()
         self.mem["load_hwm_mb"] = _status("VmHWM")
         self.mem["rss_before_train_mb"] = _status("VmRSS")
         self.setup_s = time.perf_counter() - self.t_start
@@ -130,14 +149,51 @@ class Recorder:
 
     def step(self, tokens: int, supervised: int, padded: int, views: int, engine_s=None,
              loss=None) -> None:
+        if _cuda():
+            import torch
+
+            torch.cuda.synchronize()
         self.steps.append({"end": time.perf_counter(), "tokens": tokens, "supervised": supervised,
                            "padded": padded, "views": views, "engine_s": engine_s, "loss": loss})
+        self._profile(len(self.steps))
+
+    def _profile(self, done: int) -> None:
+        """With PACE_BENCH_PROFILE=<file>: torch.profiler over the 3 steps after warmup (those
+        steps' timings then include the profiler's overhead: a separate run from the figures)."""
+        out = os.environ.get("PACE_BENCH_PROFILE")
+        if not out:
+            return
+        import torch
+
+        if done == self.warmup:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if _cuda():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=acts)
+            self.profiler.start()
+        elif done == self.warmup + 3 and self.profiler is not None:
+            self.profiler.stop()
+            avg = self.profiler.key_averages()
+            dev = "cuda_time_total" if _cuda() else "self_cpu_time_total"
+            Path(out).write_text(
+                f"3 steps after warmup; {len(self.steps[-3:])} steps took "
+                f"{self.steps[-1]['end'] - self.steps[-4]['end']:.3f} s\n\n"
+                + avg.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60)
+                + "\n\n" + avg.table(sort_by=dev, row_limit=30, max_name_column_width=60))
 
     def dump(self, path: str, extra: dict) -> None:
         self.mem["train_hwm_mb"] = _status("VmHWM")
+        if _cuda():
+            import torch
+
+            self.mem["gpu_train_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         self.mem["rss_end_mb"] = _status("VmRSS")
         Path(path).write_text(json.dumps({"steps": self.steps, "mem": self.mem,
                                           "setup_s": self.setup_s, **extra}))
+
+
+def _cuda() -> bool:
+    return os.environ.get("PACE_BENCH_DEVICE") == "cuda"
 
 
 # --------------------------------------------------------------------------- workers
@@ -152,18 +208,35 @@ def worker_build(cfg: dict) -> None:
     logging.basicConfig(level=logging.INFO)
     texts = gsm8k.texts(DataArgs(task="gsm8k", path=cfg["data"]))
     build_base(cfg["build"], texts, Path(cfg["base"]), seed=0)
+    if cfg["dtype"] == "bf16":  # saved as hub checkpoints are: bf16 safetensors
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
+        model.to(torch.bfloat16).save_pretrained(cfg["base"])
 
 
 def worker_matmul(out: str) -> None:
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
+    if _cuda():  # 8192³ bf16 on the GPU, 10 products per timing
+        n, reps = 8192, 10
+        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    else:
+        n, reps = 2048, 1
+        a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3 if _cuda() else 1):
+        a @ b
     rates = []
     for _ in range(5):
+        if _cuda():
+            torch.cuda.synchronize()
         t = time.perf_counter()
-        a @ b
-        rates.append(2 * 2048 ** 3 / (time.perf_counter() - t))
+        for _ in range(reps):
+            a @ b
+        if _cuda():
+            torch.cuda.synchronize()
+        rates.append(reps * 2 * n ** 3 / (time.perf_counter() - t))
     Path(out).write_text(json.dumps({"flops": rates, "threads": torch.get_num_threads()}))
 
 
@@ -174,7 +247,7 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
     from pace_llm.data import IGNORE, rank_micro_batches
     from pace_llm.engine import Trainer
 
-    rec = Recorder(cfg["total_steps"])
+    rec = Recorder(cfg["total_steps"], cfg["warmup"])
     recipe = load_recipe(pace_argv(cfg, mode))
     original = Trainer.train_step
 
@@ -206,7 +279,6 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
 
 def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
     """HF PEFT + transformers Trainer, set up as the PEFT / transformers docs do for SFT."""
-    import datasets
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
@@ -215,16 +287,18 @@ def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
     from pace_llm.config import DataArgs
     from pace_llm.tasks import gsm8k
 
-    rec = Recorder(cfg["total_steps"])
+    rec = Recorder(cfg["total_steps"], cfg["warmup"])
     tok = AutoTokenizer.from_pretrained(cfg["base"])
     data = DataArgs(task="gsm8k", path=cfg["data"], max_length=cfg["max_length"],
                     on_too_long="drop", limit=cfg["limit"])
     rows = gsm8k.build(data, tok).train  # the very examples pace_llm trains on
-    train = datasets.Dataset.from_dict({
-        "input_ids": [r["input_ids"] for r in rows],
-        "attention_mask": [[1] * len(r["input_ids"]) for r in rows],
-        "labels": [r["labels"] for r in rows]})
-    model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
+    train = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
+              "labels": r["labels"]} for r in rows]  # a map-style dataset (datasets not needed)
+    bf16 = cfg["dtype"] == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg["base"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    if _cuda():
+        model.to("cuda")
     model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                              target_modules=TARGETS, bias="none",
                                              task_type="CAUSAL_LM"))
@@ -233,7 +307,8 @@ def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
         per_device_train_batch_size=cfg["micro_batch"], gradient_accumulation_steps=1,
         max_steps=cfg["total_steps"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=LOG_EVERY,
-        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
+        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=not _cuda(),
+        bf16=bf16,
         dataloader_num_workers=0, seed=SEED, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if grouped else "random")
 
@@ -262,8 +337,10 @@ def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
 
 
 def pace_argv(cfg: dict, mode: str) -> list[str]:
-    return ["--recipe", cfg["recipe"], "--pace.mode", mode,
+    quant = mode == "q"  # QLoRA: mode off on a 4-bit base
+    argv = ["--recipe", cfg["recipe"], "--pace.mode", "off" if quant else mode,
             "--train.output_dir", f"{cfg['workdir']}/pace_{mode}", "--train.overwrite", "true"]
+    return argv + (["--quant.bits", "4"] if quant else [])
 
 
 def write_recipe(cfg: dict) -> None:
@@ -273,7 +350,7 @@ def write_recipe(cfg: dict) -> None:
         # written by bench/throughput.py
         model:
           name_or_path: {cfg['base']}
-          dtype: float32
+          dtype: {'bfloat16' if cfg['dtype'] == 'bf16' else 'float32'}
         lora:
           r: {LORA_R}
           alpha: {LORA_ALPHA}
@@ -299,7 +376,7 @@ def write_recipe(cfg: dict) -> None:
           warmup_steps: 0
           weight_decay: 0.0
           max_grad_norm: 1.0
-          precision: fp32
+          precision: {cfg['dtype']}
           seed: {SEED}
           log_every: {LOG_EVERY}
         eval:
@@ -317,7 +394,7 @@ def run_child(args: list[str], log: Path, timeout: float) -> tuple[int, float, f
     t = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen([sys.executable, __file__, *args], stdout=f, stderr=subprocess.STDOUT,
-                             cwd=REPO)
+                             cwd=REPO, env=os.environ | {"PACE_BENCH_DEVICE": DEVICE})
         deadline = t + timeout
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
@@ -360,7 +437,9 @@ def summarize(res: dict, cfg: dict, counts: dict, vocab: int) -> dict:
     logging = [(d, s["tokens"]) for k, d, s in numbered if k % LOG_EVERY == 0]
     plain = [(d, s["tokens"]) for k, d, s in numbered if k % LOG_EVERY]
     mem = res["mem"]
-    return {"tokens_per_s": tokens / wall, "step_s": wall / n, "tokens": tokens,
+    gpu = ({"gpu_peak_mb": max(mem["gpu_load_peak_mb"], mem["gpu_train_peak_mb"]),
+            "gpu_train_peak_mb": mem["gpu_train_peak_mb"]} if "gpu_train_peak_mb" in mem else {})
+    return {**gpu,"tokens_per_s": tokens / wall, "step_s": wall / n, "tokens": tokens,
             "padding_frac": 1 - tokens / padded if padded else 0.0,
             "flops_per_s": flops / wall,
             "median_step_s": statistics.median(durations),
@@ -383,6 +462,13 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def gpu_name() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                          "--format=csv,noheader"], check=False, capture_output=True,
+                         text=True)
+    return out.stdout.strip() or "an unnamed GPU"
+
+
 def versions() -> str:
     from importlib.metadata import version
 
@@ -402,6 +488,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
     ap.add_argument("--intermediate", type=int, default=1408)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
@@ -413,10 +500,20 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/pace_llm_throughput",
                     help="base model, recipe, run dirs, logs (outside the repo)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per contender process")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 3 steps per contender into <workdir>/profile_<c>.txt (timings "
+                         "of such a run include the profiler: not for the figures)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="base checkpoint dtype and training precision (bf16 on a GPU)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the GPU's dense bf16 datasheet peak, for MFU (H100/H200 SXM: 989)")
     ap.add_argument("--write-results", action="store_true",
                     help=f"append the figures to bench/RESULTS.md under '{HEADING}'")
     a = ap.parse_args()
 
+    global DEVICE
+    DEVICE = a.device
     if a.worker:
         cfg = json.loads(Path(a.config).read_text())
         if a.worker == "build":
@@ -431,15 +528,15 @@ def main() -> None:
 
     build = {"model_type": "llama", "hidden_size": a.hidden, "intermediate_size": a.intermediate,
              "num_hidden_layers": a.layers, "num_attention_heads": a.heads,
-             "num_key_value_heads": a.heads, "max_position_embeddings": max(1024, a.max_length),
+             "num_key_value_heads": a.kv_heads or a.heads, "max_position_embeddings": max(1024, a.max_length),
              "vocab_size": a.vocab, "tie_word_embeddings": False}
-    key = hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps([build, a.dtype], sort_keys=True).encode()).hexdigest()[:10]
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cfg = {"data": str(Path(a.data).resolve()), "limit": a.limit, "build": build,
            "base": str(work / f"base-{key}"), "recipe": str(work / "recipe.yaml"),
            "workdir": str(work), "micro_batch": a.micro_batch, "max_length": a.max_length,
-           "lr": a.lr, "warmup": a.warmup, "steps": a.steps,
+           "lr": a.lr, "warmup": a.warmup, "steps": a.steps, "dtype": a.dtype,
            "total_steps": a.warmup + a.steps + 1}
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
@@ -481,8 +578,11 @@ def main() -> None:
             if c.startswith("b"):
                 wargs = ["--worker", "peft", "--mode", "grouped" if c == "b-grouped" else "random"]
             else:
-                wargs = ["--worker", "pace", "--mode", {"a": "off", "c": "full", "d": "lazy"}[c]]
+                wargs = ["--worker", "pace", "--mode",
+                         {"a": "off", "c": "full", "d": "lazy", "q": "q"}[c]]
             log = work / f"log_{c}_{r}.txt"
+            if a.profile:
+                os.environ["PACE_BENCH_PROFILE"] = str(work / f"profile_{c}.txt")
             rc, wall, maxrss = run_child([*wargs, "--out", str(out), "--config", str(cfg_path)],
                                          log, a.timeout)
             if rc or not out.is_file():
@@ -490,8 +590,9 @@ def main() -> None:
             s = summarize(json.loads(out.read_text()), cfg, counts, vocab)
             s["process_wall_s"], s["ru_maxrss_mb"] = wall, maxrss
             results[c].append(s)
+            gpu = f"GPU peak {s['gpu_peak_mb']:6.0f} MB  " if "gpu_peak_mb" in s else ""
             print(f"[repeat {r + 1}] {c:9s} {DESCRIBE[c]:22s} {s['tokens_per_s']:7.1f} tok/s  "
-                  f"step {s['step_s']:6.2f} s  peak RSS {s['peak_rss_mb']:6.0f} MB  "
+                  f"step {s['step_s']:6.3f} s  peak RSS {s['peak_rss_mb']:6.0f} MB  {gpu}"
                   f"(process {wall:.0f} s)", flush=True)
     mm += matmul("after")
     peak = max(mm)
@@ -519,8 +620,9 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
     def per_repeat_ratio(x, y, k):
         return [sx[k] / sy[k] for sx, sy in zip(results[x], results[y])]
 
+    gpu = a.device == "cuda"
     L = []
-    L.append(f"### Run of {date}\n")
+    L.append(f"### Run of {date}{' (GPU)' if gpu else ''}\n")
     L.append(f"Command: `{command}` (from the repository root). Date: {date}. Machine: "
              f"{machine()}; load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at "
              f"the end (the cores are shared with other jobs). {versions()}. Whole run "
@@ -530,28 +632,42 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
              f"trained on the GSM8K train text; random-init Llama hidden {a.hidden}, {a.layers} "
              f"layers, {a.heads} heads, intermediate {a.intermediate}, untied lm_head, "
              f"{total_params / 1e6:.1f}M parameters ({counts['frozen_linear'] / 1e6:.1f}M in "
-             f"block linears); fp32; LoRA r {LORA_R} alpha {LORA_ALPHA} on "
+             f"block linears); {a.dtype} on {gpu_name() if gpu else 'the CPU'}; LoRA r {LORA_R} alpha {LORA_ALPHA} on "
              f"q/k/v/o/gate/up/down ({counts['adapter'] / 1e6:.2f}M adapter parameters); "
              f"micro-batch {a.micro_batch}, no accumulation, AdamW lr {a.lr} constant; "
              f"{a.warmup} warmup + {a.steps} measured + 1 final optimizer steps per contender "
              f"(logging every {LOG_EVERY}), {a.repeats} repeats, each contender a fresh process, "
              f"order alternating per repeat. PACE: σ {SIGMA}, λ {LAMBDA}, lazy interval 2. "
-             f"fp32 matmul (2048², best of 5): {min(mm) / 1e9:.1f}-{peak / 1e9:.1f} GFLOP/s; "
-             f"peak used {peak / 1e9:.1f}. MB = 2^20 bytes.\n")
-    L.append("| contender | tokens/s | step s | median step s | padding | peak RSS MB | train Δ MB "
-             "| model GFLOP/s | MFU |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+             + (f"bf16 matmul (8192³, 10 per timing, best of 5): {min(mm) / 1e12:.0f}-"
+                f"{peak / 1e12:.0f} TFLOP/s; datasheet dense bf16 peak {a.peak_tflops:.0f} TFLOP/s. "
+                if gpu else
+                f"fp32 matmul (2048², best of 5): {min(mm) / 1e9:.1f}-{peak / 1e9:.1f} GFLOP/s; "
+                f"peak used {peak / 1e9:.1f}. ") + "MB = 2^20 bytes.\n")
+    if gpu:
+        L.append("| contender | tokens/s | step s | median step s | padding | GPU peak MB | GPU "
+                 "train peak MB | peak RSS MB | model TFLOP/s | MFU (datasheet) | MFU (measured mm) |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        L.append("| contender | tokens/s | step s | median step s | padding | peak RSS MB | train Δ "
+                 "MB | model GFLOP/s | MFU |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+
+    def row(label, get, bold=False):
+        b = "**" if bold else ""
+        head = (f"| {label} | {b}{get('tokens_per_s'):.1f}{b} | {b}{get('step_s'):.3f}{b} | "
+                f"{get('median_step_s'):.3f} | {100 * get('padding_frac'):.1f}% | ")
+        if gpu:
+            return head + (f"{b}{get('gpu_peak_mb'):.0f}{b} | {get('gpu_train_peak_mb'):.0f} | "
+                           f"{get('peak_rss_mb'):.0f} | {get('flops_per_s') / 1e12:.1f} | "
+                           f"{100 * get('flops_per_s') / (a.peak_tflops * 1e12):.1f}% | "
+                           f"{100 * get('flops_per_s') / peak:.1f}% |")
+        return head + (f"{b}{get('peak_rss_mb'):.0f}{b} | {get('train_delta_mb'):.0f} | "
+                       f"{get('flops_per_s') / 1e9:.1f} | {100 * get('flops_per_s') / peak:.1f}% |")
+
     for c in results:
         for r, s in enumerate(results[c]):
-            L.append(f"| ({c}) {DESCRIBE[c]}, repeat {r + 1} | {s['tokens_per_s']:.1f} | "
-                     f"{s['step_s']:.2f} | {s['median_step_s']:.2f} | "
-                     f"{100 * s['padding_frac']:.1f}% | {s['peak_rss_mb']:.0f} | "
-                     f"{s['train_delta_mb']:.0f} | {s['flops_per_s'] / 1e9:.1f} | "
-                     f"{100 * s['flops_per_s'] / peak:.1f}% |")
-        L.append(f"| **({c}) mean** | **{agg(c, 'tokens_per_s'):.1f}** | **{agg(c, 'step_s'):.2f}**"
-                 f" | {agg(c, 'median_step_s'):.2f} | {100 * agg(c, 'padding_frac'):.1f}% | "
-                 f"**{agg(c, 'peak_rss_mb'):.0f}** | {agg(c, 'train_delta_mb'):.0f} | "
-                 f"{agg(c, 'flops_per_s') / 1e9:.1f} | {100 * agg(c, 'flops_per_s') / peak:.1f}% |")
+            L.append(row(f"({c}) {DESCRIBE[c]}, repeat {r + 1}", s.__getitem__))
+        L.append(row(f"**({c}) mean**", lambda k, c=c: agg(c, k), bold=True))
     L.append("")
     L.append("MFU uses the useful-FLOP formula of the script's docstring for every contender "
              "(PACE-paired steps doubled); PEFT also computes logits at unsupervised and padding "
@@ -573,8 +689,13 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
     ratio("(a)/(b-grouped) tokens/s", "a", "b-grouped", "tokens_per_s", 1.3, ">=")
     ratio("(c)/(a) step time", "c", "a", "step_s", 1.9, "<=")
     ratio("(d)/(a) step time", "d", "a", "step_s", 1.1, "<=")
-    ratio("(c)/(a) peak RSS (whole process)", "c", "a", "peak_rss_mb", 1.7, "<=")
-    ratio("(c)/(a) training Δ RSS", "c", "a", "train_delta_mb", 1.7, "<=")
+    if gpu:
+        ratio("(c)/(a) GPU peak memory", "c", "a", "gpu_peak_mb", 1.7, "<=")
+        ratio("(c)/(a) GPU peak during training", "c", "a", "gpu_train_peak_mb", 1.7, "<=")
+        ratio("(q)/(a) GPU peak memory (QLoRA / LoRA)", "q", "a", "gpu_peak_mb", 0.4, "<=")
+    else:
+        ratio("(c)/(a) peak RSS (whole process)", "c", "a", "peak_rss_mb", 1.7, "<=")
+        ratio("(c)/(a) training Δ RSS", "c", "a", "train_delta_mb", 1.7, "<=")
     L.append("| ratio | of the means | per repeat | target | |")
     L.append("|---|---|---|---|---|")
     L += rows

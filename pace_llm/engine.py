@@ -286,9 +286,14 @@ class Trainer:
         """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
         if self.zero_stage > 0 or not self.engine.is_gradient_accumulation_boundary():
             return None
-        grads = [p.grad.float().norm() for p in self.engine.module.parameters()
+        grads = [p.grad for p in self.engine.module.parameters()
                  if p.requires_grad and p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+        if not grads:
+            return 0.0
+        # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
+        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU
+        return float(torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32))))
 
     def _count_bad(self, finite: bool) -> None:
         if finite:

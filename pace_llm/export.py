@@ -584,7 +584,11 @@ def _saved_dtype(base: str | None) -> torch.dtype | None:
 
 
 def _load_base(src: Path, base: str | None, recipe: Any) -> tuple[nn.Module, Any]:
+    """The base for --merge: as the run's recipe loaded it (4/8-bit for a QLoRA run, so the merge
+    folds the adapter into the weights it was trained against), else in fp32."""
     import transformers
+
+    from pace_llm.quant import load_quantized, quant_bits
 
     config, _ = read_adapter(src)
     if not base:
@@ -603,10 +607,18 @@ def _load_base(src: Path, base: str | None, recipe: Any) -> tuple[nn.Module, Any
         kwargs.update(extra)
     else:
         auto = transformers.AutoModelForCausalLM
+    quantized = recipe is not None and quant_bits(recipe.quant) is not None
     try:
-        model = auto.from_pretrained(base, **kwargs)
+        if quantized:  # the weights the adapter was trained on: dequantized at the merge
+            model = load_quantized(auto, base, recipe.quant, torch.float32, zero_stage=0,
+                                   **kwargs)
+        else:
+            model = auto.from_pretrained(base, **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load the base model {base!r}: {exc}") from None
+    if quantized:
+        print(f"base loaded {quant_bits(recipe.quant)}-bit as the run trained it; the merged "
+              "weights are the dequantized base plus the adapter", file=sys.stderr)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as exc:

@@ -50,7 +50,7 @@ def run(recipe: Recipe) -> Path:
 
     from pace_llm import distributed as D
     from pace_llm.checkpoint import find_resumable
-    from pace_llm.dsconfig import fill_ds_config, resolve_precision, save_json
+    from pace_llm.dsconfig import fill_ds_config, resolve_precision, save_json, size_buckets
     from pace_llm.engine import Trainer
     from pace_llm.inject import inject_noisy_lora
     from pace_llm.model import classifier_head, load_model, load_tokenizer, weight_dtype
@@ -80,6 +80,10 @@ def run(recipe: Recipe) -> Path:
                        dtype=weight_dtype(recipe, precision), ds_config=ds_config)
     torch.manual_seed(recipe.train.seed)  # the same adapter init on every rank and world size
     replaced = inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
+    trainable = sum(getattr(p, "ds_numel", p.numel())
+                    for p in model.parameters() if p.requires_grad)
+    if size_buckets(ds_config, trainable) and D.is_main():  # the record of what DeepSpeed got
+        save_json(ds_config, out / "ds_config.json")
     trainer = Trainer(recipe, model, task, tokenizer, ds_config, out, precision, _served_name(base_dir))
     trainer.log(f"{len(replaced)} layers adapted; {task.stats}; {trainer.max_steps} steps of "
                 f"{trainer.global_batch} examples; precision {precision}, ZeRO-{trainer.zero_stage}, "

@@ -45,6 +45,10 @@ def train_ok(base, out, world=1, **overrides):
     return metrics(out)
 
 
+def adapter_numel(run: Path) -> int:
+    return sum(t.numel() for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
+
+
 def rel_close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
     return all(abs(x - y) <= tol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
@@ -66,8 +70,10 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
                           deepspeed=DS / f"zero{stage}.json", train__clean_grad_norm_every=1)
         assert rel_close(curve, [r["task_loss"] for r in got]), (stage, curve, got)
         assert rel_close(clean, [r["clean_grad_norm"] for r in got], 1e-4), stage
+        cfg = json.loads((out / "ds_config.json").read_text())
+        # "auto" gradient buckets hold the adapter, not DeepSpeed's default 5e8 elements
+        assert cfg["zero_optimization"]["reduce_bucket_size"] == adapter_numel(out), stage
         if stage == 3:  # the tiny base really was partitioned
-            cfg = json.loads((out / "ds_config.json").read_text())
             assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     # full mode with sigma = 0: the task loss is plain LoRA's and the consistency term is 0
     zero_noise, _ = train_ok(tiny_base, tmp_path / "full0", pace__mode="full", pace__sigma=0.0)
@@ -312,3 +318,21 @@ def test_mnli_mismatched_is_evaluated_too(tiny_base, tmp_path):
     last = evals[-1]["eval"]
     assert last["examples"] == 6 and set(last["extra"]) == {"mismatched"}
     assert set(last["extra"]["mismatched"]) == {"accuracy"}
+
+
+def test_bucket_sizes_follow_the_adapter():
+    """"auto" buckets: the trainable element count, capped at DeepSpeed's default 5e8 (ZeRO-3:
+    5e7); explicit values and stage-0 configs are left alone."""
+    from pace_llm.dsconfig import size_buckets
+
+    cfg = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
+                                 "allgather_bucket_size": 123}}
+    assert size_buckets(cfg, 4_000_000) == {"reduce_bucket_size": 4_000_000}
+    assert cfg["zero_optimization"]["allgather_bucket_size"] == 123
+    big = {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    size_buckets(big, 10 ** 10)
+    assert big["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    z3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    size_buckets(z3, 10 ** 9)
+    assert z3["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert size_buckets({"zero_optimization": {"stage": 0}}, 5) == {}

@@ -43,3 +43,44 @@ def test_qlora_pace_full_with_noise_trains(base128, tmp_path):
                        train__max_steps=12, train__lr=1e-2)
     assert rows[-1]["task_loss"] < rows[0]["task_loss"]
     assert any(r["consistency_loss"] > 0 for r in rows)
+
+
+@pytest.mark.multiproc
+def test_merged_export_of_a_qlora_run_uses_the_dequantized_base(base128, tmp_path):
+    """`pace-llm export --merge` on a 4-bit run folds the adapter into the dequantized weights it
+    was trained against: the merged fp32 model's logits equal PEFT's adapter on the 4-bit base,
+    far inside the NF4 error that separates either from the original fp32 base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from pace_llm.export import main as export_main
+
+    run = tmp_path / "q"
+    train_ok(base128, run, quant__bits=4, pace__mode="full", train__max_steps=6, train__lr=2e-2)
+    merged = tmp_path / "merged"
+    assert export_main(["--run", str(run), "--merge", "--out", str(merged),
+                        "--dtype", "float32"]) == 0
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    q4 = AutoModelForCausalLM.from_pretrained(base128, quantization_config=bnb, device_map="cpu")
+    for m in q4.modules():  # the canonical dequantize-then-matmul path (see quant._keep_cpu_layout)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    plain = logits(AutoModelForCausalLM.from_pretrained(base128, dtype=torch.float32))
+    base4 = logits(q4)
+    peft4 = logits(PeftModel.from_pretrained(q4, run / "adapter"))
+    got = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
+    assert rel(peft4, base4) > 1e-3  # the adapter moved the outputs
+    nf4 = rel(base4, plain)
+    assert nf4 > 1e-2, nf4
+    assert rel(got, peft4) < 1e-4, (rel(got, peft4), nf4)
