@@ -63,22 +63,28 @@ SETTINGS = {"minilm-cola": (minilm_cmd, {"steps": 400, "lr": 2e-3, "sigma": 1.0,
             "demo": (demo_cmd, {"steps": 150, "lr": 3e-3, "sigma": 0.5, "lam": 0.05})}
 
 
-def run(args, mode: str) -> tuple[list[dict], float, list[str]]:
+def out_dir(args, mode: str, seed: int) -> Path:
+    base = Path(args.work) / "mechanism" / args.setting
+    return base / mode if seed == 0 else base / f"seed{seed}" / mode
+
+
+def run(args, mode: str, seed: int) -> tuple[list[dict], float, list[str]]:
     build, _ = SETTINGS[args.setting]
-    out = Path(args.work) / "mechanism" / args.setting / mode
+    out = out_dir(args, mode, seed)
     import glue_minilm as G
 
-    cmd = [*G.train_py(args.seed), *build(args, mode, out),
+    cmd = [*G.train_py(seed), *build(args, mode, out),
            "--pace.mode", mode, "--pace.sigma", str(args.sigma),
            "--pace.consistency_weight", str(args.lam), "--train.max_steps", str(args.steps),
-           "--train.seed", str(args.seed), "--train.precision", "fp32",
+           "--train.seed", str(seed), "--train.precision", "fp32",
            "--train.log_every", str(args.log_every), "--eval.every", str(args.eval_every),
            "--train.clean_grad_norm_every", str(args.log_every),
            "--train.output_dir", str(out), "--train.overwrite", "true"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
@@ -87,13 +93,18 @@ def run(args, mode: str) -> tuple[list[dict], float, list[str]]:
     return records, wall, cmd
 
 
-def curves(records: list[dict]) -> tuple[str, list, list, list]:
+def curves(records: list[dict]) -> tuple[str, list, list, list, list]:
+    """(gradient-norm key, its curve, FP-distance curve, task-loss curve, the eval records'
+    clean gradient norm on the fixed 64 training rows)."""
     train = [r for r in records if "task_loss" in r]
     key = "clean_grad_norm" if all(r.get("clean_grad_norm") is not None for r in train) else "grad_norm"
     grad = [(r["step"], r[key]) for r in train]
-    fp = [(r["step"], r["eval"]["fp_distance"]) for r in records if "eval" in r]
+    evals = [r for r in records if "eval" in r]
+    fp = [(r["step"], r["eval"]["fp_distance"]) for r in evals]
     loss = [(r["step"], r["task_loss"]) for r in train]
-    return key, grad, fp, loss
+    fixed = [(r["step"], r["eval"]["clean_grad_norm"]) for r in evals
+             if r["eval"].get("clean_grad_norm") is not None]
+    return key, grad, fp, loss, fixed
 
 
 def smooth(values: list[float], k: int = 5) -> list[float]:
@@ -108,7 +119,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--sigma", type=float)
     ap.add_argument("--lam", type=float)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one run pair per seed; the figure shows the first")
     ap.add_argument("--log-every", type=int, default=5,
                     help="log (and clean_grad_norm) every N steps")
     ap.add_argument("--eval-every", type=int, default=25)
@@ -118,20 +130,24 @@ def main() -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
 
-    data = {}
-    for mode in ("off", "full"):
-        records, wall, cmd = run(args, mode)
-        data[mode] = curves(records)
-        print(f"{mode}: wall {wall:.0f}s; command: {' '.join(cmd)}", flush=True)
+    by_seed = {}
+    for seed in args.seeds:
+        by_seed[seed] = {}
+        for mode in ("off", "full"):
+            records, wall, cmd = run(args, mode, seed)
+            by_seed[seed][mode] = curves(records)
+            print(f"seed {seed} {mode}: wall {wall:.0f}s; command: {' '.join(cmd)}", flush=True)
+    args.seed = args.seeds[0]
+    data = by_seed[args.seed]
     keys = {data[m][0] for m in data}
     key = "clean_grad_norm" if keys == {"clean_grad_norm"} else "grad_norm"
     if key != "clean_grad_norm":  # use the same quantity for both runs
         for m in data:
             _, _, fp, loss = data[m]
-            records = [json.loads(ln) for ln in (Path(args.work) / "mechanism" / args.setting / m /
+            records = [json.loads(ln) for ln in (out_dir(args, m, args.seed) /
                                                   "metrics.jsonl").read_text().splitlines()]
             data[m] = (key, [(r["step"], r["grad_norm"]) for r in records if "task_loss" in r], fp,
-                       loss)
+                       loss, data[m][4])
     print(f"gradient norm used: {key}" + ("" if key == "clean_grad_norm" else
                                            " (clean_grad_norm absent: noisy-objective norm)"))
 
@@ -142,7 +158,7 @@ def main() -> None:
 
     colors = {"off": "tab:blue", "full": "tab:red"}
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.1))
-    for mode, (_, grad, fp, loss) in data.items():
+    for mode, (_, grad, fp, loss, _) in data.items():
         s, g = zip(*grad)
         axes[0].plot(s, g, color=colors[mode], alpha=0.25, lw=0.8)
         axes[0].plot(s, smooth(list(g)), color=colors[mode], label=f"{mode} (5-log mean)")
@@ -171,12 +187,38 @@ def main() -> None:
                         ("FP-distance at the end", lambda m: data[m][2][-1][1]),
                         ("FP-distance, mean over evals after step 0",
                          lambda m: statistics.mean(v for s, v in data[m][2] if s > 0)),
+                        ("clean gradient norm on 64 fixed training rows, last eval",
+                         lambda m: data[m][4][-1][1] if data[m][4] else float("nan")),
                         ("task loss, last logged window", lambda m: data[m][3][-1][1])):
         off, full = pick("off"), pick("full")
         rows.append((label, off, full, full / off if off else float("nan")))
     print("\n| quantity | off | full | full / off |\n|---|---|---|---|")
     for label, off, full, ratio in rows:
         print(f"| {label} | {off:.4g} | {full:.4g} | {ratio:.3f} |")
+    if len(args.seeds) > 1:
+        seeds_table(by_seed)
+
+
+def seeds_table(by_seed: dict) -> None:
+    """End-of-run quantities per seed, full / off, and how many seeds have full lower."""
+    picks = {"FP-distance, last eval": lambda c: c[2][-1][1],
+             "clean grad norm, 64 fixed rows, last eval": lambda c: c[4][-1][1],
+             "clean grad norm, mean over the run": lambda c: statistics.mean(v for _, v in c[1]),
+             "task loss, last logged window": lambda c: c[3][-1][1]}
+    print("\n| seed | " + " | ".join(f"{k}: off / full" for k in picks) + " |")
+    print("|---|" + "---|" * len(picks))
+    ratios = {k: [] for k in picks}
+    for seed, data in by_seed.items():
+        cells = []
+        for k, f in picks.items():
+            off, full = f(data["off"]), f(data["full"])
+            ratios[k].append(full / off)
+            cells.append(f"{off:.4g} / {full:.4g}")
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+    print("\n| quantity | full / off per seed | mean | seeds with full < off |\n|---|---|---|---|")
+    for k, rs in ratios.items():
+        print(f"| {k} | {', '.join(f'{r:.3f}' for r in rs)} | {statistics.mean(rs):.3f} | "
+              f"{sum(r < 1 for r in rs)}/{len(rs)} |")
 
 
 if __name__ == "__main__":

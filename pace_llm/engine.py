@@ -221,7 +221,10 @@ class Trainer:
         return 1, None
 
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        examples = [self.task.train[i] for i in ids]
+        return self.collate([self.task.train[i] for i in ids])
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A training batch (padding, labels) of these examples."""
         pad = self.tokenizer.pad_token_id
         if self.causal:
             return collate_causal(examples, pad)

@@ -19,6 +19,7 @@ from pace_llm.data import collate_causal, collate_cls
 from pace_llm.lora import adapters_disabled
 
 FP_ROWS = 8  # examples in the fixed FP-distance batch
+GRAD_ROWS = 64  # fixed training examples for the eval record's clean task-gradient norm
 LOSS_ROWS = 64  # held-out examples in the eval loss
 
 
@@ -84,6 +85,8 @@ class Evaluator:
         self.examples = clip(trainer.task.eval)
         self.extra = {name: clip(rows) for name, rows in trainer.task.extra_eval.items()}
         self.fp_batch = [trainer.task.train[i] for i in range(min(FP_ROWS, len(trainer.task.train)))]
+        self.grad_rows = [trainer.task.train[i]
+                          for i in range(min(GRAD_ROWS, len(trainer.task.train)))]
 
     def run(self) -> dict[str, Any]:
         """The eval record: metrics (and samples) on the eval set, metrics on each extra set
@@ -97,11 +100,13 @@ class Evaluator:
                 preds = self._sharded_predictions(self.examples)
                 extra = {name: self._sharded_predictions(rows) for name, rows in self.extra.items()}
                 fp = self.fp_distance()
+                grad = self.grad_norm()  # on whole weights: no ZeRO-3 hooks left active
                 loss = self.eval_loss() if tr.causal else None
         finally:
             model.train(was_training)
         record = self._score(self.examples, preds)
         record["fp_distance"] = fp
+        record["clean_grad_norm"] = grad
         if loss is not None:
             record["eval_loss"] = loss
         if extra:
@@ -137,6 +142,17 @@ class Evaluator:
             preds += (logits.squeeze(-1).float().tolist() if tr.task.num_labels == 1
                       else logits.argmax(-1).tolist())
         return preds
+
+    def grad_norm(self) -> float:
+        """‖∇_adapter L_task‖₂ at the un-noised weights on the first GRAD_ROWS training rows
+        (the same rows at every eval, split across ranks): the paper's gradient-norm quantity
+        without the batch-to-batch noise of the per-step ``clean_grad_norm``."""
+        tr = self.trainer
+        mine = self.grad_rows[tr.rank::tr.world]
+        bs = tr.recipe.eval.batch_size
+        with torch.enable_grad():  # also when a caller evaluates under no_grad
+            return tr.clean_grad_norm([tr.collate(mine[s:s + bs])
+                                       for s in range(0, len(mine), bs)])
 
     @torch.no_grad()
     def fp_distance(self) -> float:

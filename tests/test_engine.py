@@ -55,7 +55,10 @@ def rel_close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
 
 @pytest.mark.multiproc
 def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
-    ref, _ = train_ok(tiny_base, tmp_path / "z0", train__clean_grad_norm_every=1)
+    ref, ref_eval = train_ok(tiny_base, tmp_path / "z0", train__clean_grad_norm_every=1)
+    # the eval record's clean gradient norm on the fixed rows (split across ranks below)
+    fixed = [e["eval"]["clean_grad_norm"] for e in ref_eval]
+    assert fixed[-1] > 0
     curve = [r["task_loss"] for r in ref]
     assert len(curve) == 10 and curve[-1] < curve[0]
     # without noise the clean task-gradient norm is the training gradient norm
@@ -66,9 +69,10 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
     assert rel_close(curve, [r["task_loss"] for r in accum])
     for stage in (1, 2, 3):
         out = tmp_path / f"z{stage}"
-        got, _ = train_ok(tiny_base, out, world=2, train__micro_batch_size=2,
-                          deepspeed=DS / f"zero{stage}.json", train__clean_grad_norm_every=1)
+        got, got_eval = train_ok(tiny_base, out, world=2, train__micro_batch_size=2,
+                                 deepspeed=DS / f"zero{stage}.json", train__clean_grad_norm_every=1)
         assert rel_close(curve, [r["task_loss"] for r in got]), (stage, curve, got)
+        assert rel_close(fixed, [e["eval"]["clean_grad_norm"] for e in got_eval], 1e-4), stage
         assert rel_close(clean, [r["clean_grad_norm"] for r in got], 1e-4), stage
         cfg = json.loads((out / "ds_config.json").read_text())
         # "auto" gradient buckets hold the adapter, not DeepSpeed's default 5e8 elements
@@ -109,6 +113,9 @@ def test_mechanism_full_stays_closer_to_the_base(tiny_base, tmp_path):
     off, off_eval = train_ok(tiny_base, tmp_path / "off", pace__mode="off", **common)
     full, full_eval = train_ok(tiny_base, tmp_path / "full", pace__mode="full", **common)
     fp_off, fp_full = off_eval[-1]["eval"]["fp_distance"], full_eval[-1]["eval"]["fp_distance"]
+    g_off, g_full = (off_eval[-1]["eval"]["clean_grad_norm"],
+                     full_eval[-1]["eval"]["clean_grad_norm"])
+    print(f"eval clean grad norm (fixed rows) off {g_off:.4f} full {g_full:.4f}")
     print(f"grad norm off {off[-1]['grad_norm']:.4f} full {full[-1]['grad_norm']:.4f}; "
           f"clean task-gradient norm off {off[-1]['clean_grad_norm']:.4f} "
           f"full {full[-1]['clean_grad_norm']:.4f}; "
