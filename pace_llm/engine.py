@@ -192,8 +192,14 @@ class Trainer:
         for ids, batch in zip(micro, batches):
             idx = ids[:rows] if rows else ids
             out = self._forward(batch, views, lam, scale, idx)
-            local_finite &= bool(torch.isfinite(out["loss"]).item())
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
+            # one host sync per micro-batch, after backward has been queued (on a GPU a sync
+            # between forward and backward would idle the device while the host launches)
+            finite, ce, cons = torch.stack([torch.isfinite(out["loss"]).float(),
+                                            out["ce"].detach().float(),
+                                            out["cons"].detach().float()]).tolist()
+            local_finite &= finite == 1.0
+            ce_sum, cons_sum = ce_sum + ce, cons_sum + cons
             if self.history is not None:
                 self._update_history(idx, out["logits"][: len(idx)])
             if self.engine.is_gradient_accumulation_boundary():  # one collective per step
@@ -201,8 +207,6 @@ class Trainer:
                 self.guard.skip_next = not losses_finite
             grad_norm = self._grad_norm_before_step()
             self.engine.step()
-            ce_sum += out["ce"].item()
-            cons_sum += out["cons"].item()
         ce_tot, cons_tot, tokens = D.all_reduce([ce_sum, cons_sum, float(self._tokens(batches))])
         self._count_bad(losses_finite)
         grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
