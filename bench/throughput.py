@@ -35,7 +35,7 @@ SXM datasheet) and against an 8192³ bf16 torch.mm measured in the same run. Con
 
 Contenders, each in its own fresh subprocess (so peak RSS is its own), interleaved and repeated
 ``--repeats`` times (repeat 1 in the order below, repeat 2 reversed, ...):
-    a    pace_llm ``pace.mode off`` (ZeRO-0 DeepSpeed engine): the run ``python pace_llm/train.py
+    a    pace_llm ``pace.mode off`` (DeepSpeed engine, ``--ds``, default ZeRO-0): the run ``python pace_llm/train.py
          --recipe <workdir>/recipe.yaml --pace.mode off`` does, with in-loop evaluation disabled
          and timing hooks around ``Trainer.train_step``.
     b    HF PEFT + Trainer as the docs set up causal-LM SFT: ``get_peft_model(model,
@@ -384,7 +384,7 @@ def write_recipe(cfg: dict) -> None:
           limit: 1
           batch_size: 1
           max_new_tokens: 1
-        deepspeed: {REPO / 'ds_configs' / 'zero0.json'}
+        deepspeed: {REPO / 'ds_configs' / cfg['ds']}
         """))
 
 
@@ -501,6 +501,7 @@ def main() -> None:
                     help="base model, recipe, run dirs, logs (outside the repo)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per contender process")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--ds", default="zero0.json", help="pace_llm's DeepSpeed JSON in ds_configs/")
     ap.add_argument("--profile", action="store_true",
                     help="profile 3 steps per contender into <workdir>/profile_<c>.txt (timings "
                          "of such a run include the profiler: not for the figures)")
@@ -536,7 +537,7 @@ def main() -> None:
     cfg = {"data": str(Path(a.data).resolve()), "limit": a.limit, "build": build,
            "base": str(work / f"base-{key}"), "recipe": str(work / "recipe.yaml"),
            "workdir": str(work), "micro_batch": a.micro_batch, "max_length": a.max_length,
-           "lr": a.lr, "warmup": a.warmup, "steps": a.steps, "dtype": a.dtype,
+           "lr": a.lr, "warmup": a.warmup, "steps": a.steps, "dtype": a.dtype, "ds": a.ds,
            "total_steps": a.warmup + a.steps + 1}
     cfg_path = work / "config.json"
     cfg_path.write_text(json.dumps(cfg, indent=1))
