@@ -149,7 +149,7 @@ class Evaluator:
         without the batch-to-batch noise of the per-step ``clean_grad_norm``."""
         tr = self.trainer
         mine = self.grad_rows[tr.rank::tr.world]
-        bs = tr.recipe.eval.batch_size
+        bs = tr.recipe.train.micro_batch_size  # a backward: training's memory, not generation's
         with torch.enable_grad():  # also when a caller evaluates under no_grad
             return tr.clean_grad_norm([tr.collate(mine[s:s + bs])
                                        for s in range(0, len(mine), bs)])
