@@ -139,7 +139,7 @@ class Recorder:
         if _cuda():
             import torch
 
-            torch.cuda.synchronize()
+            _sync()
             self.mem["gpu_load_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             torch.cuda.reset_peak_memory_stats()
         self.mem["load_hwm_mb"] = _status("VmHWM")
@@ -149,10 +149,7 @@ class Recorder:
 
     def step(self, tokens: int, supervised: int, padded: int, views: int, engine_s=None,
              loss=None) -> None:
-        if _cuda():
-            import torch
-
-            torch.cuda.synchronize()
+        _sync()
         self.steps.append({"end": time.perf_counter(), "tokens": tokens, "supervised": supervised,
                            "padded": padded, "views": views, "engine_s": engine_s, "loss": loss})
         self._profile(len(self.steps))
@@ -196,6 +193,14 @@ def _cuda() -> bool:
     return os.environ.get("PACE_BENCH_DEVICE") == "cuda"
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (timings measure finished work); a no-op on CPU."""
+    if _cuda():
+        import torch
+
+        torch.cuda.synchronize()
+
+
 # --------------------------------------------------------------------------- workers
 def worker_build(cfg: dict) -> None:
     """Train the tokenizer on the GSM8K train text and save the random-init Llama."""
@@ -229,13 +234,11 @@ def worker_matmul(out: str) -> None:
         a @ b
     rates = []
     for _ in range(5):
-        if _cuda():
-            torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
-        if _cuda():
-            torch.cuda.synchronize()
+        _sync()
         rates.append(reps * 2 * n ** 3 / (time.perf_counter() - t))
     Path(out).write_text(json.dumps({"flops": rates, "threads": torch.get_num_threads()}))
 

@@ -268,7 +268,7 @@ class Trainer:
         mean, as training). Costs one extra forward/backward. The gradients come from
         torch.autograd.grad, so nothing reaches DeepSpeed's buffers."""
         module = self.engine.module
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = adapter_parameters(module)
         n_total = D.all_reduce([float(sum(supervised_count(b, self.causal) for b in batches))])[0]
         was_training = module.training
         module.eval()

@@ -84,9 +84,9 @@ class Evaluator:
         clip = (lambda rows: rows[:limit]) if limit else (lambda rows: rows)  # noqa: E731
         self.examples = clip(trainer.task.eval)
         self.extra = {name: clip(rows) for name, rows in trainer.task.extra_eval.items()}
-        self.fp_batch = [trainer.task.train[i] for i in range(min(FP_ROWS, len(trainer.task.train)))]
         self.grad_rows = [trainer.task.train[i]
                           for i in range(min(GRAD_ROWS, len(trainer.task.train)))]
+        self.fp_batch = self.grad_rows[:FP_ROWS]
 
     def run(self) -> dict[str, Any]:
         """The eval record: metrics (and samples) on the eval set, metrics on each extra set

@@ -52,7 +52,7 @@ def run(recipe: Recipe) -> Path:
     from pace_llm.checkpoint import find_resumable
     from pace_llm.dsconfig import fill_ds_config, resolve_precision, save_json, size_buckets
     from pace_llm.engine import Trainer
-    from pace_llm.inject import inject_noisy_lora
+    from pace_llm.inject import adapter_parameters, inject_noisy_lora
     from pace_llm.model import classifier_head, load_model, load_tokenizer, weight_dtype
     from pace_llm.plot import plot_metrics
     from pace_llm.tasks import build_task
@@ -80,8 +80,7 @@ def run(recipe: Recipe) -> Path:
                        dtype=weight_dtype(recipe, precision), ds_config=ds_config)
     torch.manual_seed(recipe.train.seed)  # the same adapter init on every rank and world size
     replaced = inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
-    trainable = sum(getattr(p, "ds_numel", p.numel())
-                    for p in model.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model))
     if size_buckets(ds_config, trainable) and D.is_main():  # the record of what DeepSpeed got
         save_json(ds_config, out / "ds_config.json")
     trainer = Trainer(recipe, model, task, tokenizer, ds_config, out, precision, _served_name(base_dir))
