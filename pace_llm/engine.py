@@ -30,6 +30,7 @@ from pace_llm.data import (BatchPlan, Cursor, collate_causal, collate_cls, doubl
 from pace_llm.dsconfig import offloads_optimizer, zero_stage
 from pace_llm.errors import UserError
 from pace_llm.inject import adapter_parameters
+from pace_llm.lora import noise_free
 
 
 class SkipNextStep:
@@ -263,16 +264,14 @@ class Trainer:
         return self.clean_grad_norm([self._collate(ids) for ids in micro])
 
     def clean_grad_norm(self, batches: list[dict[str, torch.Tensor]]) -> float:
-        """‖∇_adapter L_task‖₂ at the current weights without noise or dropout — the quantity
-        PACE's theory says it lowers — over this step's micro-batches on every rank (token
+        """‖∇_adapter L_task‖₂ at the current weights without noise or dropout — Thm 1's
+        ‖∇θL‖ in PACE's theory — over this step's micro-batches on every rank (token
         mean, as training). Costs one extra forward/backward. The gradients come from
         torch.autograd.grad, so nothing reaches DeepSpeed's buffers."""
         module = self.engine.module
         params = adapter_parameters(module)
         n_total = D.all_reduce([float(sum(supervised_count(b, self.causal) for b in batches))])[0]
-        was_training = module.training
-        module.eval()
-        try:
+        with noise_free(module):
             total = [torch.zeros(tuple(getattr(p, "ds_shape", p.shape))) for p in params]
             for batch in batches:
                 out = module(**{k: v.to(self.engine.device) for k, v in batch.items()}, views=1)
@@ -280,8 +279,6 @@ class Trainer:
                 for acc, g in zip(total, grads):
                     if g is not None:
                         acc += g.float()
-        finally:
-            module.train(was_training)
         flat = torch.cat([g.flatten() for g in total])
         if self.world > 1:
             import torch.distributed as dist

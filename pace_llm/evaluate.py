@@ -16,11 +16,13 @@ from torch import nn
 
 from pace_llm import distributed as D
 from pace_llm.data import collate_causal, collate_cls
-from pace_llm.lora import adapters_disabled
+from pace_llm.lora import adapters_disabled, lora_layers, noise_free
 
 FP_ROWS = 8  # examples in the fixed FP-distance batch
 GRAD_ROWS = 64  # fixed training examples for the eval record's clean task-gradient norm
 LOSS_ROWS = 64  # held-out examples in the eval loss
+PROBES = 8  # random probes per row in the output-gradient norm
+PROBE_SEED = 20240926  # fixed: every eval, run, rank and world size draws the same probes
 
 
 @contextlib.contextmanager
@@ -43,6 +45,21 @@ def full_weights(engine: Any):
             yield
         finally:
             offload._register_deepspeed_module(offload.module)
+
+
+def jacobian_sq_norm(f: torch.Tensor, params: list[nn.Parameter], probes: int,
+                     seed: int) -> float:
+    """Hutchinson estimate of ‖∂f/∂θ‖²_F: E_v ‖Jᵀv‖² = tr(J Jᵀ) for v ~ N(0, I) shaped like f,
+    averaged over ``probes`` draws from a CPU generator seeded with ``seed`` (one backward
+    each; the graph of f is kept until the last)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for k in range(probes):
+        v = torch.randn(f.shape, generator=gen).to(f.device, f.dtype)
+        grads = torch.autograd.grad(f, params, grad_outputs=v, allow_unused=True,
+                                    retain_graph=k + 1 < probes)
+        total += sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
+    return total / probes
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,24 +106,21 @@ class Evaluator:
         self.fp_batch = self.grad_rows[:FP_ROWS]
 
     def run(self) -> dict[str, Any]:
-        """The eval record: metrics (and samples) on the eval set, metrics on each extra set
-        (e.g. MNLI mismatched), FP-distance, and the held-out loss for causal LMs."""
+        """The eval record, all at the un-noised weights: metrics (and samples) on the eval set,
+        metrics on each extra set (e.g. MNLI mismatched), FP-distance, the task-loss and output
+        gradient norms on fixed training rows, and the held-out loss for causal LMs."""
         tr = self.trainer
-        model = tr.hf_model
-        was_training = model.training
-        model.eval()
-        try:
-            with full_weights(tr.engine):
-                preds = self._sharded_predictions(self.examples)
-                extra = {name: self._sharded_predictions(rows) for name, rows in self.extra.items()}
-                fp = self.fp_distance()
-                grad = self.grad_norm()  # on whole weights: no ZeRO-3 hooks left active
-                loss = self.eval_loss() if tr.causal else None
-        finally:
-            model.train(was_training)
+        with noise_free(tr.hf_model), full_weights(tr.engine):
+            preds = self._sharded_predictions(self.examples)
+            extra = {name: self._sharded_predictions(rows) for name, rows in self.extra.items()}
+            fp = self.fp_distance()
+            grad = self.grad_norm()  # on whole weights: no ZeRO-3 hooks left active
+            out_grad = self.output_grad_norm()
+            loss = self.eval_loss() if tr.causal else None
         record = self._score(self.examples, preds)
         record["fp_distance"] = fp
         record["clean_grad_norm"] = grad
+        record["output_grad_norm"] = out_grad
         if loss is not None:
             record["eval_loss"] = loss
         if extra:
@@ -145,7 +159,7 @@ class Evaluator:
 
     def grad_norm(self) -> float:
         """‖∇_adapter L_task‖₂ at the un-noised weights on the first GRAD_ROWS training rows
-        (the same rows at every eval, split across ranks): the paper's gradient-norm quantity
+        (the same rows at every eval, split across ranks): Thm 1's task-loss gradient norm
         without the batch-to-batch noise of the per-step ``clean_grad_norm``."""
         tr = self.trainer
         mine = self.grad_rows[tr.rank::tr.world]
@@ -154,24 +168,57 @@ class Evaluator:
             return tr.clean_grad_norm([tr.collate(mine[s:s + bs])
                                        for s in range(0, len(mine), bs)])
 
+    def output_grad_norm(self) -> float:
+        """The adapter-weight gradient of the model's *output*, the quantity PACE's Thm 2
+        penalises (consistency ≈ 2σ²‖Δθ⊙∇_θ f‖²) and the paper plots as "gradient norm":
+
+            G = ‖J‖_F / √K,   J = ∂f/∂θ_adapter,
+
+        θ_adapter the LoRA A and B of every noisy layer (a trainable classifier head is left
+        out: it is not noised, so PACE does not act on its gradient, and a fresh head's large
+        Jacobian would swamp the adapters'), f the K un-noised outputs on the fixed FP batch
+        (the FP-distance's outputs: next-token logits at supervised positions, or class
+        logits); G is the RMS over output elements of ‖∂f_k/∂θ‖. Unlike the task-loss gradient it does not shrink as the loss is fitted
+        (∇L = Σ_k ∂ℓ/∂f_k · ∂f_k/∂θ), so runs at different fit compare on the mechanism itself.
+
+        Hutchinson estimate, row by row: ‖J_row‖²_F = E_v ‖J_rowᵀ v‖², v ~ N(0, I), PROBES
+        probes per row drawn from a generator seeded by (PROBE_SEED, row), so the figure does not
+        depend on the rank split and two runs are measured with the same probes."""
+        tr = self.trainer
+        model, dev = tr.hf_model, tr.engine.device
+        params = [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
+        mine = list(range(tr.rank, len(self.fp_batch), tr.world))
+        squares, count = 0.0, 0  # Σ_rows mean_probes ‖J_rowᵀ v‖², K
+        with torch.enable_grad():
+            for i in mine:
+                f = self._outputs(model, [self.fp_batch[i]], dev)
+                squares += jacobian_sq_norm(f, params, PROBES, PROBE_SEED + i)
+                count += f.numel()
+        squares, count = D.all_reduce([squares, float(count)])
+        return (squares / max(count, 1.0)) ** 0.5
+
+    def _outputs(self, model: nn.Module, rows: list[dict], dev: torch.device) -> torch.Tensor:
+        """The model's outputs on rows as the FP-distance sees them (fp32): logits at
+        supervised positions (causal LM, flattened) or class logits."""
+        tr = self.trainer
+        if tr.causal:
+            batch = collate_causal(rows, tr.tokenizer.pad_token_id)
+        else:
+            batch = collate_cls(rows, tr.tokenizer.pad_token_id, tr.task.num_labels == 1)
+        logits = model(input_ids=batch["input_ids"].to(dev),
+                       attention_mask=batch["attention_mask"].to(dev)).logits.float()
+        if tr.causal:
+            logits = logits[:, :-1][(batch["labels"][:, 1:] != -100).to(dev)]
+        return logits
+
     @torch.no_grad()
     def fp_distance(self) -> float:
         """Mean squared difference between fine-tuned and base outputs on the fixed batch:
         next-token logits at supervised positions (causal LM) or class logits."""
-        tr = self.trainer
-        model, dev = tr.hf_model, tr.engine.device
-        if tr.causal:
-            batch = collate_causal(self.fp_batch, tr.tokenizer.pad_token_id)
-        else:
-            batch = collate_cls(self.fp_batch, tr.tokenizer.pad_token_id, tr.task.num_labels == 1)
-        inputs = {"input_ids": batch["input_ids"].to(dev),
-                  "attention_mask": batch["attention_mask"].to(dev)}
-        tuned = model(**inputs).logits.float()
+        model, dev = self.trainer.hf_model, self.trainer.engine.device
+        tuned = self._outputs(model, self.fp_batch, dev)
         with adapters_disabled(model):
-            base = model(**inputs).logits.float()
-        if tr.causal:
-            sel = (batch["labels"][:, 1:] != -100).to(dev)
-            tuned, base = tuned[:, :-1][sel], base[:, :-1][sel]
+            base = self._outputs(model, self.fp_batch, dev)
         return float(((tuned - base) ** 2).mean())
 
     @torch.no_grad()

@@ -208,3 +208,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.disabled = False
+
+
+@contextmanager
+def noise_free(model: nn.Module) -> Iterator[None]:
+    """Within this block every module is in eval mode (no PACE noise, no dropout); afterwards
+    each module gets back its own mode, so a block nested in another eval block (or a model
+    whose wrapper and inner model differ) leaves the outer mode intact."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -1,5 +1,6 @@
-"""The curves PNG of a run: task and consistency loss, adapter grad norm, eval metric and
-FP-distance against the step (the curves users compare between pace.mode off and full)."""
+"""The curves PNG of a run: task and consistency loss, adapter grad norm, the output gradient,
+eval metric and FP-distance against the step (the curves users compare between pace.mode off
+and full)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals = read_metrics(metrics_file)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["task_loss"] for r in train], label="task loss")
     axes[0].set_title("task loss")
@@ -40,12 +41,17 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path:
     axes[2].set_title("adapter grad norm")
     axes[2].legend(fontsize=7)
     e_steps = [r["step"] for r in evals]
-    axes[3].plot(e_steps, [r["eval"]["fp_distance"] for r in evals], "o-", color="tab:red",
+    out_grad = [(r["step"], r["eval"]["output_grad_norm"]) for r in evals
+                if r["eval"].get("output_grad_norm") is not None]
+    if out_grad:
+        axes[3].plot(*zip(*out_grad), "o-", color="tab:brown")
+    axes[3].set_title("output gradient ‖∂f/∂θ_adapter‖/√K (eval)")
+    axes[4].plot(e_steps, [r["eval"]["fp_distance"] for r in evals], "o-", color="tab:red",
                  label="FP-distance")
-    axes[3].set_title("eval")
+    axes[4].set_title("eval: FP-distance (circles), metric (squares)")
     metric = [r["eval"].get("metric") for r in evals]
     if any(m is not None for m in metric):
-        ax = axes[3].twinx()
+        ax = axes[4].twinx()
         ax.plot(e_steps, [m if m is not None else float("nan") for m in metric], "s--",
                 color="tab:purple", label="metric")
         ax.set_ylabel("metric")

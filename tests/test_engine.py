@@ -58,7 +58,8 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
     ref, ref_eval = train_ok(tiny_base, tmp_path / "z0", train__clean_grad_norm_every=1)
     # the eval record's clean gradient norm on the fixed rows (split across ranks below)
     fixed = [e["eval"]["clean_grad_norm"] for e in ref_eval]
-    assert fixed[-1] > 0
+    out_grad = [e["eval"]["output_grad_norm"] for e in ref_eval]
+    assert fixed[-1] > 0 and out_grad[-1] > 0
     curve = [r["task_loss"] for r in ref]
     assert len(curve) == 10 and curve[-1] < curve[0]
     # without noise the clean task-gradient norm is the training gradient norm
@@ -73,6 +74,7 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
                                  deepspeed=DS / f"zero{stage}.json", train__clean_grad_norm_every=1)
         assert rel_close(curve, [r["task_loss"] for r in got]), (stage, curve, got)
         assert rel_close(fixed, [e["eval"]["clean_grad_norm"] for e in got_eval], 1e-4), stage
+        assert rel_close(out_grad, [e["eval"]["output_grad_norm"] for e in got_eval], 1e-4), stage
         assert rel_close(clean, [r["clean_grad_norm"] for r in got], 1e-4), stage
         cfg = json.loads((out / "ds_config.json").read_text())
         # "auto" gradient buckets hold the adapter, not DeepSpeed's default 5e8 elements
@@ -102,25 +104,32 @@ def test_pace_modes_train_and_consistency_falls(tiny_base, tmp_path, mode):
 
 
 @pytest.mark.multiproc
-def test_mechanism_full_stays_closer_to_the_base(tiny_base, tmp_path):
-    """The paper's claim on one run pair (same seed, steps, data): PACE keeps the fine-tuned
-    model closer to the base (FP-distance). Both gradient norms (noisy training loss, and the
-    clean task loss) are printed for the record: on this tiny random-init base neither is lower
-    with full at the end (bench/RESULTS.md), so they are not asserted."""
+def test_mechanism_full_lowers_output_gradient_and_fp_distance(tiny_base, tmp_path):
+    """The paper's claim on one run pair (same seed, steps, data): with PACE the adapter-weight
+    gradient of the output, ‖∂f/∂θ‖ (what Thm 2 penalises and the paper plots), and the
+    FP-distance to the base are lower at the end. The task-loss gradient norms are printed for
+    the record: `full` has fitted less here, so its task gradient is the larger one
+    (bench/RESULTS.md)."""
     common = dict(train__max_steps=30, train__lr=2e-3, pace__sigma=1.0,
                   pace__consistency_weight=1.0, train__log_every=5,
                   train__clean_grad_norm_every=5)
     off, off_eval = train_ok(tiny_base, tmp_path / "off", pace__mode="off", **common)
     full, full_eval = train_ok(tiny_base, tmp_path / "full", pace__mode="full", **common)
-    fp_off, fp_full = off_eval[-1]["eval"]["fp_distance"], full_eval[-1]["eval"]["fp_distance"]
-    g_off, g_full = (off_eval[-1]["eval"]["clean_grad_norm"],
-                     full_eval[-1]["eval"]["clean_grad_norm"])
-    print(f"eval clean grad norm (fixed rows) off {g_off:.4f} full {g_full:.4f}")
-    print(f"grad norm off {off[-1]['grad_norm']:.4f} full {full[-1]['grad_norm']:.4f}; "
-          f"clean task-gradient norm off {off[-1]['clean_grad_norm']:.4f} "
-          f"full {full[-1]['clean_grad_norm']:.4f}; "
-          f"FP-distance off {fp_off:.5f} full {fp_full:.5f}")
-    assert fp_off > 0 and fp_full < 0.5 * fp_off
+    end_off, end_full = off_eval[-1]["eval"], full_eval[-1]["eval"]
+    print(f"output gradient norm off {end_off['output_grad_norm']:.4f} "
+          f"full {end_full['output_grad_norm']:.4f}; "
+          f"FP-distance off {end_off['fp_distance']:.5f} full {end_full['fp_distance']:.5f}; "
+          f"task-loss gradient norm (fixed rows) off {end_off['clean_grad_norm']:.4f} "
+          f"full {end_full['clean_grad_norm']:.4f}; training-loss grad norm "
+          f"off {off[-1]['grad_norm']:.4f} full {full[-1]['grad_norm']:.4f}")
+    # at step 0 (B = 0) both runs are the base model: same output gradient, FP-distance 0
+    assert off_eval[0]["step"] == 0 and full_eval[0]["step"] == 0
+    assert rel_close([off_eval[0]["eval"]["output_grad_norm"]],
+                     [full_eval[0]["eval"]["output_grad_norm"]])
+    assert off_eval[0]["eval"]["fp_distance"] == 0.0
+    assert end_off["output_grad_norm"] > 0
+    assert end_full["output_grad_norm"] < 0.75 * end_off["output_grad_norm"]
+    assert end_off["fp_distance"] > 0 and end_full["fp_distance"] < 0.5 * end_off["fp_distance"]
 
 
 def _ckpt_exists(out: Path, step: int):
