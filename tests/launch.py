@@ -25,6 +25,11 @@ def _child(argv: list[str], rank: int, world: int, port: int, log: str) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # transformers converts dtypes while loading in worker threads; in a child forked after the
+    # test process used torch's OpenMP pool, a parallel op off the main thread dies with "pool
+    # INTERNAL ASSERT FAILED ... Invalid thread pool!" (fork-only: launchers start fresh
+    # processes). Load on the main thread instead.
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     from pace_llm.train import main
 
     code = main(argv)
