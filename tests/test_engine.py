@@ -116,7 +116,8 @@ def test_mechanism_full_lowers_output_gradient_and_fp_distance(tiny_base, tmp_pa
     off, off_eval = train_ok(tiny_base, tmp_path / "off", pace__mode="off", **common)
     full, full_eval = train_ok(tiny_base, tmp_path / "full", pace__mode="full", **common)
     end_off, end_full = off_eval[-1]["eval"], full_eval[-1]["eval"]
-    print(f"output gradient norm off {end_off['output_grad_norm']:.4f} "
+    print(f"output gradient norm at step 0 {off_eval[0]['eval']['output_grad_norm']:.4f}, "
+          f"at the end off {end_off['output_grad_norm']:.4f} "
           f"full {end_full['output_grad_norm']:.4f}; "
           f"FP-distance off {end_off['fp_distance']:.5f} full {end_full['fp_distance']:.5f}; "
           f"task-loss gradient norm (fixed rows) off {end_off['clean_grad_norm']:.4f} "
@@ -127,6 +128,10 @@ def test_mechanism_full_lowers_output_gradient_and_fp_distance(tiny_base, tmp_pa
     assert rel_close([off_eval[0]["eval"]["output_grad_norm"]],
                      [full_eval[0]["eval"]["output_grad_norm"]])
     assert off_eval[0]["eval"]["fp_distance"] == 0.0
+    # LoRA raises the output's sensitivity to the adapter above the starting point; PACE pushes
+    # it below (the starting point is the base model with B = 0)
+    start = off_eval[0]["eval"]["output_grad_norm"]
+    assert end_off["output_grad_norm"] > start > end_full["output_grad_norm"]
     assert end_off["output_grad_norm"] > 0
     assert end_full["output_grad_norm"] < 0.75 * end_off["output_grad_norm"]
     assert end_off["fp_distance"] > 0 and end_full["fp_distance"] < 0.5 * end_off["fp_distance"]
