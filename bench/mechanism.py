@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -95,7 +96,7 @@ def run(args, mode: str, seed: int) -> tuple[list[dict], float, list[str]]:
     return records, wall, cmd
 
 
-def curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+def curves(records: list[dict]) -> dict[str, Any]:
     """The run's curves as (step, value) lists: "grad" (per-step clean task-gradient norm, or the
     noisy objective's norm when the records lack it; "key" says which), "fp", "loss", and the
     eval records' "fixed" (task-gradient norm on 64 fixed training rows) and "outgrad"."""
