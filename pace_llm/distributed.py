@@ -38,6 +38,18 @@ def init_distributed() -> None:
         get_accelerator().set_device(local_rank())
 
 
+def shutdown(clean: bool) -> None:
+    """Leave the process group before the interpreter exits: after a barrier when every rank
+    finished the run (clean), at once after an error. Left to interpreter teardown, the group's
+    threads can abort a rank that finished ("terminate called without an active exception",
+    SIGABRT) and leave its peers waiting at the launcher's exit barrier."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

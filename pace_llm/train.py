@@ -20,12 +20,16 @@ from pace_llm.errors import UserError  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe; bad input prints one message and returns 2 (no traceback)."""
+    from pace_llm import distributed as D
+
     try:
         recipe = load_recipe(argv)
         run(recipe)
     except UserError as exc:
         print(f"pace_llm: error: {exc}", file=sys.stderr)
+        D.shutdown(clean=False)
         return 2
+    D.shutdown(clean=True)
     return 0
 
 

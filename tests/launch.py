@@ -33,6 +33,11 @@ def _child(argv: list[str], rank: int, world: int, port: int, log: str) -> None:
     from pace_llm.train import main
 
     code = main(argv)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # main must leave the process group
+        print("launch: pace_llm.train.main returned with the process group still up")
+        code = code or 3
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
