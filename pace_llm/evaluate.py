@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pace_llm import distributed as D
-from pace_llm.data import collate_causal, collate_cls
 from pace_llm.lora import adapters_disabled, lora_layers, noise_free
 
 FP_ROWS = 8  # examples in the fixed FP-distance batch
@@ -53,13 +52,15 @@ def jacobian_sq_norm(f: torch.Tensor, params: list[nn.Parameter], probes: int,
     averaged over ``probes`` draws from a CPU generator seeded with ``seed`` (one backward
     each; the graph of f is kept until the last)."""
     gen = torch.Generator().manual_seed(seed)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=f.device)  # on device: one sync at the end
     for k in range(probes):
         v = torch.randn(f.shape, generator=gen).to(f.device, f.dtype)
         grads = torch.autograd.grad(f, params, grad_outputs=v, allow_unused=True,
                                     retain_graph=k + 1 < probes)
-        total += sum(float(g.float().pow(2).sum()) for g in grads if g is not None)
-    return total / probes
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        if squares:
+            total += torch.stack(squares).double().sum()
+    return float(total) / probes
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +149,7 @@ class Evaluator:
         preds = []
         bs = tr.recipe.eval.batch_size
         for s in range(0, len(examples), bs):
-            batch = collate_cls(examples[s:s + bs], tr.tokenizer.pad_token_id,
-                                regression=tr.task.num_labels == 1)
+            batch = tr.collate(examples[s:s + bs])
             with torch.no_grad():
                 logits = tr.hf_model(input_ids=batch["input_ids"].to(tr.engine.device),
                                      attention_mask=batch["attention_mask"].to(tr.engine.device)).logits
@@ -178,8 +178,9 @@ class Evaluator:
         out: it is not noised, so PACE does not act on its gradient, and a fresh head's large
         Jacobian would swamp the adapters'), f the K un-noised outputs on the fixed FP batch
         (the FP-distance's outputs: next-token logits at supervised positions, or class
-        logits); G is the RMS over output elements of ‖∂f_k/∂θ‖. Unlike the task-loss gradient it does not shrink as the loss is fitted
-        (∇L = Σ_k ∂ℓ/∂f_k · ∂f_k/∂θ), so runs at different fit compare on the mechanism itself.
+        logits); G is the RMS over output elements of ‖∂f_k/∂θ‖. Unlike the task-loss gradient
+        it does not shrink as the loss is fitted (∇L = Σ_k ∂ℓ/∂f_k · ∂f_k/∂θ), so runs at
+        different fit compare on the mechanism itself.
 
         Hutchinson estimate, row by row: ‖J_row‖²_F = E_v ‖J_rowᵀ v‖², v ~ N(0, I), PROBES
         probes per row drawn from a generator seeded by (PROBE_SEED, row), so the figure does not
@@ -191,23 +192,19 @@ class Evaluator:
         squares, count = 0.0, 0  # Σ_rows mean_probes ‖J_rowᵀ v‖², K
         with torch.enable_grad():
             for i in mine:
-                f = self._outputs(model, [self.fp_batch[i]], dev)
+                f = self._outputs(model, tr.collate([self.fp_batch[i]]), dev)
                 squares += jacobian_sq_norm(f, params, PROBES, PROBE_SEED + i)
                 count += f.numel()
         squares, count = D.all_reduce([squares, float(count)])
         return (squares / max(count, 1.0)) ** 0.5
 
-    def _outputs(self, model: nn.Module, rows: list[dict], dev: torch.device) -> torch.Tensor:
-        """The model's outputs on rows as the FP-distance sees them (fp32): logits at
+    def _outputs(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 dev: torch.device) -> torch.Tensor:
+        """The model's outputs on a batch as the FP-distance sees them (fp32): logits at
         supervised positions (causal LM, flattened) or class logits."""
-        tr = self.trainer
-        if tr.causal:
-            batch = collate_causal(rows, tr.tokenizer.pad_token_id)
-        else:
-            batch = collate_cls(rows, tr.tokenizer.pad_token_id, tr.task.num_labels == 1)
         logits = model(input_ids=batch["input_ids"].to(dev),
                        attention_mask=batch["attention_mask"].to(dev)).logits.float()
-        if tr.causal:
+        if self.trainer.causal:
             logits = logits[:, :-1][(batch["labels"][:, 1:] != -100).to(dev)]
         return logits
 
@@ -216,9 +213,10 @@ class Evaluator:
         """Mean squared difference between fine-tuned and base outputs on the fixed batch:
         next-token logits at supervised positions (causal LM) or class logits."""
         model, dev = self.trainer.hf_model, self.trainer.engine.device
-        tuned = self._outputs(model, self.fp_batch, dev)
+        batch = self.trainer.collate(self.fp_batch)
+        tuned = self._outputs(model, batch, dev)
         with adapters_disabled(model):
-            base = self._outputs(model, self.fp_batch, dev)
+            base = self._outputs(model, batch, dev)
         return float(((tuned - base) ** 2).mean())
 
     @torch.no_grad()
@@ -233,7 +231,7 @@ class Evaluator:
             rows.append({"input_ids": ids, "labels": [-100] * len(e["prompt_ids"]) + target})
         total, count = 0.0, 0
         for s in range(0, len(rows), tr.recipe.eval.batch_size):
-            batch = collate_causal(rows[s:s + tr.recipe.eval.batch_size], tr.tokenizer.pad_token_id)
+            batch = tr.collate(rows[s:s + tr.recipe.eval.batch_size])
             batch = {k: v.to(tr.engine.device) for k, v in batch.items()}
             out = tr.objective(**batch, views=1)
             total += float(out["ce"])
