@@ -8,7 +8,12 @@ with the task's recipe (``recipes/glue_<task>.yaml``: LoRA r=8, alpha 16 on [que
 weight decay 0.1, linear schedule, batch 16) plus command-line overrides for the CPU budget
 (fp32, max_length 64, a training subsample, a few hundred steps).
 
-Data (never written into the repository): the script draws, per task with a fixed seed, a random
+Data (never written into the repository): ``--glue-dir`` is the hub dataset id (default
+``nyu-mll/glue``, configs ``cola`` / ``sst2``) or a local directory holding ``CoLA/`` and
+``SST-2/`` in a layout pace_llm's GLUE reader takes (GLUE's ``train.tsv`` + ``dev.tsv``, the CoLA
+release or the alps SST-2 split; the recorded runs in bench/RESULTS.md used the latter two).
+Both are read by ``pace_llm.tasks.glue``; the hub's row order may differ from the local files,
+so the seeded subsample may too. The script draws, per task with a fixed seed, a random
 ``--train-rows`` subsample of GLUE train and a disjoint ``--heldout-rows`` slice of GLUE train,
 and writes them as GLUE-layout TSVs (``train.tsv`` + ``dev.tsv``) under ``--work`` (/tmp):
 
@@ -44,11 +49,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "data" / "glue"))
+GLUE_HUB = "nyu-mll/glue"  # --glue-dir default: the hub dataset (config = task name)
+GLUE_SUBDIRS = {"cola": "CoLA", "sst2": "SST-2"}  # a local --glue-dir's task directories
 TASKS = {"cola": "matthews", "sst2": "accuracy"}
 MODES = ("off", "full", "lazy", "fast")
 
-# the paper's grid (PACE.md §5) and the sub-grids this script runs on CPU
+# the paper's grid (docs/PACE.md §5) and the sub-grids this script runs on CPU
 PAPER_LAMBDA = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 PAPER_SIGMA = (0.1, 0.5, 1.0, 1.5, 2.0)
 SUBGRID = {
@@ -69,29 +75,22 @@ NEW_RUNS = 0  # runs started by this invocation (for --max-new)
 
 
 # ------------------------------------------------------------------------------------ data
-def _cola_rows(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if line.strip():
-            f = line.split("\t")
-            rows.append((f[3], f[1]))
-    return rows
+def glue_splits(task: str, glue_dir: str) -> tuple[list, list]:
+    """(GLUE train rows, GLUE dev rows) as (sentence, label-string "0"/"1"), read by pace_llm's
+    GLUE reader from the hub id or from ``glue_dir/CoLA`` / ``glue_dir/SST-2``."""
+    from pace_llm.config import DataArgs
+    from pace_llm.tasks.glue import SPECS, load_glue, parse_label
+    from pace_llm.tasks.sources import looks_local
 
+    path = str(Path(glue_dir).expanduser() / GLUE_SUBDIRS[task]) if looks_local(glue_dir) \
+        else glue_dir
+    train, dev, _ = load_glue(DataArgs(task="glue", glue_task=task, path=path), task)
 
-def _sst_rows(path: Path) -> list[tuple[str, str]]:
-    lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
-    assert lines[0].split("\t")[:2] == ["sentence", "label"], path
-    return [tuple(ln.split("\t")[:2]) for ln in lines[1:]]
+    def rows(parts) -> list[tuple[str, str]]:
+        return [(row["sentence"], str(parse_label(part, n, row, SPECS[task])))
+                for part in parts for n, row in part.nonempty().items]
 
-
-def glue_splits(task: str) -> tuple[list, list]:
-    """(GLUE train rows, GLUE dev rows) as (sentence, label-string)."""
-    if task == "cola":
-        d = GLUE / "CoLA"
-        return (_cola_rows(d / "in_domain_train.tsv"),
-                _cola_rows(d / "in_domain_dev.tsv") + _cola_rows(d / "out_of_domain_dev.tsv"))
-    d = GLUE / "SST-2"
-    return _sst_rows(d / "alps_train.tsv") + _sst_rows(d / "alps_dev.tsv"), _sst_rows(d / "alps_test.tsv")
+    return rows(train), rows(dev)
 
 
 def _write_tsv(path: Path, rows) -> None:
@@ -103,8 +102,13 @@ def _write_tsv(path: Path, rows) -> None:
 
 
 def prepare(args) -> None:
+    from pace_llm.errors import UserError
+
     for task in TASKS:
-        train, dev = glue_splits(task)
+        try:
+            train, dev = glue_splits(task, args.glue_dir)
+        except UserError as exc:  # a missing file or directory, an unreachable hub dataset
+            sys.exit(f"error: --glue-dir {args.glue_dir}: {exc}")
         rng = random.Random(args.data_seed)
         order = list(range(len(train)))
         rng.shuffle(order)
@@ -356,6 +360,9 @@ def main() -> None:
     ap.add_argument("phase", choices=["prepare", "lr", "tune", "final", "report"])
     ap.add_argument("--task", choices=list(TASKS))
     ap.add_argument("--work", default="/tmp/glue_minilm")
+    ap.add_argument("--glue-dir", default=GLUE_HUB,
+                    help="prepare: GLUE as a hub dataset id (default %(default)s) or a local "
+                         "directory with CoLA/ and SST-2/")
     ap.add_argument("--train-rows", type=int, default=2000)
     ap.add_argument("--heldout-rows", type=int, default=1000)
     ap.add_argument("--data-seed", type=int, default=0)

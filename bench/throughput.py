@@ -10,7 +10,8 @@ of this workload took 5x longer, uncorrelated with its token count (measured: pa
 s/step at 2 threads vs 1.39 s at 1 thread on 2 shared cores), which drowns the comparison.
 
 Workload (the same for every contender):
-    data        GSM8K train rows (``--data``, default ../shared/data/gsm8k/train.jsonl; the first
+    data        GSM8K train rows (``--data``: the hub dataset id, default ``openai/gsm8k``, or a
+                local train.jsonl / directory, read by pace_llm's gsm8k task reader; the first
                 ``--limit`` rows), tokenized once by pace_llm's gsm8k task (paper prompt, prompt
                 tokens unsupervised, EOS appended, rows over ``--max-length`` dropped). The HF
                 contenders train on exactly these token ids / labels.
@@ -100,7 +101,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cpu"  # set from --device in the parent; workers read PACE_BENCH_DEVICE
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+DEFAULT_DATA = "openai/gsm8k"  # hub id; --data also takes a local train.jsonl or directory
 HEADING = "## Throughput (bench/throughput.py)"
 CONTENDERS = ["a", "b", "b-grouped", "c", "d"]  # and "q" (QLoRA, GPU)
 DESCRIBE = {"a": "pace_llm off", "b": "PEFT+Trainer", "b-grouped": "PEFT+Trainer grouped",
@@ -392,6 +393,13 @@ def write_recipe(cfg: dict) -> None:
 
 
 # --------------------------------------------------------------------------- parent
+def data_path(value: str) -> str:
+    """--data as the children's data.path: an existing local path made absolute (the children
+    run elsewhere), anything else (a hub id) passed through to pace_llm's reader as given."""
+    local = Path(value).expanduser()
+    return str(local.resolve()) if local.exists() else value
+
+
 def run_child(args: list[str], log: Path, timeout: float) -> tuple[int, float, float]:
     """Run this script as a worker; returns (returncode, wall s, ru_maxrss MB)."""
     t = time.perf_counter()
@@ -485,7 +493,9 @@ def main() -> None:
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
+    ap.add_argument("--data", default=DEFAULT_DATA,
+                    help="GSM8K: a hub dataset id (default %(default)s) or a local train.jsonl "
+                         "or directory (pace_llm's data.path)")
     ap.add_argument("--limit", type=int, default=2000, help="GSM8K train rows used")
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--hidden", type=int, default=512)
@@ -537,7 +547,7 @@ def main() -> None:
     key = hashlib.sha1(json.dumps([build, a.dtype], sort_keys=True).encode()).hexdigest()[:10]
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = {"data": str(Path(a.data).resolve()), "limit": a.limit, "build": build,
+    cfg = {"data": data_path(a.data), "limit": a.limit, "build": build,
            "base": str(work / f"base-{key}"), "recipe": str(work / "recipe.yaml"),
            "workdir": str(work), "micro_batch": a.micro_batch, "max_length": a.max_length,
            "lr": a.lr, "warmup": a.warmup, "steps": a.steps, "dtype": a.dtype, "ds": a.ds,

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from pace_llm.errors import UserError
-
-PRESET_NAMES = ("attn", "mlp", "attn+mlp", "all-linear")
-CAUSAL_TASKS = ("gsm8k", "instruct", "synthetic")
+from pace_llm.families import PRESET_NAMES
+from pace_llm.tasks import TASKS
 
 
 class RecipeError(UserError):
@@ -93,7 +93,7 @@ class PaceArgs:
 
 @dataclass
 class QuantArgs:
-    bits: int | Literal["none"] = "none"
+    bits: Literal["none", 4, 8] = "none"
     """Quantize the frozen base: none, 4 (QLoRA, bitsandbytes) or 8."""
     type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type."""
@@ -107,7 +107,7 @@ class QuantArgs:
 
 @dataclass
 class DataArgs:
-    task: Literal["gsm8k", "glue", "instruct", "synthetic"] = "synthetic"
+    task: Literal[tuple(TASKS)] = "synthetic"  # type: ignore[valid-type]
     """Task family; decides the model head, the losses and the metric."""
     path: str = ""
     """Hub dataset id or local file/directory (jsonl, json, parquet, GLUE tsv)."""
@@ -186,6 +186,8 @@ class EvalArgs:
     """Generation budget per example."""
     save_best: bool = False
     """Keep the adapter with the best eval metric in <output_dir>/adapter-best."""
+    at_start: bool = True
+    """Evaluate once before the first step (the base model's figures)."""
 
 
 @dataclass
@@ -211,7 +213,7 @@ class Recipe:
 
     @property
     def is_causal_lm(self) -> bool:
-        return self.data.task in CAUSAL_TASKS
+        return TASKS[self.data.task] == "causal_lm"
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "deepspeed"}
@@ -219,36 +221,15 @@ SECTIONS = {name: globals()[t] if isinstance(t, str) else t for name, t in SECTI
 
 
 # --------------------------------------------------------------------------------------------
-# Raw-file checks: every unknown key and every value outside its type, collected at once.
+# Raw-file checks: every unknown key and every value jsonargparse refuses, collected at once.
 # --------------------------------------------------------------------------------------------
 
 def _allowed(tp: Any) -> str:
+    """A field type as a user reads it: "one of 'a', 'b'", "int", "str | None"."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return True
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -270,9 +251,12 @@ def _nearest(key: str, options: list[str]) -> str:
     return f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(sorted(options))
 
 
-def check_raw(raw: dict[str, Any], source: str) -> list[str]:
-    """Unknown sections/keys (with the nearest valid name) and ill-typed values in a recipe dict."""
+def check_raw(raw: dict[str, Any], source: str, parser: Any) -> tuple[list[str], dict[str, Any]]:
+    """Unknown sections/keys (with the nearest valid name) and values jsonargparse refuses, each
+    key checked on its own so every problem is found at once. Returns (problems, the
+    well-typed keys as a recipe dict)."""
     problems: list[str] = []
+    good: dict[str, Any] = {}
     top = list(SECTIONS) + ["deepspeed"]
     for section, body in raw.items():
         if section not in top:
@@ -280,7 +264,10 @@ def check_raw(raw: dict[str, Any], source: str) -> list[str]:
             continue
         if section == "deepspeed":
             if body is not None and not isinstance(body, str):
-                problems.append(f"deepspeed: {body!r} is not a path string; give e.g. ds_configs/zero2.json")
+                problems.append(f"deepspeed: {body!r} is not a path string; give e.g. "
+                                "ds_configs/zero2.json")
+            else:
+                good[section] = body
             continue
         if body is None:
             continue
@@ -290,12 +277,25 @@ def check_raw(raw: dict[str, Any], source: str) -> list[str]:
         types = _field_types(SECTIONS[section])
         for key, value in body.items():
             if key not in types:
-                problems.append(f"unknown key '{section}.{key}' in {source}: {_nearest(key, list(types))}")
-            elif not _type_ok(value, types[key]):
-                problems.append(
-                    f"{section}.{key}: {value!r} is not allowed; expected {_allowed(types[key])}"
-                )
-    return problems
+                problems.append(f"unknown key '{section}.{key}' in {source}: "
+                                f"{_nearest(key, list(types))}")
+            elif not _parses(parser, section, key, value):
+                problems.append(f"{section}.{key}: {value!r} is not allowed; expected "
+                                f"{_allowed(types[key])}")
+            else:
+                good.setdefault(section, {})[key] = value
+    return problems, good
+
+
+def _parses(parser: Any, section: str, key: str, value: Any) -> bool:
+    """jsonargparse accepts ``value`` for ``section.key`` (its own type check)."""
+    from jsonargparse import ArgumentError
+
+    try:
+        parser.parse_object({section: {key: value}})
+    except (ArgumentError, ValueError, TypeError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,8 +305,8 @@ def check_raw(raw: dict[str, Any], source: str) -> list[str]:
 def validate(recipe: Recipe) -> list[str]:
     """Cross-field checks on a parsed recipe. Returns the list of problems (empty = valid)."""
     p: list[str] = []
-    m, lo, pc, q, d, t, e = (recipe.model, recipe.lora, recipe.pace, recipe.quant, recipe.data,
-                             recipe.train, recipe.eval)
+    m, lo, pc, d, t, e = (recipe.model, recipe.lora, recipe.pace, recipe.data, recipe.train,
+                          recipe.eval)
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -332,10 +332,10 @@ def validate(recipe: Recipe) -> list[str]:
     if pc.mode == "fast" and recipe.is_causal_lm:
         p.append(f"pace.mode: 'fast' needs a classification/regression task but data.task is "
                  f"'{d.task}' (a causal LM); {fast_mode_estimate(d)}. Use pace.mode: full or lazy")
-    need(q.bits in ("none", 4, 8),
-         f"quant.bits: {q.bits!r} is not allowed; expected one of 'none', 4, 8")
     need(d.max_length >= 8, f"data.max_length: {d.max_length} must be >= 8")
     if d.task == "glue":
+        from pace_llm.tasks.glue import GLUE_TASKS
+
         need(d.glue_task in GLUE_TASKS,
              f"data.glue_task: {d.glue_task!r} is not allowed; expected one of {', '.join(GLUE_TASKS)}")
     need(d.num_examples > 0, f"data.num_examples: {d.num_examples} must be > 0")
@@ -369,9 +369,6 @@ def validate(recipe: Recipe) -> list[str]:
     return p
 
 
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
-
-
 def fast_mode_estimate(d: DataArgs, vocab: int = 32064, bytes_per: int = 4) -> str:
     """The memory a per-token vocab-logit history would take, for the fast-mode refusal."""
     rows = d.limit or 7473
@@ -385,13 +382,27 @@ def fast_mode_estimate(d: DataArgs, vocab: int = 32064, bytes_per: int = 4) -> s
 # Parsing
 # --------------------------------------------------------------------------------------------
 
-def build_parser(prog: str = "pace-llm train"):
+TRAIN_EXAMPLES = """examples:
+  pace-llm train --recipe recipes/demo.yaml                    # offline demo, one process
+  deepspeed pace_llm/train.py --recipe recipes/gsm8k.yaml       # every GPU of the node
+  torchrun --nproc_per_node 8 pace_llm/train.py --recipe recipes/gsm8k.yaml
+  pace-llm train --recipe recipes/demo.yaml --pace.mode off     # override any key: --section.key
+  pace-llm train --recipe recipes/gsm8k.yaml --print_config     # the resolved recipe (a recipe)
+
+paths: a relative path in a recipe file is relative to that file's folder (deepspeed always;
+model.name_or_path, data.path and data.eval_path when it exists there, else it is a hub id);
+on the command line, relative to the current directory. train.output_dir is relative to the
+current directory. The resolved recipe holds absolute paths, so it runs from anywhere."""
+
+
+def build_parser(prog: str = "pace-llm train", description: str = TRAIN_EXAMPLES):
     """The jsonargparse parser: one group per recipe section, --recipe for the YAML file."""
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, exit_on_error=False, default_env=False,
-                            description="Fine-tune an LLM with PACE (noisy LoRA + consistency).")
+                            usage=f"{prog} --recipe FILE [--section.key VALUE ...]",
+                            description=description)
     parser.add_argument("--recipe", action=ActionConfigFile, help="Recipe YAML file.")
     for name, cls in SECTIONS.items():
         parser.add_class_arguments(cls, name, help=f"{name} section")
@@ -413,13 +424,17 @@ def _recipe_files(argv: list[str]) -> list[str]:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise RecipeError([f"recipe file {path!r} does not exist"], source=path)
+    if not os.path.isfile(path):
+        raise RecipeError([f"recipe file {path!r} is a directory; give a YAML file"], source=path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as exc:
         raise RecipeError([f"{path} is not valid YAML: {exc}"], source=path) from None
+    except UnicodeDecodeError:
+        raise RecipeError([f"{path} is not a text (UTF-8) file"], source=path) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -428,44 +443,108 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return raw
 
 
-def load_recipe(argv: list[str] | None = None) -> Recipe:
-    """Parse ``--recipe FILE`` plus ``--section.key value`` overrides into a validated Recipe.
+@dataclass
+class Command:
+    """A parsed command line: the validated recipe, --print_config, and command-specific flags."""
+
+    recipe: Recipe
+    print_config: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
+                  extra: dict[str, dict[str, Any]] | None = None,
+                  description: str = TRAIN_EXAMPLES) -> Command:
+    """Parse ``--recipe FILE`` plus ``--section.key value`` overrides (and ``extra`` flags:
+    name -> add_argument kwargs) into a validated recipe.
 
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    print_config = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
+    parser = build_parser(prog, description)
+    for flag, kwargs in (extra or {}).items():
+        parser.add_argument(flag, **kwargs)
     problems: list[str] = []
     merged: dict[str, Any] = {}
     for path in _recipe_files(argv):
         raw = _read_yaml(path)
-        problems += check_raw(raw, path)
-        for section, body in raw.items():
+        found, good = check_raw(raw, path, parser)
+        problems += found
+        for section, body in _resolve_paths(raw, Path(path).resolve().parent).items():
             if isinstance(body, dict):
                 merged.setdefault(section, {}).update(body)
-            else:
+            elif section in good:
                 merged[section] = body
+        for section, body in good.items():  # only well-typed keys reach the lenient recipe
+            if isinstance(body, dict):
+                merged.setdefault(f"_good_{section}", {}).update(body)
     if problems:  # also report the value problems among the keys that did parse
         raise RecipeError(problems + validate(_lenient_recipe(merged)))
-    parser = build_parser()
     try:
         ns = parser.parse_args(argv)
     except Exception as exc:  # jsonargparse raises ArgumentError/NSKeyError/ValueError subclasses
         raise RecipeError([_clean_jsonargparse_error(exc)], source="command line") from None
     recipe = namespace_to_recipe(parser, ns)
+    _apply_file_paths(recipe, merged, argv)
     problems = validate(recipe)
     if problems:
         raise RecipeError(problems)
-    return recipe
+    return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
+        k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 
 
-def _lenient_recipe(raw: dict[str, Any]) -> Recipe:
-    """A Recipe from the well-typed keys of a raw dict (ill-typed and unknown keys skipped)."""
-    sections = {}
-    for name, cls in SECTIONS.items():
-        body = raw.get(name) if isinstance(raw.get(name), dict) else {}
-        types = _field_types(cls)
-        sections[name] = cls(**{k: v for k, v in body.items() if k in types and _type_ok(v, types[k])})
-    ds = raw.get("deepspeed")
+def load_recipe(argv: list[str] | None = None) -> Recipe:
+    """The validated Recipe of a train command line (see :func:`parse_command`)."""
+    return parse_command(argv).recipe
+
+
+# recipe keys that hold input paths; "always" ones are never hub ids
+PATH_KEYS = {("deepspeed", None): "always", ("model", "name_or_path"): "if it exists",
+             ("data", "path"): "if it exists", ("data", "eval_path"): "if it exists"}
+
+
+def _resolve(value: Any, base: Path, always: bool) -> Any:
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    candidate = base / value
+    return str(candidate.resolve()) if always or candidate.exists() else value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The recipe dict with its relative input paths resolved against ``base``."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for (section, key), rule in PATH_KEYS.items():
+        always = rule == "always"
+        if key is None and section in out:
+            out[section] = _resolve(out[section], base, always)
+        elif key is not None and isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = _resolve(out[section][key], base, always)
+    return out
+
+
+def _apply_file_paths(recipe: Recipe, merged: dict[str, Any], argv: list[str]) -> None:
+    """Path keys: the recipe file's resolved value, unless the command line overrides it (then
+    relative to the current directory)."""
+    for (section, key), rule in PATH_KEYS.items():
+        flag = f"--{section}" if key is None else f"--{section}.{key}"
+        overridden = any(a == flag or a.startswith(flag + "=") for a in argv)
+        holder, attr = (recipe, section) if key is None else (getattr(recipe, section), key)
+        if overridden:
+            setattr(holder, attr, _resolve(getattr(holder, attr), Path.cwd(), rule == "always"))
+            continue
+        body = merged.get(section) if key is not None else None
+        if key is None and section in merged:
+            setattr(holder, attr, merged[section])
+        elif isinstance(body, dict) and key in body:
+            setattr(holder, attr, body[key])
+
+
+def _lenient_recipe(merged: dict[str, Any]) -> Recipe:
+    """A Recipe from the well-typed keys of the recipe files (ill-typed and unknown skipped)."""
+    sections = {name: cls(**merged.get(f"_good_{name}", {})) for name, cls in SECTIONS.items()}
+    ds = merged.get("deepspeed")
     return Recipe(**sections, deepspeed=ds if isinstance(ds, str) else None)
 
 
@@ -478,6 +557,13 @@ def namespace_to_recipe(parser: Any, ns: Any) -> Recipe:
 def _clean_jsonargparse_error(exc: Exception) -> str:
     msg = str(exc).strip().splitlines()
     text = " ".join(line.strip() for line in msg if line.strip())
+    bad = re.match(r'Parser key "(?P<key>[\w.]+)":.*Got value: (?P<value>.*)$', text)
+    if bad:
+        section, _, key = bad["key"].partition(".")
+        types = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+        if key in types:
+            return (f"{bad['key']}: {bad['value']!r} is not allowed; expected "
+                    f"{_allowed(types[key])}")
     if "Unrecognized arguments" in text or "unrecognized arguments" in text:
         names = [f.name for s in SECTIONS.values() for f in dataclasses.fields(s)]
         bad = [a for a in text.split() if a.startswith("--")]
@@ -495,5 +581,6 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (what --print_config prints and runs save)."""
+    """The fully resolved recipe as YAML (what --print_config prints and runs save); itself a
+    valid recipe."""
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)

@@ -9,7 +9,9 @@ runs comparable across ZeRO stages and world sizes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -97,14 +99,17 @@ def collate_cls(examples: list[dict], pad_id: int, regression: bool) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def collator(causal: bool, pad_id: int, regression: bool = False
+             ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """The collate function of a task: causal LM rows, or classification (regression) rows."""
+    if causal:
+        return partial(collate_causal, pad_id=pad_id)
+    return partial(collate_cls, pad_id=pad_id, regression=regression)
+
+
 def supervised_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
     """Tokens (causal: labels ≠ −100 after the shift) or examples (classification) in a batch."""
     if causal:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
     return int(batch["labels"].shape[0])
-
-
-def doubled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """[x1..xB] → [x1..xB, x1..xB] along the batch dimension (the two PACE views)."""
-    return {k: torch.cat([v, v]) for k, v in batch.items()}
 

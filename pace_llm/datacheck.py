@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pace_llm.config import Recipe, load_recipe
+from pace_llm.data import IGNORE
 from pace_llm.errors import UserError
 from pace_llm.tasks import TaskData, build_task, task_texts
 
@@ -26,10 +27,10 @@ def render_example(tok: Any, example: dict[str, Any]) -> str:
         return f"{tok.decode(example['input_ids'])}\n  -> label {example['label']}"
     out, run, sup = [], [], False
     for token, label in zip(example["input_ids"], example["labels"]):
-        if (label != -100) != sup and run:
+        if (label != IGNORE) != sup and run:
             out.append(_run(tok, run, sup))
             run = []
-        sup = label != -100
+        sup = label != IGNORE
         run.append(token)
     if run:
         out.append(_run(tok, run, sup))

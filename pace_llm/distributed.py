@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from pace_llm.errors import UserError
 
 
 def free_port() -> int:
@@ -107,3 +112,63 @@ def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return device()
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# ZeRO-3 gathers and rank-0 writes (export, merge, the engine's trainable state)
+# --------------------------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DeepSpeedEngine / DDP wrapper (or the model itself)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def gathered(params: Iterable[nn.Parameter]) -> AbstractContextManager[Any]:
+    """Context in which ZeRO-3-partitioned params hold their full data (read-only).
+
+    Every rank must enter it (it is a collective); params that ZeRO does not own are skipped.
+    """
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def on_rank0(fn: Callable[[], None]) -> None:
+    """Run fn on rank 0; a UserError there is raised on every rank (no rank left waiting)."""
+    error = None
+    if rank() == 0:
+        try:
+            fn()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+
+
+@contextmanager
+def full_weights(engine: Any) -> Iterator[None]:
+    """Whole, local weights for the block (evaluation, generation): under ZeRO-3 every
+    parameter is gathered once and DeepSpeed's per-module fetch hooks are removed, then
+    restored afterwards; otherwise nothing to do."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)

@@ -7,7 +7,7 @@ target like ``q_proj`` — equals its last component. So ``output.dense`` (BERT'
 does not match ``attention.output.dense``. Only layers inside numbered blocks are eligible:
 lm_head, embeddings, poolers and classification heads are never patched.
 
-σ schedule (PACE.md §2): with L blocks indexed l = 0..L−1 from the embedding side,
+σ schedule (docs/PACE.md §2): with L blocks indexed l = 0..L−1 from the embedding side,
 ``σ_l = σ·(L−l)/L`` (linear_decay) or ``σ`` (constant); ``σ_l = 0`` for l < skip_first_blocks
 and for pace.mode = off.
 """
@@ -21,23 +21,11 @@ from torch import nn
 
 from pace_llm.config import LoraArgs, PaceArgs
 from pace_llm.errors import UserError
+from pace_llm.families import PRESETS, family_of, model_types
 from pace_llm.lora import NoisyLoRALinear, ViewSharedDropout
+from pace_llm.quant import is_quantized_linear
 
 log = logging.getLogger(__name__)
-
-_DECODER = {"attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-            "mlp": ["gate_proj", "up_proj", "down_proj"]}
-_PHI3 = {"attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]}
-_ENCODER = {"attn": ["attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense"],
-            "mlp": ["intermediate.dense", "output.dense"]}
-
-PRESETS: dict[str, dict[str, list[str]]] = {
-    "llama": _DECODER, "mistral": _DECODER, "mixtral": _DECODER, "qwen2": _DECODER,
-    "qwen3": _DECODER, "gemma": _DECODER, "gemma2": _DECODER, "gemma3_text": _DECODER,
-    "phi3": _PHI3,
-    "bert": _ENCODER, "roberta": _ENCODER, "xlm-roberta": _ENCODER,
-}
 
 _BLOCK = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rel>.+)$")
 
@@ -60,31 +48,26 @@ def target_suffixes(model: nn.Module, targets: str | list[str]) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if targets == "all-linear":
         return sorted({rel for _, rel in _candidate_linears(model).values()})
-    if model_type not in PRESETS:
+    family = family_of(model_type)
+    if family is None:
         raise UserError(f"lora.targets: no preset for model type {model_type!r} (presets exist for "
-                        f"{', '.join(sorted(PRESETS))}); give an explicit list from its linear "
+                        f"{', '.join(model_types())}); give an explicit list from its linear "
                         f"layers: {', '.join(linear_suffixes(model))}")
-    family = PRESETS[model_type]
-    parts = {"attn": ["attn"], "mlp": ["mlp"], "attn+mlp": ["attn", "mlp"]}.get(targets)
-    if parts is None:
+    if targets not in PRESETS:
         raise UserError(f"lora.targets: unknown preset {targets!r}; allowed: attn, mlp, attn+mlp, "
                         "all-linear, or a list of module-name suffixes")
-    return [s for p in parts for s in family[p]]
+    return family.preset(PRESETS[targets])
 
 
 def _candidate_linears(model: nn.Module) -> dict[str, tuple[int, str]]:
     """name -> (block index, block-relative name) for every nn.Linear inside a numbered block."""
     out = {}
     for name, module in model.named_modules():
-        if type(module) is nn.Linear or _is_bnb_linear(module):
+        if type(module) is nn.Linear or is_quantized_linear(module):
             idx, rel = block_relative(name)
             if idx is not None:
                 out[name] = (idx, rel)
     return out
-
-
-def _is_bnb_linear(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and hasattr(module, "in_features")
 
 
 def linear_suffixes(model: nn.Module) -> list[str]:
@@ -105,7 +88,7 @@ def num_blocks(model: nn.Module, candidates: dict[str, tuple[int, str]]) -> int:
 
 
 def block_sigma(pace: PaceArgs, block: int, n_blocks: int) -> float:
-    """σ_l for block l of L (PACE.md §2)."""
+    """σ_l for block l of L (docs/PACE.md §2)."""
     if pace.mode == "off" or block < pace.skip_first_blocks:
         return 0.0
     if pace.sigma_schedule == "constant":
@@ -144,12 +127,10 @@ def inject_noisy_lora(model: nn.Module, lora: LoraArgs, pace: PaceArgs,
     for name, (idx, rel) in candidates.items():
         if not any(_matches(rel, t) for t in targets):
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = NoisyLoRALinear(getattr(parent, child), r=lora.r, alpha=lora.alpha,
+        layer = NoisyLoRALinear(model.get_submodule(name), r=lora.r, alpha=lora.alpha,
                                 dropout=lora.dropout, sigma=block_sigma(pace, idx, n_blocks),
                                 rslora=lora.rslora)
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
         replaced.append(name)
     for head in trainable_head or []:
         for p in model.get_submodule(head).parameters():
@@ -160,7 +141,7 @@ def inject_noisy_lora(model: nn.Module, lora: LoraArgs, pace: PaceArgs,
 
 
 def _share_base_dropout(model: nn.Module) -> None:
-    """Make the base model's dropout identical across PACE views (PACE.md §1).
+    """Make the base model's dropout identical across PACE views (docs/PACE.md §1).
 
     nn.Dropout modules become ViewSharedDropout; attention-probability dropout, which fused
     attention draws internally, is set to 0 with a notice.

@@ -14,14 +14,13 @@ import torch
 from torch import nn
 
 from pace_llm.config import Recipe
+from pace_llm.dsconfig import zero_stage
+from pace_llm.dtypes import resolve
 from pace_llm.errors import UserError
+from pace_llm.families import head_names
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-_CLS_HEADS = ("score", "classifier")
 
 
 def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -49,7 +48,7 @@ def load_tokenizer(name_or_path: str, recipe: Recipe):
 
 def weight_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     """model.dtype, or the training precision's dtype when auto."""
-    return DTYPES[precision if recipe.model.dtype == "auto" else recipe.model.dtype]
+    return resolve(recipe.model.dtype, precision)
 
 
 def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: int | None,
@@ -71,8 +70,8 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
     if recipe.quant.bits in (4, 8):
         from pace_llm.quant import load_quantized
 
-        zero_stage = ds_config["zero_optimization"]["stage"] if ds_config else 0
-        model = load_quantized(cls, name_or_path, recipe.quant, dtype, zero_stage, **kw)
+        model = load_quantized(cls, name_or_path, recipe.quant, dtype,
+                               zero_stage(ds_config) if ds_config else 0, **kw)
     else:
         try:
             model = cls.from_pretrained(name_or_path, **kw)
@@ -88,12 +87,12 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
 
 def classifier_head(model: nn.Module) -> list[str]:
     """Names of the task head that trains alongside the adapters (empty for causal LMs)."""
-    names = [n for n, _ in model.named_children() if n in _CLS_HEADS]
-    return names
+    heads = head_names(getattr(model.config, "model_type", None))
+    return [n for n, _ in model.named_children() if n in heads]
 
 
 def _zero3_loading(ds_config: dict | None):
-    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if not ds_config or zero_stage(ds_config) != 3:
         return None
     from transformers.integrations import HfDeepSpeedConfig
 

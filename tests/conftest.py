@@ -16,8 +16,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DATA = SHARED / "data"
+DATA = Path(__file__).resolve().parent / "fixtures"  # small samples; see fixtures/SOURCES.md
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
@@ -36,10 +35,18 @@ def llama():
     return tiny_llama()
 
 
+def data_lines(path: Path, header: bool = False) -> list[str]:
+    """The data rows of a fixture file as text lines: non-empty lines, less a header line.
+
+    Tests that count rows or sum labels compute the expected value from the fixture file, so the
+    samples can be re-cut (fixtures/SOURCES.md) without touching the tests.
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return lines[1:] if header else lines
+
+
 @pytest.fixture
-def shared_data() -> Path:
-    if not DATA.is_dir():
-        pytest.fail(f"../shared/data not found at {DATA}; tests need the shared data beside the repo")
+def data_dir() -> Path:
     return DATA
 
 

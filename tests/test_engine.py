@@ -238,12 +238,12 @@ def test_nan_losses_are_skipped_then_stop(tiny_base, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world", [1, 2])
-def test_fast_mode_on_glue_classification(tiny_base, tmp_path, shared_data, world):
+def test_fast_mode_on_glue_classification(tiny_base, tmp_path, data_dir, world):
     """fast: no consistency while every example is unseen (epoch 1), then a falling term
     against last epoch's stored outputs; the head trains and exports as SEQ_CLS."""
     out = tmp_path / "fast"
     rows, evals = train_ok(tiny_base, out, world=world, data__task="glue", data__glue_task="cola",
-                           data__path=shared_data / "glue" / "CoLA", data__limit=128,
+                           data__path=data_dir / "glue" / "CoLA", data__limit=128,
                            data__max_length=64, train__max_steps=0, train__epochs=4,
                            train__micro_batch_size=8 // world, train__log_every=4,
                            train__lr=5e-3,
@@ -265,7 +265,7 @@ def test_generation_eval_equals_hf_generate(tiny_base, tmp_path, stage, world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
-    from pace_llm.export import load_peft_adapter
+    from pace_llm.merge import load_peft_adapter
 
     out = tmp_path / f"gen{stage}"
     _, evals = train_ok(tiny_base, out, world=world, deepspeed=DS / f"zero{stage}.json",

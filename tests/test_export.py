@@ -16,9 +16,11 @@ from torch import nn
 
 from pace_llm.config import LoraArgs, ModelArgs, PaceArgs, Recipe, TrainArgs, dump_recipe
 from pace_llm.errors import UserError
-from pace_llm.export import export_adapter, main, merge_and_save, peft_targets
+from pace_llm.export import export_adapter, main
 from pace_llm.inject import inject_noisy_lora
 from pace_llm.lora import NoisyLoRALinear, adapters_disabled, lora_layers
+from pace_llm.merge import merge_and_save
+from pace_llm.peft_format import peft_targets
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11], [8, 2, 31, 77, 120, 6, 1, 9]])
 FILES = ["adapter_config.json", "adapter_model.safetensors", "pace_config.json"]

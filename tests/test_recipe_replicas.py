@@ -3,8 +3,8 @@
 There is no model hub here, so each recipe's hub model is replaced by a random-init model of
 the same architecture (Phi-3's fused qkv/gate_up projections, Qwen2, RoBERTa, a Llama
 classifier) with a real sentencepiece tokenizer (a ChatML template where the recipe prompts in
-chat style), and its hub dataset by the shared local copy (GSM8K, SST-2, Self-Instruct seeds
-for the Alpaca recipe).
+chat style), and its hub dataset by a sample of it in tests/fixtures (GSM8K, SST-2, the
+Self-Instruct seeds for the Alpaca recipe).
 Everything else is the recipe's own: precision (bf16), DeepSpeed config, LoRA targets, PACE
 settings, prompt style, gradient checkpointing. A couple of steps each, then the export is
 checked: the adapter's target modules are the architecture's, PEFT loads it onto the replica,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.config import GLUE_TASKS, load_recipe
+from pace_llm.config import load_recipe
+from pace_llm.tasks.glue import GLUE_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -44,7 +45,7 @@ def test_gsm8k_recipe_is_the_papers_setup():
     assert r.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct"
     assert (r.lora.r, r.lora.targets, r.pace.mode) == (16, "attn+mlp", "full")
     assert (r.data.task, r.data.path, r.data.prompt_style) == ("gsm8k", "openai/gsm8k", "plain")
-    assert (r.deepspeed, r.train.precision) == ("ds_configs/zero2.json", "bf16")
+    assert (r.deepspeed, r.train.precision) == (str(REPO / "ds_configs/zero2.json"), "bf16")
     q = load("gsm8k_qwen.yaml")
     assert q.model.name_or_path.startswith("Qwen/Qwen2.5") and q.data.prompt_style == "chat"
 
@@ -73,4 +74,4 @@ def test_demo_is_offline_and_small():
     assert r.model.name_or_path == "" and b["model_type"] == "llama"
     assert b["hidden_size"] // b["num_attention_heads"] >= 32 and 2 <= b["num_hidden_layers"] <= 4
     assert (r.data.task, r.pace.mode, r.train.precision) == ("synthetic", "full", "fp32")
-    assert r.deepspeed == "ds_configs/zero0.json"
+    assert r.deepspeed == str(REPO / "ds_configs/zero0.json")

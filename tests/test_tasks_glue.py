@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, data_lines
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
@@ -18,7 +18,13 @@ from pace_llm.tasks.glue import (accuracy, f1_binary, glue_metric, matthews, pea
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
 
 SPM = DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model"
-GLUE = DATA / "glue"
+GLUE = DATA / "glue"  # samples of the real files (tests/fixtures/SOURCES.md)
+COLA, SST2 = GLUE / "CoLA", GLUE / "SST-2"
+
+
+def labels_in(path: Path, header: bool) -> list[int]:
+    """The 0/1 label column of a CoLA (column 2, no header) or SST-2 (column 2, header) file."""
+    return [int(line.split("\t")[1]) for line in data_lines(path, header)]
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +81,25 @@ def test_metric_keys_per_task():
 # ------------------------------------------------------------------------------ real files
 
 def test_real_file_row_counts():
-    assert len(read_tsv(GLUE / "CoLA" / "in_domain_train.tsv", "cola").items) == 8551
-    assert len(read_tsv(GLUE / "CoLA" / "in_domain_dev.tsv", "cola").items) == 527
-    assert len(read_tsv(GLUE / "CoLA" / "out_of_domain_dev.tsv", "cola").items) == 516
-    assert len(read_tsv(GLUE / "SST-2" / "alps_train.tsv", "sst2").items) == 60614
-    assert len(read_tsv(GLUE / "SST-2" / "alps_dev.tsv", "sst2").items) == 6735
-    assert len(read_tsv(GLUE / "SST-2" / "alps_test.tsv", "sst2").items) == 872
+    for name in ("in_domain_train.tsv", "in_domain_dev.tsv", "out_of_domain_dev.tsv"):
+        assert len(read_tsv(COLA / name, "cola").items) == len(data_lines(COLA / name)), name
+    for name in ("alps_train.tsv", "alps_dev.tsv", "alps_test.tsv"):
+        assert len(read_tsv(SST2 / name, "sst2").items) == len(data_lines(SST2 / name, True)), name
     mrpc = read_tsv(GLUE / "MRPC-sample" / "train.tsv", "mrpc")
     assert len(mrpc.items) == 6 and mrpc.items[0][1]["label"] == "1"
     assert mrpc.items[0][1]["sentence2"].startswith('" The foodservice pie')  # no quoting
 
 
 def test_cola_release_directory(tok):
-    task = build_task(DataArgs(task="glue", glue_task="cola", path=str(GLUE / "CoLA"),
+    task = build_task(DataArgs(task="glue", glue_task="cola", path=str(COLA),
                                max_length=512), tok)
+    train = labels_in(COLA / "in_domain_train.tsv", False)
+    dev = labels_in(COLA / "in_domain_dev.tsv", False) + labels_in(
+        COLA / "out_of_domain_dev.tsv", False)  # = GLUE dev
     assert task.kind == "seq_cls" and task.num_labels == 2 and task.name == "glue/cola"
-    assert task.stats["rows"] == 8551 and task.stats["eval_rows"] == 527 + 516  # = GLUE dev
-    assert sum(e["label"] for e in task.train) == 6023  # acceptable sentences
-    assert sum(e["label"] for e in task.eval) == 719
+    assert task.stats["rows"] == len(train) and task.stats["eval_rows"] == len(dev)
+    assert sum(e["label"] for e in task.train) == sum(train)  # acceptable sentences
+    assert sum(e["label"] for e in task.eval) == sum(dev)
     first = task.train[0]
     assert first["input_ids"] == tok("Our friends won't buy this analysis, let alone the next "
                                      "one we propose.")["input_ids"]
@@ -100,19 +107,21 @@ def test_cola_release_directory(tok):
 
 
 def test_sst2_alps_directory_is_glue(tok):
-    task = build_task(DataArgs(task="glue", glue_task="sst2", path=str(GLUE / "SST-2"),
+    task = build_task(DataArgs(task="glue", glue_task="sst2", path=str(SST2),
                                limit=100), tok)
-    assert task.stats["rows"] == 100 and task.stats["eval_rows"] == 872
-    assert sum(e["label"] for e in task.eval) == 444
+    dev = labels_in(SST2 / "alps_test.tsv", True)  # GLUE's SST-2 dev
+    assert task.stats["rows"] == 100 and task.stats["eval_rows"] == len(dev)
+    assert sum(e["label"] for e in task.eval) == sum(dev)
     assert task.eval[0]["input_ids"] == tok("it 's a charming and often affecting journey . ")[
         "input_ids"]
 
 
 def test_sst2_single_files(tok):
     task = build_task(DataArgs(task="glue", glue_task="sst2",
-                               path=str(GLUE / "SST-2" / "alps_dev.tsv"),
-                               eval_path=str(GLUE / "SST-2" / "alps_test.tsv")), tok)
-    assert task.stats["rows"] == 6735 and task.stats["eval_rows"] == 872
+                               path=str(SST2 / "alps_dev.tsv"),
+                               eval_path=str(SST2 / "alps_test.tsv")), tok)
+    assert task.stats["rows"] == len(data_lines(SST2 / "alps_dev.tsv", header=True))
+    assert task.stats["eval_rows"] == len(data_lines(SST2 / "alps_test.tsv", header=True))
 
 
 def test_pairs_tokenized_as_pairs(tok):

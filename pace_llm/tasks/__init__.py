@@ -8,11 +8,21 @@ an offline base (``model.build``) trains its tokenizer on.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pace_llm.config import DataArgs
+if TYPE_CHECKING:
+    from pace_llm.config import DataArgs
+
+Kind = Literal["causal_lm", "seq_cls"]
+
+TASKS: dict[str, Kind] = {"gsm8k": "causal_lm", "glue": "seq_cls", "instruct": "causal_lm",
+                          "synthetic": "causal_lm"}
+"""The task registry: ``data.task`` name -> the kind of model it trains. Each name is a module
+of this package with ``build(data, tokenizer) -> TaskData`` and ``texts(data) -> list[str]``;
+config's allowed task names derive from this table."""
 
 
 @dataclass
@@ -27,7 +37,7 @@ class TaskData:
     seq_cls rows (train and eval): ``{"input_ids", "label"}`` (float for STS-B).
     """
 
-    kind: Literal["causal_lm", "seq_cls"]
+    kind: Kind
     train: list[dict]
     eval: list[dict]
     num_labels: int | None
@@ -42,22 +52,18 @@ class TaskData:
     """Further evaluation sets in the form of ``eval``, by name (MNLI: mismatched)."""
 
 
+def _module(task: str):
+    return importlib.import_module(f"pace_llm.tasks.{task}")
+
+
 def build_task(data: DataArgs, tokenizer: Any) -> TaskData:
     """Read, tokenize and check the task's data; bad data raises UserError naming file and row."""
-    from pace_llm.tasks import glue, gsm8k, instruct, synthetic
-
-    builders = {"gsm8k": gsm8k.build, "glue": glue.build, "instruct": instruct.build,
-                "synthetic": synthetic.build}
-    return builders[data.task](data, tokenizer)
+    return _module(data.task).build(data, tokenizer)
 
 
 def task_texts(data: DataArgs) -> list[str]:
     """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
-    from pace_llm.tasks import glue, gsm8k, instruct, synthetic
-
-    texts = {"gsm8k": gsm8k.texts, "glue": glue.texts, "instruct": instruct.texts,
-             "synthetic": synthetic.texts}
-    return texts[data.task](data)
+    return _module(data.task).texts(data)
 
 
-__all__ = ["TaskData", "build_task", "task_texts"]
+__all__ = ["TASKS", "TaskData", "build_task", "task_texts"]

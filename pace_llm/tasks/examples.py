@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pace_llm.data import IGNORE
 from pace_llm.errors import UserError
-
-IGNORE = -100
 
 
 class LengthPolicy:

@@ -58,6 +58,9 @@ SPECS: dict[str, GlueSpec] = {
                     ("entailment", "not_entailment"), "accuracy"),
 }
 
+GLUE_TASKS = tuple(SPECS)
+"""The GLUE task names ``data.glue_task`` accepts."""
+
 # TSV directory layouts: (train files, eval files); the first whose train files exist wins.
 TSV_LAYOUTS = (
     (("train.tsv",), ("dev.tsv",)),

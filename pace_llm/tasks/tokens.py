@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pace_llm.data import IGNORE
 from pace_llm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,11 @@ def segments_to_example(tok: Any, segments: list[Segment], eos: int) -> dict[str
             seen += 1
             sup_ids, rest = supervised_ids(piece, eos, last=seen == n_sup)
             ids += sup_ids + rest
-            labels += sup_ids + [-100] * len(rest)
+            labels += sup_ids + [IGNORE] * len(rest)
         else:
             ids += piece
-            labels += [-100] * len(piece)
-    while labels and labels[-1] == -100:
+            labels += [IGNORE] * len(piece)
+    while labels and labels[-1] == IGNORE:
         labels.pop()
         ids.pop()
     return {"input_ids": ids, "labels": labels}

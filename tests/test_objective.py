@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
-from pace_llm.consistency import PaceObjective
-from pace_llm.data import doubled
+from pace_llm.objective import PaceObjective, doubled
 from pace_llm.lora import lora_layers
 from tests.conftest import tiny_llama
 

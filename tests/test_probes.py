@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pace_llm.evaluate import jacobian_sq_norm
+from pace_llm.probes import jacobian_sq_norm
 from pace_llm.lora import NoisyLoRALinear, noise_free
 
 

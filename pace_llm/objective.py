@@ -1,6 +1,15 @@
-"""The PACE objective (PACE.md §3–4) as one module that DeepSpeed wraps.
+"""PACE in one place (docs/PACE.md §3–4): what a step does in each mode, and the objective.
 
-For a doubled micro-batch (rows 0..B−1 = view 1, rows B..2B−1 = view 2, same examples):
+Per optimizer step (:func:`step_plan`):
+    full  every micro-batch is doubled ([x, x], one forward over 2B rows): task + λ·consistency
+    lazy  every lazy_interval-th step: the first half of each micro-batch doubled (B rows),
+          task + λ·consistency; other steps: plain task loss, noise on
+    fast  one view; consistency against last epoch's stored outputs of the same examples
+          (:class:`FastHistory`)
+    off   plain LoRA
+
+The objective (:class:`PaceObjective`, the module DeepSpeed wraps). For a doubled micro-batch
+(rows 0..B−1 = view 1, rows B..2B−1 = view 2, same examples):
 
     L = Σ_task + λ · Σ_consistency,   both sums divided by N (see ``scale``)
 
@@ -10,8 +19,9 @@ Causal LM: let S be the supervised positions (labels ≠ −100 after the shift)
     Σ_consistency = Σ_{s∈S} ‖ℓ¹_s − ℓ²_s‖²₂      (summed over the vocabulary)
 or, with consistency_on=hidden, ‖h¹_s − h²_s‖²₂ over the final hidden states. lm_head runs on
 the supervised positions only, in chunks (recomputed in backward when there is more than one),
-so full-vocabulary logits for a whole batch never exist. N = supervised tokens in the accumulation window on all
-ranks, so the loss is a token mean over the window, not a mean of micro-batch means.
+so full-vocabulary logits for a whole batch never exist. N = supervised tokens in the
+accumulation window on all ranks, so the loss is a token mean over the window, not a mean of
+micro-batch means.
 
 Classification / regression: Σ_task = Σ_b CE(ℓ¹_b, y_b) (MSE for one output), Σ_consistency =
 Σ_b ‖ℓ¹_b − ℓ²_b‖²₂, N = examples in the window: the paper's "sum over classes, mean over batch".
@@ -21,13 +31,65 @@ examples never seen contribute nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pace_llm import distributed as D
+from pace_llm.config import PaceArgs
 from pace_llm.data import IGNORE
 from pace_llm.lora import shared_views
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What PACE does in one optimizer step."""
+
+    views: int
+    """1, or 2: every micro-batch is run as [x, x]."""
+    rows: int | None
+    """Rows of each micro-batch to use (None = all): lazy pairs half a micro-batch."""
+    lam: float
+    """λ of this step (0 when the step has no consistency term)."""
+    paired: bool
+    """The step has a consistency term (its value is logged)."""
+
+
+def step_plan(pace: PaceArgs, step: int, micro_batch_size: int) -> StepPlan:
+    """The plan of optimizer step ``step`` (0-based: the step about to run)."""
+    lam = pace.consistency_weight
+    if pace.mode == "full":
+        return StepPlan(2, None, lam, True)
+    if pace.mode == "lazy" and (step + 1) % pace.lazy_interval == 0:
+        return StepPlan(2, max(1, micro_batch_size // 2), lam, True)
+    if pace.mode == "fast":
+        return StepPlan(1, None, lam, True)
+    return StepPlan(1, None, 0.0, False)
+
+
+def doubled(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """[x1..xB] → [x1..xB, x1..xB] along the batch dimension (the two PACE views)."""
+    return {k: torch.cat([v, v]) for k, v in batch.items()}
+
+
+class FastHistory:
+    """``fast`` mode's store: the last output of every training example (NaN = never seen).
+
+    Every rank stores every rank's outputs, so the buffer stays identical across ranks.
+    """
+
+    def __init__(self, n_examples: int, width: int):
+        self.values = torch.full((n_examples, width), float("nan"))
+
+    def lookup(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        return self.values[idx].to(device)
+
+    def update(self, idx: list[int], outputs: torch.Tensor) -> None:
+        for ids, values in D.all_gather_objects((idx, outputs.float().cpu())):
+            self.values[torch.tensor(ids)] = values
 
 
 class PaceObjective(nn.Module):

@@ -1,0 +1,68 @@
+"""The adapter's optimizer and learning-rate schedule, built from the recipe's train section.
+
+DeepSpeed gets both from us (a DeepSpeed JSON with its own "optimizer"/"scheduler" is refused:
+one source of truth). The optimizer can skip its next step: a window with a non-finite loss
+is not applied, whatever ZeRO wrapper calls ``step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pace_llm.config import TrainArgs
+from pace_llm.dsconfig import offloads_optimizer
+
+
+class SkipNextStep:
+    """Optimizer mixin: the next ``step()`` can be skipped (a non-finite loss), whatever ZeRO
+    wrapper calls it."""
+
+    skip_next = False
+
+    def step(self, *args, **kwargs):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(*args, **kwargs)
+
+
+class GuardedAdamW(SkipNextStep, torch.optim.AdamW):
+    """torch AdamW with SkipNextStep."""
+
+
+def build_optimizer(params: list[nn.Parameter], train: TrainArgs,
+                    ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW over the adapter (DeepSpeed's CPU Adam when the config offloads the optimizer)."""
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        guarded = type("GuardedCPUAdam", (SkipNextStep, DeepSpeedCPUAdam), {})
+        return guarded(params, lr=train.lr, weight_decay=train.weight_decay, adamw_mode=True)
+    return GuardedAdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step s: linear warmup, then cosine/linear/constant."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainArgs,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train.schedule, train.warmup_steps, max_steps))

@@ -1,0 +1,187 @@
+"""PEFT's on-disk LoRA adapter format: key table, target names, adapter_config.json, read/write.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. The
+tensors are named through one key table:
+
+    model module P (a NoisyLoRALinear)   ->  base_model.model.P.lora_A.weight   [r, d_in]
+                                              base_model.model.P.lora_B.weight   [d_out, r]
+    head module H parameter p (SEQ_CLS)  ->  base_model.model.H.p               (modules_to_save)
+
+When PEFT loads the adapter onto the plain base it wraps every linear whose name matches
+``target_modules`` (exact name, or name ending in ``.<target>``) and none that matches
+``exclude_modules``; :func:`peft_targets` picks names for which that selects exactly the
+adapted modules. Export, merge and the vLLM check all read the format from here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pace_llm.distributed import gathered
+from pace_llm.errors import UserError
+from pace_llm.inject import block_relative
+from pace_llm.lora import NoisyLoRALinear, lora_layers
+from pace_llm.quant import is_quantized_linear
+
+PREFIX = "base_model.model."
+"""Every tensor key starts with this (PEFT's wrapper around the base model)."""
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def lora_key(module: str, ab: str) -> str:
+    """The tensor key of module's lora_A (ab="A") or lora_B (ab="B") weight."""
+    return f"{PREFIX}{module}.lora_{ab}.weight"
+
+
+def adapted_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The module names (without PREFIX) that have a lora_A tensor, sorted."""
+    suffix = ".lora_A.weight"
+    return sorted(k.removeprefix(PREFIX)[: -len(suffix)] for k in tensors if k.endswith(suffix))
+
+
+def peft_target_match(module: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule for a list of target_modules: exact name, or name ends with '.<target>'."""
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+# --------------------------------------------------------------------------------------------
+# target_modules / exclude_modules
+# --------------------------------------------------------------------------------------------
+
+def _peft_visible_linears(model: nn.Module, adapted: set[str]) -> list[str]:
+    """Names of the modules PEFT could wrap when it loads the adapter onto the plain base."""
+    names = []
+    for name, module in model.named_modules():
+        if any(name.startswith(a + ".") for a in adapted):
+            continue  # the .base inside a NoisyLoRALinear does not exist in the plain base
+        if (isinstance(module, (nn.Linear, NoisyLoRALinear)) or type(module).__name__ == "Conv1D"
+                or is_quantized_linear(module)):
+            names.append(name)
+    return names
+
+
+def peft_targets(model: nn.Module, adapted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(target_modules, exclude_modules) for which PEFT wraps exactly the adapted modules.
+
+    Each module is named by its last component (``q_proj``) when that selects only adapted
+    modules under PEFT's suffix rule, else by its block-relative name (``output.dense``).
+    Non-adapted modules a name still selects (``attention.output.dense`` for ``output.dense``)
+    go to exclude_modules.
+    """
+    done = set(adapted)
+    linears = _peft_visible_linears(model, done)
+    targets: list[str] = []
+    for name in adapted:
+        rel = block_relative(name)[1]
+        options = (rel.rsplit(".", 1)[-1], rel)
+        pick = next((c for c in options
+                     if all(n in done for n in linears if peft_target_match(n, [c]))), rel)
+        if pick not in targets:
+            targets.append(pick)
+    excludes = []
+    for n in linears:
+        if n not in done and peft_target_match(n, targets):
+            rel = block_relative(n)[1]
+            short = rel if not any(peft_target_match(a, [rel]) for a in done) else n
+            if short not in excludes:
+                excludes.append(short)
+    return targets, excludes
+
+
+# --------------------------------------------------------------------------------------------
+# The tensors and the config of a model's adapters
+# --------------------------------------------------------------------------------------------
+
+def adapter_tensors(model: nn.Module, head_modules: Sequence[str] = (),
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The PEFT key table: every lora_A/lora_B and head tensor, gathered, on CPU, in dtype.
+
+    Under ZeRO-3 call on every rank (each layer's parameters are gathered in turn).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        with gathered(layer.adapter_parameters()):
+            out[lora_key(name, "A")] = layer.lora_A.detach().to("cpu", dtype).clone()
+            out[lora_key(name, "B")] = layer.lora_B.detach().to("cpu", dtype).clone()
+    for head in head_modules:
+        try:
+            module = model.get_submodule(head)
+        except AttributeError:
+            raise UserError(f"head module {head!r} is not in the model; its top-level modules: "
+                            f"{', '.join(n for n, _ in model.named_children())}") from None
+        with gathered(list(module.parameters())):
+            for key, t in module.state_dict().items():
+                t = t.detach().to("cpu")
+                out[f"{PREFIX}{head}.{key}"] = (t.to(dtype) if t.is_floating_point() else t).clone()
+    return out
+
+
+def adapter_config(layer: NoisyLoRALinear, targets: list[str], excludes: list[str], *,
+                   base_model_name_or_path: str, task_type: str,
+                   head_modules: Sequence[str]) -> dict[str, Any]:
+    """adapter_config.json as PEFT's save_pretrained writes it (the keys PEFT has long read).
+
+    ``layer`` gives r, lora_alpha, dropout and rsLoRA (one value for every adapted module).
+    """
+    config = {
+        "alpha_pattern": {}, "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+        "lora_alpha": layer.alpha, "lora_dropout": layer.dropout, "megatron_config": None,
+        "megatron_core": "megatron.core", "modules_to_save": list(head_modules) or None,
+        "peft_type": "LORA", "r": layer.r, "rank_pattern": {}, "revision": None,
+        "target_modules": targets, "task_type": task_type, "use_dora": False,
+        "use_rslora": layer.rslora,
+    }
+    if excludes:  # PEFT >= 0.14 reads it; written only when a target name needs narrowing
+        config["exclude_modules"] = excludes
+    return dict(sorted(config.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# The directory
+# --------------------------------------------------------------------------------------------
+
+def write_adapter(directory: str | Path, config: Mapping[str, Any],
+                  tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an existing directory."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config dict, tensors) of a PEFT adapter directory; UserError if unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_path, st_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    if not d.is_dir():
+        raise UserError(f"adapter directory {d} does not exist")
+    missing = [p.name for p in (cfg_path, st_path) if not p.is_file()]
+    if missing:
+        raise UserError(f"{d} is not a PEFT adapter directory: {', '.join(missing)} missing "
+                        "(vLLM reads adapter_config.json + adapter_model.safetensors)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path} must hold a JSON object")
+    try:
+        tensors = load_file(str(st_path))
+    except SafetensorError as exc:
+        raise UserError(f"{st_path} is not a readable safetensors file: {exc}") from None
+    return config, tensors

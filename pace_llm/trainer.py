@@ -1,0 +1,314 @@
+"""The training loop over a DeepSpeed engine: one optimizer step at a time, with logging,
+evaluation and checkpoints on schedule. Everything it runs is built by ``train.setup``; what a
+PACE step does is ``objective.step_plan``.
+
+Observers (benchmarks, tests) append to ``on_step_start(trainer, global_batch)`` and
+``on_step_end(trainer, global_batch, stats)`` instead of patching methods.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pace_llm import checkpoint as ckpt
+from pace_llm import distributed as D
+from pace_llm.data import Cursor, rank_micro_batches, supervised_count
+from pace_llm.errors import UserError
+from pace_llm.objective import StepPlan, doubled, step_plan
+from pace_llm.probes import clean_grad_norm
+
+if TYPE_CHECKING:
+    from pace_llm.evaluate import Evaluator
+    from pace_llm.train import Run
+
+StepHook = Callable[["Trainer", list[int]], None]
+StepEndHook = Callable[["Trainer", list[int], dict[str, Any]], None]
+
+
+class Trainer:
+    """The loop's state (step, data cursor, bad-step counts, best metric) over a built Run."""
+
+    def __init__(self, run: Run, evaluator: Evaluator):
+        self.run = run
+        self.evaluator = evaluator
+        self.recipe = run.recipe
+        self.engine = run.engine  # DeepSpeed's engine around the PaceObjective
+        self.history = run.history
+        self.world, self.rank = D.world_size(), D.rank()
+        self.step = 0
+        self.cursor = Cursor()
+        self.bad_in_a_row = 0
+        self.bad_total = 0
+        self.best_metric: float | None = None
+        self.stop_requested = False
+        self.metrics_file = run.out / "metrics.jsonl"
+        self.on_step_start: list[StepHook] = []
+        self.on_step_end: list[StepEndHook] = []
+
+    @property
+    def max_steps(self) -> int:
+        return self.run.max_steps
+
+    def log(self, message: str) -> None:
+        if D.is_main():
+            print(f"[pace_llm] {message}", flush=True)
+
+    def write_metrics(self, record: dict[str, Any]) -> None:
+        if D.is_main():
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        """Run from the current step to max_steps; evaluate, checkpoint and log on schedule."""
+        from tqdm import tqdm
+
+        self._install_signal_handlers()
+        if self.step == 0 and self.recipe.eval.at_start:
+            self.maybe_evaluate(force=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not D.is_main(),
+                   desc="train", dynamic_ncols=True)
+        stream = self.run.batches.batches_from(self.cursor)
+        window = _Window()
+        self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
+        while self.step < self.max_steps:
+            cursor, global_batch = next(stream)
+            for hook in self.on_step_start:
+                hook(self, global_batch)
+            clean = self.maybe_clean_grad_norm(global_batch)
+            stats = self.train_step(global_batch)
+            stats["clean_grad_norm"] = clean
+            self.cursor = cursor
+            self.step += 1
+            window.add(stats)
+            for hook in self.on_step_end:
+                hook(self, global_batch, stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['task_loss']:.4f}", cons=f"{stats['consistency']:.4g}",
+                            lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens'] / stats['time']:.0f}")
+            if self.step % self.recipe.train.log_every == 0 or self.step == self.max_steps:
+                self.write_metrics(window.record(self.step))
+                window = _Window()
+            self.maybe_evaluate(force=self.step == self.max_steps)
+            self.maybe_checkpoint()
+            if self._stop_agreed():
+                self.save_checkpoint()
+                bar.close()
+                self.log(f"stopped by signal after step {self.step}; checkpoint saved. Resume with "
+                         f"the same command plus --train.resume auto")
+                return
+        bar.close()
+        if self.recipe.train.save_every or self.recipe.train.resume:
+            if not (self.run.out / "checkpoints" / f"step-{self.step}").exists():
+                self.save_checkpoint()
+
+    def micro_batches(self, global_batch: list[int], plan: StepPlan | None = None
+                      ) -> list[list[int]]:
+        """This rank's micro-batches (example indices) of a global batch, cut to the plan's rows."""
+        t = self.recipe.train
+        micro = rank_micro_batches(global_batch, t.micro_batch_size, t.grad_accum, self.world,
+                                   self.rank)
+        rows = plan.rows if plan is not None else None
+        return [ids[:rows] if rows else ids for ids in micro]
+
+    def plan(self) -> StepPlan:
+        """What PACE does in the coming step."""
+        return step_plan(self.recipe.pace, self.step, self.recipe.train.micro_batch_size)
+
+    def train_step(self, global_batch: list[int]) -> dict[str, Any]:
+        """One optimizer step: this rank's micro-batches, token-normalised over the window."""
+        t, started = self.recipe.train, time.perf_counter()
+        plan = self.plan()
+        micro = self.micro_batches(global_batch, plan)
+        batches = [self._collate(ids) for ids in micro]
+        local = sum(supervised_count(b, self.run.causal) for b in batches)
+        n_total, _ = D.all_reduce([float(local), 0.0])
+        if n_total == 0:
+            raise UserError("a training batch has no supervised tokens; check the data's labels")
+        scale = self.world * t.grad_accum / n_total
+        ce_sum = cons_sum = 0.0
+        local_finite = True
+        for idx, batch in zip(micro, batches):
+            out = self._forward(batch, plan, scale, idx)
+            self.engine.backward(out["loss"])  # a bad window's update is skipped below
+            # one host sync per micro-batch, after backward has been queued (on a GPU a sync
+            # between forward and backward would idle the device while the host launches)
+            finite, ce, cons = torch.stack([torch.isfinite(out["loss"]).float(),
+                                            out["ce"].detach().float(),
+                                            out["cons"].detach().float()]).tolist()
+            local_finite &= finite == 1.0
+            ce_sum, cons_sum = ce_sum + ce, cons_sum + cons
+            if self.history is not None:
+                self.history.update(idx, out["logits"][: len(idx)])
+            if self.engine.is_gradient_accumulation_boundary():  # one collective per step
+                losses_finite = D.all_reduce([0.0 if local_finite else 1.0], op="max")[0] == 0.0
+                self.run.optimizer.skip_next = not losses_finite
+            grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+        ce_tot, cons_tot, tokens = D.all_reduce([ce_sum, cons_sum, float(self._tokens(batches))])
+        self._count_bad(losses_finite)
+        grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
+        return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
+                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": _float(grad_norm),
+                "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
+                "paired": plan.paired, "skipped": not losses_finite}
+
+    def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        return self.run.collate([self.run.task.train[i] for i in ids])
+
+    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int]):
+        dev = self.engine.device
+        if plan.views == 2:
+            batch = doubled(batch)
+        history = self.history.lookup(idx, dev) if self.history is not None else None
+        return self.engine(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
+                           lam=plan.lam, scale=scale, history=history)
+
+    def _tokens(self, batches) -> int:
+        """Non-padding tokens this rank trained on (each example counted once)."""
+        return int(sum(int(b["attention_mask"].sum()) for b in batches))
+
+    def maybe_clean_grad_norm(self, global_batch: list[int]) -> float | None:
+        """probes.clean_grad_norm on the coming step's batch every train.clean_grad_norm_every
+        steps (outside the step's timing)."""
+        every = self.recipe.train.clean_grad_norm_every
+        if not every or (self.step + 1) % every:
+            return None
+        batches = [self._collate(ids) for ids in self.micro_batches(global_batch)]
+        return clean_grad_norm(self.engine.module, batches, self.engine.device, self.run.causal)
+
+    def _grad_norm_before_step(self) -> float | None:
+        """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
+        if self.run.zero_stage > 0 or not self.engine.is_gradient_accumulation_boundary():
+            return None
+        grads = [p.grad for p in self.engine.module.parameters()
+                 if p.requires_grad and p.grad is not None]
+        if not grads:
+            return 0.0
+        # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
+        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU
+        return float(torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32))))
+
+    def _count_bad(self, finite: bool) -> None:
+        if finite:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        self.bad_total += 1
+        self.log(f"step {self.step + 1}: non-finite loss, update skipped "
+                 f"({self.bad_in_a_row} in a row, {self.bad_total} in total)")
+        self.write_metrics({"step": self.step + 1, "skipped_step": True, "bad_in_a_row":
+                            self.bad_in_a_row})
+        if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
+            raise UserError(f"{self.bad_in_a_row} consecutive steps had a NaN/inf loss "
+                            f"(train.max_bad_steps = {self.recipe.train.max_bad_steps}); lower "
+                            "train.lr or pace.consistency_weight, or check the data")
+
+    # ------------------------------------------------------------------ eval and checkpoints
+    def maybe_evaluate(self, force: bool = False) -> None:
+        every = self.recipe.eval.every
+        if not force and not (every and self.step % every == 0):
+            return
+        record = self.evaluator.run()
+        self.write_metrics({"step": self.step, "eval": record})
+        metric = record.get("metric")
+        self.log(f"eval at step {self.step}: {json.dumps(record.get('metrics', {}))}")
+        if self.recipe.eval.save_best and metric is not None and self.step > 0:
+            if self.best_metric is None or metric > self.best_metric:
+                self.best_metric = metric
+                self.run.export_adapter(self.run.out / "adapter-best", overwrite=True)
+
+    def maybe_checkpoint(self) -> None:
+        every = self.recipe.train.save_every
+        if every and self.step % every == 0 and self.step < self.max_steps:
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
+                 "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
+                 "best_metric": self.best_metric}
+        history = self.history.values if self.history is not None else None
+        path = ckpt.save(self.engine, self.run.out / "checkpoints", self.step, state,
+                         self.run.trainable_state(), history, self.recipe.train.keep_last,
+                         extra_writer=lambda d: self.run.export_adapter(d / "adapter",
+                                                                        quiet=True))
+        self.log(f"checkpoint written: {path}")
+        return path
+
+    def resume(self, path: Path) -> None:
+        state, history, trainable = ckpt.load(self.engine, path)
+        current = self.run.trainable_state()
+        missing = sorted(set(trainable) ^ set(current))
+        if missing:
+            raise UserError(f"checkpoint {path} does not match this model's trainable params: "
+                            f"{missing[:5]}")
+        for name, value in trainable.items():
+            if not torch.equal(current[name], value):
+                raise UserError(f"checkpoint {path}: DeepSpeed restored {name} differently from "
+                                "trainable.safetensors; the checkpoint is inconsistent")
+        self.step = state["step"]
+        self.cursor = Cursor(*state["cursor"])
+        self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
+        self.best_metric = state.get("best_metric")
+        if history is not None:
+            self.history.values = history
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _stop_agreed(self) -> bool:
+        return D.all_reduce([1.0 if self.stop_requested else 0.0], op="max")[0] > 0
+
+
+class _Window:
+    """Accumulates step stats between two log lines."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.steps.append(stats)
+
+    def record(self, step: int) -> dict[str, Any]:
+        n = len(self.steps)
+        mean = lambda k: sum(s[k] for s in self.steps) / n  # noqa: E731
+        paired = [s for s in self.steps if s["paired"]]
+        task = mean("task_loss")
+        cons = sum(s["consistency"] for s in paired) / len(paired) if paired else 0.0
+        elapsed = sum(s["time"] for s in self.steps)
+        tokens = sum(s["tokens"] for s in self.steps)
+        return {"step": step, "task_loss": task, "consistency_loss": cons,
+                "loss_ratio": cons / task if task else None, "grad_norm": mean("grad_norm"),
+                "clean_grad_norm": next((s["clean_grad_norm"] for s in reversed(self.steps)
+                                         if s["clean_grad_norm"] is not None), None),
+                "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
+                "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
+                "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
