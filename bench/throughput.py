@@ -37,8 +37,8 @@ SXM datasheet) and against an 8192³ bf16 torch.mm measured in the same run. Con
 Contenders, each in its own fresh subprocess (so peak RSS is its own), interleaved and repeated
 ``--repeats`` times (repeat 1 in the order below, repeat 2 reversed, ...):
     a    pace_llm ``pace.mode off`` (DeepSpeed engine, ``--ds``, default ZeRO-0): the run ``python pace_llm/train.py
-         --recipe <workdir>/recipe.yaml --pace.mode off`` does, with in-loop evaluation disabled
-         and timing hooks around ``Trainer.train_step``.
+         --recipe <workdir>/recipe.yaml --pace.mode off`` does, with in-loop evaluation disabled,
+         observed through the trainer's ``on_step_start`` / ``on_step_end`` hooks.
     b    HF PEFT + Trainer as the docs set up causal-LM SFT: ``get_peft_model(model,
          LoraConfig(r=16, lora_alpha=32, target_modules=[...], task_type="CAUSAL_LM"))``,
          ``DataCollatorForSeq2Seq`` (pads input_ids, labels with -100), ``TrainingArguments``
@@ -245,40 +245,36 @@ def worker_matmul(out: str) -> None:
 
 
 def worker_pace(cfg: dict, mode: str, out: str) -> None:
-    """pace_llm's own entry (pace_llm.train.run) with timing hooks; evaluation disabled."""
+    """pace_llm's own story (train.setup -> make_trainer -> train), observed through the
+    trainer's step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
     from pace_llm import train as T
     from pace_llm.config import load_recipe
-    from pace_llm.data import IGNORE, rank_micro_batches
-    from pace_llm.engine import Trainer
+    from pace_llm.data import IGNORE
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])
     recipe = load_recipe(pace_argv(cfg, mode))
-    original = Trainer.train_step
+    trainer = T.make_trainer(T.setup(recipe))
 
-    def timed_step(self, global_batch):
-        if not self.step:
+    def start(trainer, global_batch):
+        if not trainer.step:
             rec.before_training()
-        views, rows = self._views_for_step()
-        t = self.recipe.train
-        micro = rank_micro_batches(global_batch, t.micro_batch_size, t.grad_accum, self.world,
-                                   self.rank)
-        micro = [m[:rows] if rows else m for m in micro]
-        ex = [[self.task.train[i] for i in m] for m in micro]
+
+    def end(trainer, global_batch, stats):
+        micro = trainer.micro_batches(global_batch, trainer.plan(trainer.step - 1))
+        ex = [[trainer.run.task.train[i] for i in m] for m in micro]
         tokens = sum(len(e["input_ids"]) for m in ex for e in m)
         sup = sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for m in ex for e in m)
         padded = sum(len(m) * max(len(e["input_ids"]) for e in m) for m in ex)
-        stats = original(self, global_batch)
         assert int(stats["tokens"]) == tokens, (stats["tokens"], tokens)
-        rec.step(tokens, sup, padded, views, stats["time"], stats["task_loss"])
-        if self.step + 1 == cfg["total_steps"]:  # the last step: record and leave
-            rec.dump(out, {"n_train": len(self.task.train)})
+        rec.step(tokens, sup, padded, stats["views"], stats["time"], stats["task_loss"])
+        if trainer.step == cfg["total_steps"]:  # the last step: record and leave
+            rec.dump(out, {"n_train": len(trainer.run.task.train)})
             sys.stdout.flush()
             os._exit(0)
-        return stats
 
-    Trainer.train_step = timed_step
-    Trainer.maybe_evaluate = lambda self, force=False: None
-    T.run(recipe)
+    trainer.on_step_start.append(start)
+    trainer.on_step_end.append(end)
+    trainer.train()
 
 
 def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
@@ -385,6 +381,7 @@ def write_recipe(cfg: dict) -> None:
           log_every: {LOG_EVERY}
         eval:
           every: 0
+          at_start: false
           limit: 1
           batch_size: 1
           max_new_tokens: 1

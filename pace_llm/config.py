@@ -28,10 +28,13 @@ from pace_llm.tasks import TASKS
 
 
 class RecipeError(UserError):
-    """One or more problems in a recipe; ``str()`` lists them all."""
+    """One or more problems in a recipe; ``str()`` is the one problem, or lists them all."""
 
     def __init__(self, problems: list[str], source: str = "recipe"):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0])
+            return
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 

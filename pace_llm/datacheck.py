@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import Recipe, load_recipe
+from pace_llm.config import Recipe, parse_command
 from pace_llm.data import IGNORE
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, run_command
 from pace_llm.tasks import TaskData, build_task, task_texts
 
 SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"
@@ -78,36 +78,22 @@ def check(recipe: Recipe, index: int = 0) -> str:
     return report(build_task(recipe.data, tok), tok, index)
 
 
-def _pop_example(argv: list[str]) -> tuple[list[str], int]:
-    rest, index, i = [], 0, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--example" or arg.startswith("--example="):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv)
-                                                             else "")
-            i += 1 if "=" in arg else 2
-            if not value.isdigit():
-                raise UserError(f"--example {value!r}: give a non-negative example index")
-            index = int(value)
-            continue
-        rest.append(arg)
-        i += 1
-    return rest, index
+EXAMPLES = """examples:
+  pace-llm data-check --recipe recipes/demo.yaml
+  pace-llm data-check --recipe recipes/gsm8k.yaml --example 3 --data.limit 100"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the data check; 0 on success, 2 (message on stderr) on bad input."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0
-    try:
-        argv, index = _pop_example(argv)
-        print(check(load_recipe(argv), index))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """Run the data check; 0 on success, 2 (one message on stderr) on bad input."""
+    from jsonargparse.typing import NonNegativeInt
+
+    def body() -> None:
+        command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES, extra={
+            "--example": {"type": NonNegativeInt, "default": 0,
+                          "help": "Index of the training example to render."}})
+        print(check(command.recipe, command.extra["example"]))
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

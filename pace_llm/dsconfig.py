@@ -70,7 +70,7 @@ def fill_ds_config(recipe: Recipe, world_size: int, precision: str) -> dict[str,
             problems.append(f"{src}: {name}.enabled = {section['enabled']} contradicts "
                             f"train.precision = {precision}; set it to \"auto\"")
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
-    stage = zero.get("stage", 0)
+    stage = zero.get("stage", 0)  # the raw value: checked here, read by zero_stage() after
     if stage not in (0, 1, 2, 3):
         problems.append(f"{src}: zero_optimization.stage = {stage!r}; allowed 0, 1, 2, 3")
     for key in ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
@@ -110,7 +110,7 @@ def size_buckets(cfg: dict[str, Any], trainable: int) -> dict[str, int]:
     kept. Returns what was filled.
     """
     zero = cfg.get("zero_optimization", {})
-    cap = 50_000_000 if zero.get("stage", 0) == 3 else 500_000_000
+    cap = 50_000_000 if zero_stage(cfg) == 3 else 500_000_000
     filled = {}
     for key in BUCKET_KEYS:
         if zero.get(key) == "auto":

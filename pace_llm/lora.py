@@ -1,4 +1,4 @@
-"""NoisyLoRALinear: the PACE adapter layer (PACE.md §1), and the view-sharing mechanism.
+"""NoisyLoRALinear: the PACE adapter layer (docs/PACE.md §1), and the view-sharing mechanism.
 
     h(x) = W0 x + b0 + z ⊙ s · B A drop(x)     training, σ > 0
     h(x) = W0 x + b0 + s · B A x               eval, or σ = 0 (plain LoRA)
@@ -37,7 +37,7 @@ def _first_view_mask(x: torch.Tensor, p: float, views: int) -> torch.Tensor:
 
 
 class ViewSharedDropout(nn.Dropout):
-    """nn.Dropout whose mask is shared by the views of a doubled batch (PACE.md §1).
+    """nn.Dropout whose mask is shared by the views of a doubled batch (docs/PACE.md §1).
 
     Outside ``shared_views`` (views = 1) it is exactly nn.Dropout.
     """

@@ -118,9 +118,10 @@ class Trainer:
         rows = plan.rows if plan is not None else None
         return [ids[:rows] if rows else ids for ids in micro]
 
-    def plan(self) -> StepPlan:
-        """What PACE does in the coming step."""
-        return step_plan(self.recipe.pace, self.step, self.recipe.train.micro_batch_size)
+    def plan(self, step: int | None = None) -> StepPlan:
+        """What PACE does in optimizer step ``step`` (default: the coming one, 0-based)."""
+        step = self.step if step is None else step
+        return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
         """One optimizer step: this rank's micro-batches, token-normalised over the window."""
