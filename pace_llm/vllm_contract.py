@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.families import embedding_names, expected_shape
 from pace_llm.inject import block_relative
@@ -205,9 +206,8 @@ def _rank_and_target_violations(config: Mapping[str, Any],
 
 def _value_violations(pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
     v: list[str] = []
-    allowed = (torch.float32, torch.bfloat16, torch.float16)
     odd = sorted({str(t.dtype) for ab in pairs.values() for t in ab.values()} -
-                 {str(d) for d in allowed})
+                 {str(d) for d in FLOAT_DTYPES.values()})
     if odd:
         v.append(f"tensor dtype(s) {odd}: export in bfloat16, float16 or float32")
         return v

@@ -50,11 +50,11 @@ def data_dir() -> Path:
     return DATA
 
 
-def save_tiny_base(out: Path, seed: int = 0, **overrides) -> Path:
-    """A tiny Llama and a real sentencepiece BPE tokenizer (512 pieces), saved like a hub model."""
+def save_fixture_tokenizer(out: Path):
+    """The fixture's sentencepiece BPE tokenizer (512 pieces) saved in ``out`` as a hub model's."""
     import shutil
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy(DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model",
@@ -62,6 +62,14 @@ def save_tiny_base(out: Path, seed: int = 0, **overrides) -> Path:
     tok = AutoTokenizer.from_pretrained(out)
     tok.save_pretrained(out)
     (out / "tokenizer.model").unlink()
+    return tok
+
+
+def save_tiny_base(out: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny Llama and a real sentencepiece BPE tokenizer (512 pieces), saved like a hub model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = save_fixture_tokenizer(out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{**SMALL, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
                          "eos_token_id": tok.eos_token_id, "max_position_embeddings": 512,

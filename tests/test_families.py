@@ -8,14 +8,13 @@ check with shape checks; nothing else in the package knows about it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from pace_llm import families as F
 from pace_llm.families import Family, Sizes, expected_shape
-from tests.conftest import DATA
+from tests.conftest import save_fixture_tokenizer
 from tests.launch import run
 from tests.test_engine import argv
 
@@ -29,14 +28,9 @@ NEOX = Family(
 
 
 def save_neox(out: Path) -> Path:
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model",
-                out / "tokenizer.model")
-    tok = AutoTokenizer.from_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "tokenizer.model").unlink()
+    tok = save_fixture_tokenizer(out)
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, vocab_size=len(tok), max_position_embeddings=512,
