@@ -219,12 +219,18 @@ current directory. The resolved recipe holds absolute paths, so it runs from any
 
 def build_parser(prog: str = "pace-llm train", description: str = TRAIN_EXAMPLES):
     """The jsonargparse parser: one group per recipe section, --recipe for the YAML file."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+    from argparse import RawDescriptionHelpFormatter
+
+    from jsonargparse import (ActionConfigFile, ArgumentParser, DefaultHelpFormatter,
+                              set_parsing_settings)
+
+    class Formatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+        """jsonargparse's help, with the examples kept as written."""
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, exit_on_error=False, default_env=False,
                             usage=f"{prog} --recipe FILE [--section.key VALUE ...]",
-                            description=description)
+                            description=description, formatter_class=Formatter)
     parser.add_argument("--recipe", action=ActionConfigFile, help="Recipe YAML file.")
     for name, cls in SECTIONS.items():
         parser.add_class_arguments(cls, name, help=f"{name} section")

@@ -75,4 +75,6 @@ def test_train_help_leads_with_examples():
     assert res.returncode == 0
     head = res.stdout.splitlines()
     assert head[0] == "usage: pace-llm train --recipe FILE [--section.key VALUE ...]"
-    assert "examples:" in res.stdout.split("--recipe RECIPE")[0]
+    examples = res.stdout.split("--recipe RECIPE")[0]
+    assert "\nexamples:\n  pace-llm train --recipe recipes/demo.yaml " in examples
+    assert "\n  deepspeed pace_llm/train.py --recipe recipes/gsm8k.yaml " in examples
