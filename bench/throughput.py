@@ -245,15 +245,14 @@ def worker_matmul(out: str) -> None:
 
 
 def worker_pace(cfg: dict, mode: str, out: str) -> None:
-    """pace_llm's own story (train.setup -> make_trainer -> train), observed through the
-    trainer's step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
+    """pace_llm's own story (train.started -> trainer.train), observed through the trainer's
+    step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
     from pace_llm import train as T
     from pace_llm.config import load_recipe
     from pace_llm.data import IGNORE
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])
     recipe = load_recipe(pace_argv(cfg, mode))
-    trainer = T.make_trainer(T.setup(recipe))
 
     def start(trainer, global_batch):
         if not trainer.step:
@@ -272,9 +271,10 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
             sys.stdout.flush()
             os._exit(0)
 
-    trainer.on_step_start.append(start)
-    trainer.on_step_end.append(end)
-    trainer.train()
+    with T.started(recipe) as trainer:
+        trainer.on_step_start.append(start)
+        trainer.on_step_end.append(end)
+        trainer.train()
 
 
 def worker_peft(cfg: dict, grouped: bool, out: str) -> None:

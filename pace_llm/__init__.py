@@ -1,8 +1,8 @@
 """pace_llm: PACE (noisy LoRA + consistency regularisation) fine-tuning on DeepSpeed.
 
 The public pieces: the recipe schema and its parser, the layer and its injection, the PACE
-step plan and objective, and the model-family table. A run is ``pace_llm.train.setup(recipe)``
-→ ``pace_llm.train.make_trainer(run)`` → ``trainer.train()`` (what ``pace-llm train`` does).
+step plan and objective, and the model-family table. A run is ``with
+pace_llm.train.started(recipe) as trainer: trainer.train()`` (what ``pace-llm train`` does).
 """
 
 from pace_llm.config import (DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs, PaceArgs,

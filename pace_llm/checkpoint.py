@@ -6,18 +6,25 @@ Layout of ``<output_dir>/checkpoints/step-N/``::
     trainable.safetensors     every trainable tensor, gathered (resume checks DeepSpeed against it)
     rng-rank<r>.safetensors   each rank's torch RNG streams (CPU, and the accelerator's) → same noise
     history.safetensors       the ``fast``-mode output buffer (when used)
-    state.json                step, data cursor, consecutive bad steps, world size
-    MANIFEST.json             every file's size, written last
+    state.json                step, data cursor, consecutive bad steps, world size, the recipe
+    MANIFEST.json             every file's size and SHA-256, written last
 
 A checkpoint is first written to ``.tmp-step-N`` and renamed when complete; ``latest`` is
-updated after the rename. Resume trusts a directory only if its manifest matches the files.
+updated after the rename. Resume trusts a directory only if every file matches its manifest
+entry (size and SHA-256) and no other file is there, and it never unpickles code: DeepSpeed's
+``.pt`` files are read with ``torch.load(weights_only=True)``, allowing exactly the DeepSpeed
+types its ZeRO states hold (:data:`DEEPSPEED_TYPES`).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +32,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pace_llm import distributed as D
+from pace_llm.errors import UserError
 
 MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = 2  # 2: size and sha256 per file
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -42,11 +52,19 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_manifest(path: Path) -> None:
-    files = {str(p.relative_to(path)): p.stat().st_size
+    files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(path.rglob("*")) if p.is_file()}
     tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(files, indent=1))
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
     os.replace(tmp, path / MANIFEST)
 
 
@@ -70,15 +88,26 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
-    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False, exclude_frozen_parameters=True)
-    save_file(_rng_state(), str(tmp / f"rng-rank{D.rank()}.safetensors"))
-    if extra_writer is not None:
-        extra_writer(tmp)
-    if D.is_main():
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        if history is not None:
-            save_file({"history": history}, str(tmp / "history.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "world_size": D.world_size()}))
+    failure = None
+    try:
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
+                               exclude_frozen_parameters=True)
+        save_file(_rng_state(), str(tmp / f"rng-rank{D.rank()}.safetensors"))
+        if extra_writer is not None:
+            extra_writer(tmp)
+        if D.is_main():
+            save_file({k: v.contiguous() for k, v in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            if history is not None:
+                save_file({"history": history}, str(tmp / "history.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({**state, "world_size": D.world_size()}))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        failure = _write_failure(exc, tmp, root)
+    failure = D.all_gather_objects(failure)
+    if any(failure):
+        if D.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(next(f for f in failure if f))
     D.barrier()
     if D.is_main():
         _write_manifest(tmp)
@@ -92,6 +121,36 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any],
     return final
 
 
+def _write_failure(exc: Exception, tmp: Path, root: Path) -> str:
+    """The message for a checkpoint that could not be written (no space, or another error)."""
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    no_space = getattr(exc, "errno", None) in NO_SPACE or "write failed" in str(exc) \
+        or "No space left" in str(exc)
+    if not no_space:
+        if isinstance(exc, OSError):
+            return (f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints "
+                    "are intact")
+        raise exc
+    earlier = list_steps(root)
+    size = _checkpoint_bytes(root / f"step-{earlier[-1]}") if earlier else 0
+    need = f"about {size} bytes (the last checkpoint's size)" if size else f"more than {written} bytes"
+    return (f"no space left on the device while writing checkpoint {tmp} (wrote {written} "
+            f"bytes; {free} bytes free; a checkpoint needs {need}); the partial checkpoint was "
+            "removed and earlier checkpoints are intact. Free space and resume with "
+            "--train.resume auto")
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory was written at (``step-N``), -1 if not one."""
+    suffix = path.name.split("-", 1)[-1]
+    return int(suffix) if path.name.startswith("step-") and suffix.isdigit() else -1
+
+
 def list_steps(root: Path) -> list[int]:
     steps = []
     for p in root.glob("step-*") if root.is_dir() else []:
@@ -102,21 +161,36 @@ def list_steps(root: Path) -> list[int]:
 
 
 def verify(path: Path) -> str | None:
-    """None if the checkpoint is complete, else why not."""
+    """None if every file of the checkpoint matches its manifest (size, SHA-256) and no file is
+    there that the manifest does not list; else why not. Nothing is unpickled here."""
     manifest = path / MANIFEST
     if not manifest.is_file():
         return "no MANIFEST.json (the save did not finish)"
     try:
-        files = json.loads(manifest.read_text())
-        json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"unreadable manifest or state: {exc}"
-    for rel, size in files.items():
+        entry = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"unreadable MANIFEST.json: {exc}"
+    if not isinstance(entry, dict) or entry.get("format") != MANIFEST_FORMAT \
+            or not isinstance(entry.get("files"), dict):
+        return ("MANIFEST.json has no SHA-256 per file (a checkpoint of an older pace_llm, or "
+                "edited); it cannot be verified")
+    files = entry["files"]
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - set(files))
+    if extra:
+        return f"{extra[0]} is not in MANIFEST.json (a file added after the save)"
+    for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
             return f"missing file {rel}"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, the manifest says {size} (truncated)"
+        if not isinstance(meta, dict) or f.stat().st_size != meta.get("size"):
+            return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta} (truncated)"
+        if sha256(f) != meta.get("sha256"):
+            return f"{rel} does not match its SHA-256 in MANIFEST.json (the file was changed)"
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable state.json: {exc}"
     return None
 
 
@@ -136,20 +210,92 @@ def load(engine: Any, path: Path) -> tuple[dict[str, Any], torch.Tensor | None,
     """Restore DeepSpeed state and this rank's RNG; return (state, history, trainable)."""
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] != D.world_size():
-        from pace_llm.errors import UserError
-
         raise UserError(f"checkpoint {path} was written by {state['world_size']} ranks; resume it "
                         f"with the same number (this run has {D.world_size()})")
     # frozen base weights are not in the checkpoint (exclude_frozen_parameters); the trainable
     # ones are checked against trainable.safetensors by the caller
-    load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loads(engine, path):
+        load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
-        from pace_llm.errors import UserError
-
         raise UserError(f"DeepSpeed could not load the checkpoint in {path / 'ds'}")
     _set_rng_state(load_file(str(path / f"rng-rank{D.rank()}.safetensors")))
     hist_file = path / "history.safetensors"
     history = load_file(str(hist_file))["history"] if hist_file.is_file() else None
     trainable = load_file(str(path / "trainable.safetensors"))
     return state, history, trainable
+
+
+def deepspeed_types() -> list[type]:
+    """The non-tensor types DeepSpeed 0.19's checkpoints hold (ZeRO 0-3, fp32/bf16/fp16): the
+    allow-list of the weights-only unpickler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads(engine: Any, path: Path):
+    """DeepSpeed's checkpoint loads inside the block use ``torch.load(weights_only=True)``
+    with :func:`deepspeed_types` allowed; anything else in a file is refused (UserError)."""
+    original = engine.checkpoint_engine
+    allowed = deepspeed_types()
+
+    def load(file: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(file, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"checkpoint {path}: {file} holds objects other than tensors and "
+                            f"DeepSpeed's own state, refused without running it ({reason[:200]})"
+                            ) from None
+
+    original.load = load  # an instance attribute over the engine's method, for the block
+    try:
+        yield
+    finally:
+        del original.load
+
+
+# recipe keys a checkpoint cannot continue under another value: they change shapes, data or
+# what a step is (the ones listed by section cover the whole section)
+FIXED_SECTIONS = ("model", "lora", "quant", "data")
+FIXED_KEYS = ("pace.mode", "train.seed", "train.micro_batch_size", "train.grad_accum",
+              "train.precision", "deepspeed")
+# keys that live in the optimizer and the schedule: applied to them on resume
+OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.warmup_steps",
+                  "train.max_steps", "train.epochs")
+
+
+def _flat(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}" if isinstance(body, dict) else section: value
+            for section, body in recipe.items()
+            for key, value in (body.items() if isinstance(body, dict) else [(None, body)])}
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any]
+                   ) -> tuple[list[str], list[str]]:
+    """(refused, applied): the keys whose value differs from the checkpoint's recipe, as
+    ``key old -> new``. Refused keys change shapes or data; applied keys are optimizer and
+    schedule settings (the caller applies them); every other key (evaluation and logging
+    cadence, σ and λ, paths) is read live from the recipe."""
+    old, new = _flat(saved), _flat(current)
+    refused, applied = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        if key.split(".")[0] in FIXED_SECTIONS or key in FIXED_KEYS:
+            refused.append(change)
+        elif key in OPTIMIZER_KEYS:
+            applied.append(change)
+    return refused, applied
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.json of a verified checkpoint (no tensors loaded)."""
+    return json.loads((path / "state.json").read_text())

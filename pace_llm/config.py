@@ -24,8 +24,10 @@ from jsonargparse import ArgumentError
 
 from pace_llm.errors import UserError
 from pace_llm.families import PRESET_NAMES
+from pace_llm.preflight import before_run, fast_mode_estimate, resource_problems
 from pace_llm.schema import (SECTIONS, DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs,
                              PaceArgs, QuantArgs, Recipe, TrainArgs, dump_recipe, recipe_to_dict)
+from pace_llm.tasks.sources import read_text
 
 __all__ = ["SECTIONS", "Command", "DataArgs", "EvalArgs", "ExportArgs", "LoraArgs", "ModelArgs",
            "PaceArgs", "QuantArgs", "Recipe", "RecipeError", "TrainArgs", "dump_recipe",
@@ -44,9 +46,7 @@ class RecipeError(UserError):
         super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
 
 
-# --------------------------------------------------------------------------------------------
-# Raw-file checks: every unknown key and every value jsonargparse refuses, collected at once.
-# --------------------------------------------------------------------------------------------
+# --- Raw-file checks: every unknown key and every value jsonargparse refuses, all at once.
 
 def _allowed(tp: Any) -> str:
     """A field type as a user reads it: "one of 'a', 'b'", "int", "str | None"."""
@@ -120,9 +120,7 @@ def _parses(parser: Any, section: str, key: str, value: Any) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------------------------
-# Semantic validation of the parsed recipe: every problem at once.
-# --------------------------------------------------------------------------------------------
+# --- Semantic validation of the parsed recipe: every problem at once.
 
 def validate(recipe: Recipe) -> list[str]:
     """Cross-field checks on a parsed recipe. Returns the list of problems (empty = valid)."""
@@ -136,6 +134,10 @@ def validate(recipe: Recipe) -> list[str]:
 
     need(bool(m.name_or_path) or m.build is not None,
          "model.name_or_path is empty: give a hub id or a local model directory (or model.build)")
+    need(not (m.name_or_path and m.build is not None),
+         f"model.name_or_path {m.name_or_path!r} and model.build are both set; model.build builds "
+         "a random-init base and would ignore name_or_path. To train that model add "
+         "--model.build null; to build the offline base, leave name_or_path empty")
     need(lo.r > 0, f"lora.r: {lo.r} must be a positive integer (e.g. 8, 16)")
     need(lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0 (e.g. 2*r)")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)")
@@ -185,24 +187,10 @@ def validate(recipe: Recipe) -> list[str]:
     need(e.limit is None or e.limit > 0, f"eval.limit: {e.limit} must be > 0 or null")
     need(e.batch_size >= 1, f"eval.batch_size: {e.batch_size} must be >= 1")
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens: {e.max_new_tokens} must be >= 1")
-    if recipe.deepspeed is not None:
-        need(Path(recipe.deepspeed).is_file(),
-             f"deepspeed: config file {recipe.deepspeed!r} does not exist; use one of ds_configs/*.json")
-    return p
+    return p + resource_problems(recipe)  # the DS JSON, model.build, attention backend
 
 
-def fast_mode_estimate(d: DataArgs, vocab: int = 32064, bytes_per: int = 4) -> str:
-    """The memory a per-token vocab-logit history would take, for the fast-mode refusal."""
-    rows = d.limit or 7473
-    tokens = rows * min(d.max_length, 150)
-    gb = tokens * vocab * bytes_per / 1e9
-    return (f"its history buffer would hold every supervised token's {vocab}-way logits: "
-            f"~{rows} rows x ~{tokens // rows} tokens x {vocab} x {bytes_per} B = ~{gb:.0f} GB")
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
+# --- Parsing
 
 TRAIN_EXAMPLES = """examples:
   pace-llm train --recipe recipes/demo.yaml                    # offline demo, one process
@@ -257,14 +245,15 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise RecipeError([f"recipe file {path!r} is a directory; give a YAML file"], source=path)
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        raw = yaml.safe_load(read_text(Path(path)))  # not UTF-8 / binary: names the line
     except yaml.YAMLError as exc:
-        raise RecipeError([f"{path} is not valid YAML: {exc}"], source=path) from None
-    except UnicodeDecodeError:
-        raise RecipeError([f"{path} is not a text (UTF-8) file"], source=path) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"{path} is not valid YAML{where}: {what}"], source=path) from None
     if raw is None:
-        return {}
+        empty = f"recipe file {path!r} is empty (no sections); give at least model: {{...}}"
+        raise RecipeError([empty], source=path)
     if not isinstance(raw, dict):
         raise RecipeError([f"{path} must hold a mapping of sections, got {type(raw).__name__}"],
                           source=path)
@@ -282,11 +271,13 @@ class Command:
 
 def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
                   extra: dict[str, dict[str, Any]] | None = None,
-                  description: str = TRAIN_EXAMPLES) -> Command:
+                  description: str = TRAIN_EXAMPLES, preflight: bool = True) -> Command:
     """Parse ``--recipe FILE`` plus ``--section.key value`` overrides (and ``extra`` flags:
     name -> add_argument kwargs) into a validated recipe.
 
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
+    ``preflight`` (a command about to run): a local model path must exist, and keys set to no
+    effect in the chosen mode are logged as warnings (preflight.inert_keys).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     print_config = "--print_config" in argv
@@ -319,13 +310,15 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     problems = validate(recipe)
     if problems:
         raise RecipeError(problems)
+    if preflight:
+        before_run(recipe)  # the local model path exists; warnings for keys with no effect
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 
 
 def load_recipe(argv: list[str] | None = None) -> Recipe:
     """The validated Recipe of a train command line (see :func:`parse_command`)."""
-    return parse_command(argv).recipe
+    return parse_command(argv, preflight=False).recipe
 
 
 # recipe keys that hold input paths; "always" ones are never hub ids

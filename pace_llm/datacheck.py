@@ -45,7 +45,8 @@ def _run(tok: Any, ids: list[int], sup: bool) -> str:
 def report(task: TaskData, tok: Any, index: int = 0) -> str:
     """The data-check report: one example, one eval input, the statistics."""
     if not 0 <= index < len(task.train):
-        raise UserError(f"--example {index}: the training set has {len(task.train)} examples")
+        raise UserError(f"--example {index}: the training set has {len(task.train)} examples; "
+                        f"give 0..{len(task.train) - 1}")
     lines = [f"task: {task.name} ({task.kind}" + (f", {task.num_labels} labels)" if
                                                   task.num_labels else ")"),
              f"--- training example {index} ---", render_example(tok, task.train[index])]
@@ -74,7 +75,7 @@ def check(recipe: Recipe, index: int = 0) -> str:
     else:
         from pace_llm.model import load_tokenizer
 
-        tok = load_tokenizer(recipe.model.name_or_path, recipe)
+        tok = load_tokenizer(recipe.model.name_or_path, recipe, need_model=False)
     return report(build_task(recipe.data, tok), tok, index)
 
 

@@ -7,12 +7,14 @@ The recipe and the JSON are the only two sources; batch arithmetic lives here al
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
 from pace_llm.config import Recipe
 from pace_llm.errors import UserError
+from pace_llm.tasks.sources import first_line, listing
 
 
 def resolve_precision(recipe: Recipe) -> str:
@@ -30,14 +32,127 @@ def resolve_precision(recipe: Recipe) -> str:
     return p
 
 
+# DeepSpeed 0.19's top-level keys (deepspeed/runtime/config.py and the sections it reads);
+# DeepSpeed itself ignores any other key, so a typo would silently change nothing.
+OBJECT_KEYS = ("zero_optimization", "activation_checkpointing", "comms_logger", "tensorboard",
+               "wandb", "csv_monitor", "comet", "fp16", "bf16", "bfloat16", "torch_autocast",
+               "optimizer", "scheduler", "flops_profiler", "autotuning", "hybrid_engine",
+               "pipeline", "data_efficiency", "checkpoint", "data_types", "aio", "datastates_ckpt",
+               "weight_quantization", "compile", "timers", "tensor_parallel", "expert_parallel")
+SCALAR_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "managed_gradient_accumulation", "steps_per_print", "dump_state",
+               "disable_python_gc", "disable_allgather", "communication_data_type",
+               "seq_parallel_communication_data_type", "prescale_gradients",
+               "gradient_predivide_factor", "gradient_allreduce_op", "gradient_clipping",
+               "wall_clock_breakdown", "memory_breakdown", "zero_allow_untested_optimizer",
+               "zero_force_ds_cpu_optimizer", "use_data_before_expert_parallelism",
+               "dataloader_drop_last", "log_level", "vocabulary_size", "sequence_parallel_size")
+KNOWN_KEYS = frozenset(OBJECT_KEYS + SCALAR_KEYS)
+COUNT_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+EXAMPLES = {"zero_optimization": '{"stage": 2}', "bf16": '{"enabled": "auto"}',
+            "fp16": '{"enabled": "auto"}'}
+
+
 def load_ds_json(path: str | None) -> dict[str, Any]:
+    """The DeepSpeed JSON, checked (see :func:`ds_json_problems`); every problem in one error."""
     if path is None:
         return {"zero_optimization": {"stage": 0}}
+    raw, problems = read_ds_json(path)
+    _refuse(problems)
+    return raw
+
+
+def read_ds_json(path: str) -> tuple[Any, list[str]]:
+    """(the parsed file, its problems): unreadable, not JSON, or what ds_json_problems finds."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"deepspeed: cannot read {path!r} as JSON: {exc}") from None
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = (f" (line {exc.lineno}, column {exc.colno})"
+                 if isinstance(exc, json.JSONDecodeError) else "")
+        detail = getattr(exc, "msg", None) or first_line(exc)
+        return None, [f"deepspeed: cannot read {path!r} as JSON{where}: {detail}"]
+    return raw, ds_json_problems(raw, path)
+
+
+def ds_json_problems(raw: Any, src: str) -> list[str]:
+    """Structural problems of a DeepSpeed config, each naming the file and the key: not an
+    object, an unknown or removed top-level key, a section of the wrong type, and what
+    DeepSpeed's own config classes refuse in zero_optimization / fp16 / bf16."""
+    if not isinstance(raw, dict):
+        got = type(raw).__name__
+        return [f"{src}: the top level must be a JSON object ({{\"zero_optimization\": ...}}), "
+                + f"got a {got}"]
+    problems = []
+    removed = _removed_keys()
+    for key, value in raw.items():
+        if key in removed:
+            problems.append(f"{src}: {key}: {removed[key]}")
+        elif key not in KNOWN_KEYS:
+            near = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'?" if near else "DeepSpeed would ignore it; remove it"
+            problems.append(f"{src}: unknown top-level key '{key}': {hint}")
+        elif key in OBJECT_KEYS and not isinstance(value, dict):
+            example = EXAMPLES.get(key, "{...}")
+            problems.append(f"{src}: {key} = {json.dumps(value)} must be an object, e.g. "
+                            f"\"{key}\": {example}")
+        elif key in COUNT_KEYS and value != "auto" and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"{src}: {key} = {json.dumps(value)} must be a positive integer or "
+                            "\"auto\" (filled from the recipe)")
+    if "optimizer" in raw or "scheduler" in raw:
+        problems.append(f"{src}: remove 'optimizer'/'scheduler'; pace_llm builds AdamW and the "
+                        "schedule from the recipe's train section (one source of truth)")
+    for key, model in _section_models().items():
+        if isinstance(raw.get(key), dict):
+            problems += _pydantic_problems(model, raw[key], f"{src}: {key}")
+    return problems
+
+
+def _removed_keys() -> dict[str, str]:
+    """Top-level keys DeepSpeed 0.19 removed (it refuses them with its own message)."""
+    from deepspeed.runtime import config as ds_config
+
+    return dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
+
+
+def _section_models() -> dict[str, type]:
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {"zero_optimization": DeepSpeedZeroConfig, "fp16": DeepSpeedFP16Config,
+            "bf16": DeepSpeedBF16Config, "bfloat16": DeepSpeedBF16Config}
+
+
+def _pydantic_problems(model: type, section: dict[str, Any], where: str) -> list[str]:
+    """What DeepSpeed's pydantic config class refuses in ``section``, one line per key."""
+    from pydantic import ValidationError
+
+    try:
+        model(**section)
+    except ValidationError as exc:
+        names = sorted({*model.model_fields, *(f.alias for f in model.model_fields.values()
+                                                if f.alias)})
+        out = []
+        for err in exc.errors():
+            key = ".".join(map(str, err["loc"])) or "(section)"
+            if err["type"] == "extra_forbidden":
+                near = difflib.get_close_matches(str(err["loc"][-1]), names, n=1, cutoff=0.6)
+                out.append(f"{where}.{key}: unknown key; " + (
+                    f"did you mean '{near[0]}'?" if near else f"valid keys: {listing(names, 8)}"))
+            else:
+                out.append(f"{where}.{key} = {json.dumps(err.get('input'), default=str)}: "
+                           f"{err['msg']}")
+        return out
+    except (ValueError, TypeError, AssertionError) as exc:  # DeepSpeed's own validators
+        return [f"{where}: {first_line(exc)}"]
+    return []
+
+
+def _refuse(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError("DeepSpeed config problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def fill_ds_config(recipe: Recipe, world_size: int, precision: str) -> dict[str, Any]:
@@ -78,11 +193,7 @@ def fill_ds_config(recipe: Recipe, world_size: int, precision: str) -> dict[str,
         if zero.get(key) == "auto":
             zero[key] = _zero3_auto(key)
     # reduce/allgather_bucket_size "auto" stays until the adapter exists: size_buckets()
-    if "optimizer" in cfg or "scheduler" in cfg:
-        problems.append(f"{src}: remove 'optimizer'/'scheduler'; pace_llm builds AdamW and the "
-                        "schedule from the recipe's train section (one source of truth)")
-    if problems:
-        raise UserError("DeepSpeed config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    _refuse(problems)
     cfg.setdefault("steps_per_print", 10 ** 9)
     cfg["zero_allow_untested_optimizer"] = True  # ours: torch AdamW that can skip a bad step
     return cfg

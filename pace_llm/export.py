@@ -63,13 +63,16 @@ def refuse_nonempty(out_dir: str | Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces out_dir when the block ends without error."""
+    """Yield a temporary directory that replaces out_dir when the block ends without error.
+    What it holds gets the permissions the user's umask gives new files (mkdtemp makes 0700),
+    so a server under another user can read an export."""
     out = Path(out_dir)
     refuse_nonempty(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _umask_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -80,6 +83,14 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _umask_permissions(root: Path) -> None:
+    """Directories 0777 and files 0666, less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,11 +282,36 @@ def _local(base: str | None) -> str | None:
     return base if base and (Path(base) / "config.json").is_file() else None
 
 
+def _check_base_flag(base: str | None, recorded: Any) -> None:
+    """--base, when given, is used as given: a local directory must hold config.json (a hub id
+    is passed on); never silently replaced by the recorded base."""
+    from pace_llm.model import looks_like_path
+
+    if not base or not looks_like_path(base):
+        return
+    path = Path(base).expanduser()
+    instead = (f"; or omit --base to use the adapter's recorded base {recorded!r}"
+               if isinstance(recorded, str) and recorded else "")
+    if not path.exists():
+        raise UserError(f"--base {base} does not exist; give the base model directory "
+                        f"(config.json + weights){instead}")
+    if not path.is_dir():
+        raise UserError(f"--base {base} is a file; give the base model directory that holds "
+                        f"config.json{instead}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--base {base} has no config.json, so it is not a model directory; give "
+                        f"the directory the base model was saved in{instead}")
+
+
 def _base_dir(args: Namespace, config: dict[str, Any]) -> str | None:
-    candidates = [args.base, config.get("base_model_name_or_path"),
-                  str(Path(args.run) / "base_model") if args.run else None]
-    local = next((c for c in candidates if _local(c)), None)
-    return local or args.base or config.get("base_model_name_or_path")
+    """--base as given (checked), else the adapter's recorded base when it is a local model
+    directory, else <run>/base_model, else the recorded name (a hub id)."""
+    recorded = config.get("base_model_name_or_path")
+    _check_base_flag(args.base, recorded)
+    if args.base:
+        return args.base
+    candidates = [recorded, str(Path(args.run) / "base_model") if args.run else None]
+    return next((c for c in candidates if _local(c)), None) or recorded
 
 
 def _reexport(src: Path, out: str, dtype: torch.dtype | None, base: str | None,
@@ -301,7 +337,7 @@ def _command(argv: list[str] | None) -> int:
         raise UserError("nothing to do: give --out DIR (with --merge for a merged model) "
                         "and/or --check vllm")
     recipe = _run_recipe(Path(args.run)) if args.run else None
-    config, _ = read_adapter(src)
+    config, _ = read_adapter(src, strict=True)  # a malformed adapter_config.json: one message
     base = _base_dir(args, config)
     if args.check == "vllm":
         print("\n".join(check_vllm_contract(src, _local(base), max_lora_rank=args.max_lora_rank)))

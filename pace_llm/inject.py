@@ -115,6 +115,8 @@ def inject_noisy_lora(model: nn.Module, lora: LoraArgs, pace: PaceArgs,
             linear-layer suffixes).
     """
     candidates = _candidate_linears(model)
+    if not candidates:
+        raise UserError(no_linears_message(model))
     targets = target_suffixes(model, lora.targets)
     unmatched = [t for t in targets if not any(_matches(rel, t) for _, rel in candidates.values())]
     if unmatched:
@@ -135,9 +137,29 @@ def inject_noisy_lora(model: nn.Module, lora: LoraArgs, pace: PaceArgs,
     for head in trainable_head or []:
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
+    if not replaced:  # every target matched nothing that is patchable
+        raise UserError(f"lora.targets: {lora.targets!r} adapted no layer of this model; its "
+                        f"linear layers are: {', '.join(linear_suffixes(model))}")
     if pace.mode != "off":
         _share_base_dropout(model)
     return replaced
+
+
+def no_linears_message(model: nn.Module) -> str:
+    """Why a model has nothing to adapt: the weight-carrying module types its blocks hold."""
+    kinds: dict[str, int] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        shape = getattr(weight, "ds_shape", None) or getattr(weight, "shape", ())  # ZeRO-3: ds_
+        if block_relative(name)[0] is not None and len(shape) == 2:
+            kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+    gpt2 = ("GPT-2's Conv1D layers are not supported; " if "Conv1D" in kinds else "")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return (f"lora.targets: the {model_type or type(model).__name__} model has no nn.Linear "
+            f"layer inside its numbered blocks to adapt (2-D weight modules found: {found}). "
+            f"{gpt2}use a model whose blocks use nn.Linear (e.g. Llama, Qwen2, Mistral, Phi-3, "
+            "BERT/RoBERTa)")
 
 
 def _share_base_dropout(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ kept alive in ``HfDeepSpeedConfig``), so no rank ever holds the whole model.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
 from pace_llm.errors import UserError
 from pace_llm.families import head_names
+from pace_llm.tasks.sources import first_line, listing
 
 log = logging.getLogger(__name__)
-
 
 
 def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -30,15 +31,76 @@ def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kw
 
 
-def load_tokenizer(name_or_path: str, recipe: Recipe):
-    """The base model's tokenizer, with a pad token that does not grow the vocabulary."""
+OFFLINE_HINT = ("give a local model directory instead (--model.name_or_path /path/to/model, "
+                "holding config.json, weights and tokenizer files); when offline, "
+                "HF_HUB_OFFLINE=1 skips the network retries and uses only the local cache")
+
+
+def looks_like_path(name: str) -> bool:
+    """Written as a filesystem path: it exists, or cannot be a hub id (``name`` or
+    ``owner/name``)."""
+    return (Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))
+            or name.count("/") > 1 or "\\" in name)
+
+
+def check_model_dir(name_or_path: str, need_model: bool = True,
+                    key: str = "model.name_or_path") -> None:
+    """A local model path, checked before anything loads: it exists, is a directory, and (for a
+    model, not only a tokenizer) has a config.json object and weights whose safetensors headers
+    read. Hub ids are left to the hub."""
+    if not name_or_path or not looks_like_path(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise UserError(f"{key}: {name_or_path!r} does not exist (resolved: {path.absolute()}); "
+                        "give an existing model directory, or a hub id like org/name")
+    if not path.is_dir():
+        raise UserError(f"{key}: {name_or_path!r} is a file; give the model directory that holds "
+                        f"config.json (e.g. {str(path.parent)!r})")
+    if not need_model:
+        return
+    config = path / "config.json"
+    if not config.is_file():
+        inside = sorted(p.name for p in path.iterdir())
+        raise UserError(f"{key}: directory {name_or_path!r} has no config.json, so it is not a "
+                        f"transformers model directory (it holds: {listing(inside)}); give the "
+                        "directory written by save_pretrained / downloaded from the hub")
+    try:
+        body = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config} is not valid JSON ({first_line(exc)}); restore the model's "
+                        "config.json") from None
+    if not isinstance(body, dict):
+        raise UserError(f"{config} holds a JSON {type(body).__name__}, not an object; it is not a "
+                        "transformers model config")
+    _check_weights(path)
+
+
+def _check_weights(path: Path) -> None:
+    """Every *.safetensors header readable (cheap: header only, no tensor is loaded)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"{file}: the weights cannot be read ({first_line(exc)}); "
+                            "the file is truncated or corrupt: copy or download it again") from None
+
+
+def load_tokenizer(name_or_path: str, recipe: Recipe, need_model: bool = True):
+    """The base model's tokenizer, with a pad token that does not grow the vocabulary.
+
+    ``need_model`` (training): the directory must also hold a model (see check_model_dir);
+    data-check only needs the tokenizer."""
     from transformers import AutoTokenizer
 
+    check_model_dir(name_or_path, need_model)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **_hub_kwargs(recipe))
     except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: "
-                        f"{exc}") from None
+        raise UserError(_load_failure("a tokenizer", name_or_path, exc)) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token_id is None:
@@ -54,8 +116,10 @@ def weight_dtype(recipe: Recipe, precision: str) -> torch.dtype:
 def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: int | None,
                pad_token_id: int, dtype: torch.dtype, ds_config: dict | None) -> nn.Module:
     """The frozen base model (causal LM or sequence classifier), partitioned under ZeRO-3."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    check_model_dir(name_or_path)
     kw: dict[str, Any] = dict(_hub_kwargs(recipe), dtype=dtype)
     if recipe.model.attn_implementation:
         kw["attn_implementation"] = recipe.model.attn_implementation
@@ -75,14 +139,28 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
     else:
         try:
             model = cls.from_pretrained(name_or_path, **kw)
-        except OSError as exc:
-            raise UserError(f"model.name_or_path: cannot load {name_or_path!r}: {exc}") from None
+        except (OSError, SafetensorError) as exc:
+            raise UserError(_load_failure("the model", name_or_path, exc)) from None
+        except (ImportError, ValueError) as exc:  # an attention backend not installed/supported
+            if not recipe.model.attn_implementation or "ttention" not in str(exc):
+                raise
+            raise UserError(f"model.attn_implementation: {recipe.model.attn_implementation!r} "
+                            f"cannot be used here ({first_line(exc)}); use sdpa or eager, or "
+                            "install its package") from None
     if causal and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _load_failure(what: str, name_or_path: str, exc: BaseException) -> str:
+    """One line for a failed load: a local directory's problem, or the hub's with the way out."""
+    if looks_like_path(name_or_path):
+        return f"model.name_or_path: cannot load {what} from {name_or_path!r}: {first_line(exc)}"
+    return (f"model.name_or_path: {name_or_path!r} is no local directory and could not be loaded "
+            f"from the Hugging Face hub ({first_line(exc)}); {OFFLINE_HINT}")
 
 
 def classifier_head(model: nn.Module) -> list[str]:

@@ -161,13 +161,20 @@ def write_adapter(directory: str | Path, config: Mapping[str, Any],
               metadata={"format": "pt"})
 
 
-def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(adapter_config dict, tensors) of a PEFT adapter directory; UserError if unreadable."""
+def read_adapter(adapter_dir: str | Path, strict: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config dict, tensors) of a PEFT adapter directory; UserError if unreadable.
+
+    ``strict``: also refuse an adapter_config.json whose LoRA fields are missing or ill-typed
+    (see :func:`config_problems`), naming the file and the keys (export / merge need them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
     cfg_path, st_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+    if d.is_file():
+        raise UserError(f"adapter directory {d} is a file; give the directory that holds "
+                        f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     if not d.is_dir():
         raise UserError(f"adapter directory {d} does not exist")
     missing = [p.name for p in (cfg_path, st_path) if not p.is_file()]
@@ -175,13 +182,47 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise UserError(f"{d} is not a PEFT adapter directory: {', '.join(missing)} missing "
                         "(vLLM reads adapter_config.json + adapter_model.safetensors)")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg_path} is not valid JSON: {exc}") from None
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno})" if hasattr(exc, "lineno") else ""
+        raise UserError(f"{cfg_path} is not valid JSON{where}: {getattr(exc, 'msg', exc)}; "
+                        "restore it (export writes it) or re-export the adapter") from None
     if not isinstance(config, dict):
-        raise UserError(f"{cfg_path} must hold a JSON object")
+        raise UserError(f"{cfg_path} must hold a JSON object (PEFT's LoraConfig), got a "
+                        f"{type(config).__name__}")
     try:
         tensors = load_file(str(st_path))
     except SafetensorError as exc:
         raise UserError(f"{st_path} is not a readable safetensors file: {exc}") from None
+    problems = config_problems(config) if strict else []
+    if problems:
+        raise UserError(f"{cfg_path}: {'; '.join(problems)}; fix the file or re-export the "
+                        "adapter")
     return config, tensors
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    """The LoRA fields of an adapter_config.json that are missing or of the wrong type."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
+    need = "PEFT's LoraConfig needs r, lora_alpha and target_modules"
+    out = [f"missing key(s) {', '.join(missing)} ({need})"] if missing else []
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if "r" in config and not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        out.append(f"key 'r' is {r!r}; expected a positive integer (the LoRA rank)")
+    if "lora_alpha" in config and not (number(alpha) and alpha > 0):
+        out.append(f"key 'lora_alpha' is {alpha!r}; expected a positive number")
+    if "target_modules" in config and not (
+            (isinstance(targets, str) and targets)
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t
+                                                              for t in targets))):
+        out.append(f"key 'target_modules' is {targets!r}; expected a non-empty list of module "
+                   "names")
+    for key, kinds, expected in (("use_rslora", bool, "true or false"),
+                                 ("base_model_name_or_path", (str, type(None)), "a string"),
+                                 ("task_type", (str, type(None)), "a string")):
+        if key in config and not isinstance(config[key], kinds):
+            out.append(f"key {key!r} is {config[key]!r}; expected {expected}")
+    return out

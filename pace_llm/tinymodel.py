@@ -10,6 +10,7 @@ seed.
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from pace_llm.errors import UserError
+from pace_llm.tasks.sources import first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,9 @@ def build_base(build: dict[str, Any], texts: list[str], out_dir: Path, seed: int
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if "model_type" not in build:
-        raise UserError("model.build needs a model_type (e.g. llama) plus sizes such as "
-                        "hidden_size, num_hidden_layers, num_attention_heads")
+    problem = build_problem(build)
+    if problem:
+        raise UserError(problem)
     out_dir = Path(out_dir)
     tok = train_tokenizer(texts, out_dir, int(build.get("vocab_size", DEFAULT_VOCAB)))
     kwargs = {**build, "vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
@@ -94,9 +96,44 @@ def build_base(build: dict[str, Any], texts: list[str], out_dir: Path, seed: int
     except (ValueError, TypeError) as exc:
         raise UserError(f"model.build: {exc}") from None
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, RuntimeError) as exc:  # sizes that do not fit together
+        raise UserError(f"model.build: cannot build a {build['model_type']} from "
+                        f"{_short_dict(build)}: {first_line(exc)}") from None
     model.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built a random-init %s with %d parameters -> %s", build["model_type"], n_params,
              out_dir)
     return out_dir
+
+
+def build_problem(build: Any) -> str | None:
+    """What is wrong with a ``model.build`` dict, found without building anything (None = ok):
+    it needs a model_type that transformers can build as a causal LM."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    examples = ", ".join(EXAMPLE_TYPES)
+    if not isinstance(build, dict) or "model_type" not in build:
+        return ("model.build needs a model_type (e.g. llama) plus sizes such as "
+                "hidden_size, num_hidden_layers, num_attention_heads")
+    kind = build["model_type"]
+    causal = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if not isinstance(kind, str) or kind not in CONFIG_MAPPING_NAMES:
+        near = difflib.get_close_matches(str(kind), causal, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return (f"model.build: model_type {kind!r} is not a transformers model type{hint} "
+                f"({len(causal)} causal-LM types, e.g. {examples})")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return (f"model.build: model_type {kind!r} has no causal-LM class, and the offline base "
+                f"is built as a causal LM; use one that has (e.g. {examples})")
+    return None
+
+
+EXAMPLE_TYPES = ("llama", "qwen2", "mistral", "phi3")
+
+
+def _short_dict(d: dict[str, Any], limit: int = 120) -> str:
+    text = repr(d)
+    return text if len(text) <= limit else text[:limit - 4] + "...}"

@@ -7,13 +7,16 @@
     torchrun --nproc_per_node N pace_llm/train.py --recipe ...
     python pace_llm/train.py --recipe ...            (one process, no launcher)
 
-``setup(recipe)`` builds every component of a run, each through a small named helper, in
-dependency order; ``Trainer`` (pace_llm/trainer.py) runs the loop over what it built.
+``started(recipe)`` locks the run directory (pace_llm/rundir.py) and yields the trainer:
+``setup`` builds every component of a run, each through a small named helper, in dependency
+order; ``Trainer`` (pace_llm/trainer.py) runs the loop over what it built.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from pace_llm.data import BatchPlan
     from pace_llm.evaluate import Evaluator
     from pace_llm.objective import FastHistory
+    from pace_llm.rundir import RunDir
     from pace_llm.tasks import TaskData
     from pace_llm.trainer import Trainer
 
@@ -41,23 +45,54 @@ def main(argv: list[str] | None = None) -> int:
     from pace_llm import distributed as D
 
     def body() -> None:
+        from pace_llm.rundir import RunFinished
+
         command = parse_command(argv)
         if command.print_config:
             print(dump_recipe(command.recipe), end="")
             return
-        run(command.recipe)
+        try:
+            run(command.recipe)
+        except RunFinished as done:
+            if D.is_main():
+                print(f"[pace_llm] {done}", flush=True)
 
     return run_command(body, finish=lambda ok: D.shutdown(clean=ok))
 
 
 def run(recipe: Recipe) -> Path:
     """The training story. Returns the run directory."""
-    built = setup(recipe)
-    trainer = make_trainer(built)
-    trainer.train()
-    if trainer.step >= trainer.max_steps:
-        finish(built, trainer)
-    return built.out
+    with started(recipe) as trainer:
+        trainer.train()
+        if trainer.step >= trainer.max_steps:
+            finish(trainer.run, trainer)
+    return trainer.run.out
+
+
+@contextmanager
+def started(recipe: Recipe) -> Iterator[Trainer]:
+    """The process group, the locked run directory, the built run and its trainer (resumed
+    if the recipe asks); the lock is released when the block ends."""
+    from pace_llm import distributed as D
+    from pace_llm.rundir import RunDir
+
+    D.init_distributed()
+    rundir = RunDir(Path(recipe.train.output_dir))
+    try:
+        rundir.open(recipe.train.resume, recipe.train.overwrite, recipe.train.max_steps, _log)
+        yield make_trainer(setup(recipe, rundir), rundir.plan.checkpoint)
+    except BaseException:
+        rundir.abandon()  # a start that failed before its commit leaves no trace
+        raise
+    finally:
+        rundir.release()
+
+
+def _log(message: str) -> None:
+    from pace_llm import distributed as D
+
+    if D.is_main():
+        print(f"[pace_llm] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -127,30 +162,29 @@ class Run:
             print(f"[pace_llm] adapter written: {out_dir}", flush=True)
 
 
-def setup(recipe: Recipe) -> Run:
-    """Build every component of the run, in dependency order."""
+def setup(recipe: Recipe, rundir: RunDir) -> Run:
+    """Build every component of the run, in dependency order. A new run is built in its
+    staging directory and takes the output directory's place (``rundir.commit``) only once
+    everything loaded."""
     import deepspeed
 
     from pace_llm import distributed as D
     from pace_llm.dsconfig import fill_ds_config, resolve_precision
     from pace_llm.inject import adapter_parameters
-    from pace_llm.model import load_tokenizer
+    from pace_llm.model import base_model_dir, load_tokenizer
     from pace_llm.objective import PaceObjective
     from pace_llm.optim import build_optimizer, build_scheduler
     from pace_llm.tasks import build_task
 
-    out = check_output_dir(recipe)
-    D.init_distributed()
     precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
     ds_config = fill_ds_config(recipe, D.world_size(), precision)
     check_quant(recipe, ds_config)
-    start_run_dir(recipe, out, ds_config)
-    base_dir = ensure_base_model(recipe, out)
+    base_dir = ensure_base_model(recipe, rundir.path)
     tokenizer = load_tokenizer(base_dir, recipe)
     task = build_task(recipe.data, tokenizer)
     model = load_base(recipe, base_dir, task, tokenizer, precision, ds_config)
     adapted = inject_adapters(recipe, model)
-    size_ds_buckets(ds_config, model, out)
+    size_ds_buckets(ds_config, model)
     batches, max_steps = plan_batches(recipe, task)
     objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
                               recipe.pace.task_loss_on, regression=task.num_labels == 1)
@@ -158,14 +192,20 @@ def setup(recipe: Recipe) -> Run:
     scheduler = build_scheduler(optimizer, recipe.train, max_steps)
     engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                    lr_scheduler=scheduler, config=ds_config)
+    if rundir.plan.mode != "resume":  # a resumed run records its recipe once resume accepts it
+        record_recipe(recipe, ds_config, rundir.path)
+    rundir.commit()
+    out = rundir.out
+    base_dir = base_model_dir(recipe, out)
     return Run(recipe=recipe, out=out, precision=precision, ds_config=ds_config,
                tokenizer=tokenizer, task=task, model=model, adapted=adapted, engine=engine,
                optimizer=optimizer, scheduler=scheduler, batches=batches, max_steps=max_steps,
                history=_fast_history(recipe, task), served_name=_served_name(base_dir))
 
 
-def make_trainer(run: Run) -> Trainer:
-    """The loop over a built run, resumed if the recipe asks, with the noise stream seeded."""
+def make_trainer(run: Run, checkpoint: str | None = None) -> Trainer:
+    """The loop over a built run, resumed from ``checkpoint`` if given, with the noise stream
+    seeded."""
     from pace_llm import distributed as D
     from pace_llm.trainer import Trainer
 
@@ -173,8 +213,9 @@ def make_trainer(run: Run) -> Trainer:
     trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
                 f"{run.batches.global_batch} examples; precision {run.precision}, "
                 f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s)")
-    if run.recipe.train.resume:
-        resume(trainer, run.recipe)
+    if checkpoint is not None:
+        trainer.resume(Path(checkpoint))
+        record_recipe(run.recipe, run.ds_config, run.out)
     if trainer.step == 0:
         seed(run.recipe, "noise")
     return trainer
@@ -218,19 +259,6 @@ def seed(recipe: Recipe, stage: str) -> None:
 
 
 # ------------------------------------------------------------------------- setup's helpers
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse a non-empty output_dir unless the run resumes or may overwrite it."""
-    out = Path(recipe.train.output_dir)
-    if out.is_file():
-        raise UserError(f"train.output_dir: {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not recipe.train.resume and not recipe.train.overwrite:
-            raise UserError(f"train.output_dir: {out} is not empty; nothing was changed. Pass "
-                            "--train.resume auto to continue that run, --train.overwrite true to "
-                            "replace it, or choose another directory")
-    return out
-
-
 def check_quant(recipe: Recipe, ds_config: dict) -> None:
     """QLoRA's rules (bitsandbytes present, ZeRO-3 limits, storage dtype) before any load."""
     from pace_llm.dsconfig import zero_stage
@@ -243,35 +271,48 @@ def check_quant(recipe: Recipe, ds_config: dict) -> None:
         raise UserError("quantization problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def start_run_dir(recipe: Recipe, out: Path, ds_config: dict) -> None:
-    """Rank 0 writes the resolved recipe and DeepSpeed config (after every rank checked out)."""
-    import shutil
-
+def record_recipe(recipe: Recipe, ds_config: dict, where: Path) -> None:
+    """Rank 0 writes the resolved recipe and the DeepSpeed config DeepSpeed got."""
     from pace_llm import distributed as D
     from pace_llm.dsconfig import save_json
 
-    D.barrier()  # every rank has checked output_dir before rank 0 writes into it
     if D.is_main():
-        if recipe.train.overwrite and out.is_dir() and not recipe.train.resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
-        save_json(ds_config, out / "ds_config.json")
-    D.barrier()
+        where.mkdir(parents=True, exist_ok=True)
+        _atomic_write(where / "recipe.yaml", dump_recipe(recipe))
+        save_json(ds_config, where / "ds_config.json")
 
 
-def ensure_base_model(recipe: Recipe, out: Path) -> str:
-    """The base model directory; the offline demo's is built once by rank 0."""
+def _atomic_write(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def ensure_base_model(recipe: Recipe, where: Path) -> str:
+    """The base model directory; the offline demo's is built once by rank 0, in a temporary
+    directory renamed into place when complete (a kill never leaves half a model)."""
+    import os
+    import shutil
+
     from pace_llm import distributed as D
     from pace_llm.model import base_model_dir
 
-    path = Path(base_model_dir(recipe, out))
+    path = Path(base_model_dir(recipe, where))
     if recipe.model.build is not None and not (path / "config.json").is_file():
-        if D.is_main():
+
+        def build() -> None:
             from pace_llm.tasks import task_texts
             from pace_llm.tinymodel import build_base
 
-            build_base(recipe.model.build, task_texts(recipe.data), path)
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_base(recipe.model.build, task_texts(recipe.data), tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+
+        D.on_rank0(build)
         D.barrier()
     return str(path)
 
@@ -296,15 +337,13 @@ def inject_adapters(recipe: Recipe, model: nn.Module) -> list[str]:
     return inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
 
 
-def size_ds_buckets(ds_config: dict, model: nn.Module, out: Path) -> None:
-    """Resolve "auto" gradient buckets from the adapter's size (and record what DeepSpeed got)."""
-    from pace_llm import distributed as D
-    from pace_llm.dsconfig import save_json, size_buckets
+def size_ds_buckets(ds_config: dict, model: nn.Module) -> None:
+    """Resolve "auto" gradient buckets from the adapter's size."""
+    from pace_llm.dsconfig import size_buckets
     from pace_llm.inject import adapter_parameters
 
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model))
-    if size_buckets(ds_config, trainable) and D.is_main():
-        save_json(ds_config, out / "ds_config.json")
+    size_buckets(ds_config, sum(getattr(p, "ds_numel", p.numel())
+                                for p in adapter_parameters(model)))
 
 
 def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchPlan, int]:
@@ -340,27 +379,6 @@ def _evaluator(run: Run) -> Evaluator:
 def _served_name(base_dir: str) -> str:
     path = Path(base_dir)
     return str(path.resolve()) if path.is_dir() else base_dir
-
-
-def resume(trainer: Trainer, recipe: Recipe) -> None:
-    """Continue from the newest complete checkpoint (auto) or the one named."""
-    from pace_llm import distributed as D
-    from pace_llm.checkpoint import find_resumable, verify
-
-    if recipe.train.resume == "auto":
-        root = trainer.run.out / "checkpoints"
-        found = find_resumable(root, trainer.log) if D.is_main() else None
-        found = D.broadcast_object(str(found) if found else None)
-        if found is None:
-            trainer.log("train.resume auto: no complete checkpoint yet; starting from step 0")
-            return
-        path = Path(found)
-    else:
-        path = Path(recipe.train.resume)
-        problem = verify(path)
-        if problem:
-            raise UserError(f"train.resume: {path} is not a complete checkpoint: {problem}")
-    trainer.resume(path)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Observers (benchmarks, tests) append to ``on_step_start(trainer, global_batch)``
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,8 +59,12 @@ class Trainer:
         return self.run.max_steps
 
     def log(self, message: str) -> None:
+        """A line on rank 0, never on the progress bar's line."""
         if D.is_main():
-            print(f"[pace_llm] {message}", flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(f"[pace_llm] {message}")
+            sys.stdout.flush()
 
     def write_metrics(self, record: dict[str, Any]) -> None:
         if D.is_main():
@@ -75,6 +81,12 @@ class Trainer:
             self.maybe_evaluate(force=True)
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not D.is_main(),
                    desc="train", dynamic_ncols=True)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()  # an error message after this starts on a line of its own
+
+    def _loop(self, bar) -> None:
         stream = self.run.batches.batches_from(self.cursor)
         window = _Window()
         self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
@@ -100,11 +112,9 @@ class Trainer:
             self.maybe_checkpoint()
             if self._stop_agreed():
                 self.save_checkpoint()
-                bar.close()
                 self.log(f"stopped by signal after step {self.step}; checkpoint saved. Resume with "
                          f"the same command plus --train.resume auto")
                 return
-        bar.close()
         if self.recipe.train.save_every or self.recipe.train.resume:
             if not (self.run.out / "checkpoints" / f"step-{self.step}").exists():
                 self.save_checkpoint()
@@ -233,9 +243,11 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
+        from pace_llm.config import recipe_to_dict
+
         state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
-                 "best_metric": self.best_metric}
+                 "best_metric": self.best_metric, "recipe": recipe_to_dict(self.recipe)}
         history = self.history.values if self.history is not None else None
         path = ckpt.save(self.engine, self.run.out / "checkpoints", self.step, state,
                          self.run.trainable_state(), history, self.recipe.train.keep_last,
@@ -245,6 +257,21 @@ class Trainer:
         return path
 
     def resume(self, path: Path) -> None:
+        """Continue from a verified checkpoint: refuse recipe changes it cannot continue under,
+        apply optimizer and schedule changes for real, and drop the log past its step."""
+        from pace_llm.config import recipe_to_dict
+
+        saved = ckpt.read_state(path).get("recipe")
+        if saved is None:
+            raise UserError(f"checkpoint {path} records no recipe (written by an older "
+                            "pace_llm); it cannot be checked against this one: start a new run")
+        refused, applied = ckpt.recipe_changes(saved, recipe_to_dict(self.recipe))
+        if refused:
+            raise UserError(f"train.resume: checkpoint {path} was trained with other settings "
+                            "that change shapes, data or what a step is; nothing was changed. "
+                            "Resume with the checkpoint's values or start a new run (another "
+                            "train.output_dir or --train.overwrite true):\n"
+                            + "\n".join(f"  - {c}" for c in refused))
         state, history, trainable = ckpt.load(self.engine, path)
         current = self.run.trainable_state()
         missing = sorted(set(trainable) ^ set(current))
@@ -261,12 +288,52 @@ class Trainer:
         self.best_metric = state.get("best_metric")
         if history is not None:
             self.history.values = history
+        if applied:
+            self._apply_schedule()
+            self.log(f"resume: applied {'; '.join(applied)} (optimizer param groups and "
+                     "schedule updated)")
+        self._drop_metrics_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _apply_schedule(self) -> None:
+        """The recipe's lr, weight decay and schedule on the restored optimizer and scheduler
+        (they hold the checkpoint's): the lr of the coming step follows the new settings."""
+        from pace_llm.optim import lr_lambda
+
+        t, scheduler = self.recipe.train, self.run.scheduler
+        f = lr_lambda(t.schedule, t.warmup_steps, self.max_steps)
+        groups = self.run.optimizer.param_groups
+        scheduler.base_lrs = [t.lr] * len(groups)
+        scheduler.lr_lambdas = [f] * len(groups)
+        for group in groups:
+            group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
+            group["lr"] = t.lr * f(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """metrics.jsonl keeps each step once: records past the resumed step are redone."""
+        if not D.is_main() or not self.metrics_file.is_file():
+            return
+        kept = [line for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_file)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_requested:  # the second request: stop now
+                print(f"\n[pace_llm] {name} again: stopping now, without a checkpoint",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
             self.stop_requested = True
+            if D.is_main():
+                print(f"\n[pace_llm] {name}: stop requested. The current step finishes, a "
+                      "checkpoint is saved and the run exits (continue it with --train.resume "
+                      "auto); send it again to stop at once without a checkpoint",
+                      file=sys.stderr, flush=True)
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

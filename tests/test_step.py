@@ -1,16 +1,23 @@
-"""The fast unit seam: one real training step in this process (ZeRO-0, fp32, one rank), with
-pinned values, so a refactor of the step is caught in seconds without forking ranks.
+"""The fast unit seam: two real training steps in one process (ZeRO-0, fp32, one rank), with
+pinned values, so a refactor of the step is caught in seconds without launching ranks.
 
-The run is built exactly as ``pace-llm train`` builds it (``train.setup`` -> ``make_trainer``);
-the step is ``Trainer.train_step`` on the first global batch of the data order.
+The run is built exactly as ``pace-llm train`` builds it (``train.started``); the steps are
+``Trainer.train_step`` on the first global batches of the data order. The process is forked
+from the test process (as tests/launch.py does), so its one-rank process group does not stay
+behind in pytest's process for the tests that fork ranks later.
 """
 
 from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
 
 import pytest
 
 from pace_llm import train as T
 from pace_llm.config import load_recipe
+from pace_llm.distributed import free_port
 from tests.test_engine import argv
 
 # (task_loss, consistency, grad_norm) of steps 1 and 2, per mode; step 1 reproduced by the
@@ -23,21 +30,46 @@ PINNED = {
 }
 
 
-def one_run(base, out, mode: str):
+def one_run(base, out, mode: str, results) -> None:
     recipe = load_recipe(argv(base, out, pace__mode=mode, pace__sigma=1.0,
                               pace__consistency_weight=0.5, eval__at_start=False))
-    trainer = T.make_trainer(T.setup(recipe))
-    trainer.engine.train()
-    stream = trainer.run.batches.batches_from(trainer.cursor)
-    first = trainer.train_step(next(stream)[1])
-    trainer.step += 1
-    second = trainer.train_step(next(stream)[1])
-    return first, second
+    with T.started(recipe) as trainer:
+        trainer.engine.train()
+        stream = trainer.run.batches.batches_from(trainer.cursor)
+        first = trainer.train_step(next(stream)[1])
+        trainer.step += 1
+        second = trainer.train_step(next(stream)[1])
+    results.send((first, second))  # a pipe: sent before the exit below, unlike a Queue
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def steps_in_a_child(base, out, mode: str):
+    ctx = mp.get_context("fork")
+    receive, results = ctx.Pipe(duplex=False)
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), HF_DEACTIVATE_ASYNC_LOAD="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        child = ctx.Process(target=one_run, args=(base, out, mode, results))
+        child.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    assert receive.poll(120), "the step child sent nothing"
+    got = receive.recv()
+    child.join(30)
+    assert child.exitcode == 0
+    return got
 
 
 @pytest.mark.parametrize("mode", ["off", "full"])
 def test_one_step_pinned(tiny_base, tmp_path, mode):
-    first, second = one_run(tiny_base, tmp_path / mode, mode)
+    first, second = steps_in_a_child(tiny_base, tmp_path / mode, mode)
     got = tuple(s[k] for s in (first, second) for k in ("task_loss", "consistency", "grad_norm"))
     want = PINNED[mode]
     assert got == pytest.approx(want, rel=1e-5), got

@@ -65,24 +65,55 @@ def _kind_name(kind: type | tuple) -> str:
 
 
 def looks_local(path: str) -> bool:
-    """True for an existing path or something written as a file path (not an owner/name hub id)."""
-    return (Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~"))
-            or path.lower().endswith(LOCAL_EXTS))
+    """True for an existing path or something written as a file path (not an owner/name hub id:
+    that has at most one '/')."""
+    return (Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~", "."))
+            or path.lower().endswith(LOCAL_EXTS) or path.count("/") > 1 or "\\" in path)
+
+
+def listing(names: list[str], first: int = 5) -> str:
+    """``a, b, c and 4 more``: a long list shortened for a message."""
+    shown = ", ".join(names[:first])
+    return f"{shown} and {len(names) - first} more" if len(names) > first else shown or "nothing"
+
+
+def check_file(path: Path, what: str = "data file") -> None:
+    """UserError unless ``path`` is an existing file: missing, or a directory, said so."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir())
+        raise UserError(f"{what} {str(path)!r} is a directory; give a file ({' '.join(LOCAL_EXTS)}"
+                        f") inside it (it holds: {listing(inside)})")
+    if not path.is_file():
+        raise UserError(f"{what} {str(path)!r} does not exist")
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents; one that is not UTF-8 (or is binary) is named with its line."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: NUL bytes: a binary (or UTF-16) file, not UTF-8 "
+                        "text; check the path (recipes, jsonl, json and tsv files are text)")
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark is dropped
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                        f"column {column}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 "
+                        f"in > out)") from None
 
 
 def read_local(path: Path) -> Rows:
     """Rows of a .jsonl, .json (a list of objects) or .parquet file."""
-    if not path.is_file():
-        raise UserError(f"data file {str(path)!r} does not exist")
+    check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = _read_jsonl(path)
     elif suffix == ".json":
         rows = _read_json(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = Rows(str(path), list(enumerate(pq.read_table(path).to_pylist(), start=1)))
+        rows = _read_parquet(path)
     else:
         raise UserError(f"data file {str(path)!r}: unsupported extension {suffix!r}; "
                         "use .jsonl, .json or .parquet")
@@ -90,27 +121,39 @@ def read_local(path: Path) -> Rows:
     return rows
 
 
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: could not be read as parquet ({first_line(exc)}); the file "
+                        "is corrupt, truncated or not parquet: write or download it again, or "
+                        "give a .jsonl/.json file") from None
+    return Rows(str(path), list(enumerate(table.to_pylist(), start=1)))
+
+
 def _read_jsonl(path: Path) -> Rows:
     rows = Rows(str(path))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} row {n}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path} row {n}: expected a JSON object, got "
-                                f"{type(obj).__name__}")
-            rows.items.append((n, obj))
+    for n, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} row {n}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path} row {n}: expected a JSON object, got "
+                            f"{type(obj).__name__}")
+        rows.items.append((n, obj))
     return rows
 
 
 def _read_json(path: Path) -> Rows:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -133,10 +176,19 @@ def read_hub(name: str, config: str | None, split: str) -> Rows:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split name
-        raise UserError(f"data.path: cannot load hub dataset {label}: {exc}. For a local "
-                        "file give a path (./x.jsonl or /abs/path)") from None
+        raise UserError(f"data.path: cannot load hub dataset {label}: {first_line(exc)}. There "
+                        f"is no local file or directory {name!r} here either: for local data give "
+                        "its path (./x.jsonl or /abs/dir); offline, HF_HUB_OFFLINE=1 skips the "
+                        "network retries") from None
     log.info("loaded %d rows from hub dataset %s", len(ds), label)
     return Rows(f"hub:{name}[{split}]", list(enumerate(ds.to_list(), start=1)))
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line, cut to ``limit`` characters (for a one-line message)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()),
+                type(exc).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def find_in_dir(directory: Path, names: tuple[str, ...],
@@ -173,8 +225,10 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
     if local.is_dir():
         train_file = find_in_dir(local, ("train",))
         if train_file is None:
+            inside = sorted(p.name for p in local.iterdir())
             raise UserError(f"data.path: directory {path!r} has no train.jsonl, train.json or "
-                            "train.parquet")
+                            f"train.parquet (it holds: {listing(inside)}); give the training file "
+                            "itself as data.path, or rename it train.<ext>")
         eval_file = find_in_dir(local, eval_names)
     else:
         train_file = local
