@@ -125,8 +125,9 @@ def _write_failure(exc: Exception, tmp: Path, root: Path) -> str:
     """The message for a checkpoint that could not be written (no space, or another error)."""
     written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
     free = shutil.disk_usage(root).free if root.is_dir() else 0
-    no_space = getattr(exc, "errno", None) in NO_SPACE or "write failed" in str(exc) \
-        or "No space left" in str(exc)
+    # torch.save reports a short write as "file write failed" or "unexpected pos"
+    no_space = getattr(exc, "errno", None) in NO_SPACE or any(
+        text in str(exc) for text in ("write failed", "unexpected pos", "No space left"))
     if not no_space:
         if isinstance(exc, OSError):
             return (f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints "

@@ -142,7 +142,8 @@ class TrainArgs:
     """Every N steps also log clean_grad_norm: the task-loss gradient norm at the un-noised
     weights (PACE's theory says PACE lowers it). One extra forward/backward; 0 = never."""
     save_every: int = 0
-    """Checkpoint every N optimizer steps (0 = only at the end)."""
+    """Write checkpoints/step-N every N optimizer steps (0 = no periodic checkpoints). A stop by
+    SIGTERM/Ctrl-C always writes one; with save_every > 0 or a resumed run, the last step too."""
     keep_last: int = 2
     """Checkpoints to keep."""
     resume: str | None = None

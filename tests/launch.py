@@ -17,7 +17,8 @@ from pathlib import Path
 from pace_llm.distributed import free_port
 
 
-def _child(argv: list[str], rank: int, world: int, port: int, log: str) -> None:
+def _child(argv: list[str], rank: int, world: int, port: int, log: str,
+           file_size_limit: int | None = None) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -30,6 +31,11 @@ def _child(argv: list[str], rank: int, world: int, port: int, log: str) -> None:
     # INTERNAL ASSERT FAILED ... Invalid thread pool!" (fork-only: launchers start fresh
     # processes). Load on the main thread instead.
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    if file_size_limit is not None:  # a full disk, as a write can meet it: EFBIG past the limit
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     from pace_llm.train import main
 
     code = main(argv)
@@ -46,12 +52,14 @@ def _child(argv: list[str], rank: int, world: int, port: int, log: str) -> None:
 class Ranks:
     """The forked ranks of one run, with their logs."""
 
-    def __init__(self, argv: list[str], world: int, logdir: Path):
+    def __init__(self, argv: list[str], world: int, logdir: Path,
+                 file_size_limit: int | None = None):
         logdir.mkdir(parents=True, exist_ok=True)
         ctx = mp.get_context("fork")
         port = free_port()
         self.logs = [logdir / f"rank{r}.log" for r in range(world)]
-        self.procs = [ctx.Process(target=_child, args=(argv, r, world, port, str(self.logs[r])))
+        self.procs = [ctx.Process(target=_child, args=(argv, r, world, port, str(self.logs[r]),
+                                                       file_size_limit))
                       for r in range(world)]
         for p in self.procs:
             p.start()
