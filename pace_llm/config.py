@@ -16,6 +16,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,10 +57,6 @@ def _allowed(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 # names that PEFT / TRL / HF Trainer users type, mapped to ours
 ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
            "target_modules": "targets", "use_rslora": "rslora", "learning_rate": "lr",
@@ -98,7 +95,7 @@ def check_raw(raw: dict[str, Any], source: str, parser: Any) -> tuple[list[str],
         if not isinstance(body, dict):
             problems.append(f"{section}: expected a mapping of keys, got {body!r}")
             continue
-        types = _field_types(SECTIONS[section])
+        types = typing.get_type_hints(SECTIONS[section])
         for key, value in body.items():
             if key not in types:
                 problems.append(f"unknown key '{section}.{key}' in {source}: "
@@ -300,7 +297,7 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
             if isinstance(body, dict):
                 merged.setdefault(f"_good_{section}", {}).update(body)
     if problems:  # also report the value problems among the keys that did parse
-        raise RecipeError(problems + validate(_lenient_recipe(merged)))
+        raise RecipeError(problems + validate(_lenient_recipe(merged, parser, argv)))
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as exc:  # what jsonargparse raises with exit_on_error=False
@@ -362,8 +359,14 @@ def _apply_file_paths(recipe: Recipe, merged: dict[str, Any], argv: list[str]) -
             setattr(holder, attr, body[key])
 
 
-def _lenient_recipe(merged: dict[str, Any]) -> Recipe:
-    """A Recipe from the well-typed keys of the recipe files (ill-typed and unknown skipped)."""
+def _lenient_recipe(merged: dict[str, Any], parser: Any, argv: list[str]) -> Recipe:
+    """A Recipe from the well-typed keys of the recipe files and then of the ``--section.key
+    value`` flags (ill-typed and unknown ones skipped)."""
+    for flag, text in pairwise(argv):  # typed as jsonargparse types them
+        section, _, key = flag[2:].partition(".")
+        if flag.startswith("--") and section in SECTIONS and _parses(parser, section, key, text):
+            value = parser.parse_object({section: {key: text}})[section][key]
+            merged.setdefault(f"_good_{section}", {})[key] = value
     sections = {name: cls(**merged.get(f"_good_{name}", {})) for name, cls in SECTIONS.items()}
     ds = merged.get("deepspeed")
     return Recipe(**sections, deepspeed=ds if isinstance(ds, str) else None)
@@ -381,7 +384,7 @@ def _clean_jsonargparse_error(exc: Exception) -> str:
     bad = re.match(r'Parser key "(?P<key>[\w.]+)":.*Got value: (?P<value>.*)$', text)
     if bad:
         section, _, key = bad["key"].partition(".")
-        types = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+        types = typing.get_type_hints(SECTIONS[section]) if section in SECTIONS else {}
         if key in types:
             return (f"{bad['key']}: {bad['value']!r} is not allowed; expected "
                     f"{_allowed(types[key])}")

@@ -62,9 +62,10 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], tokenizer: Any,
-                    max_new_tokens: int, batch_size: int, device: torch.device) -> list[list[int]]:
+                    max_new_tokens: int, batch_size: int, device: torch.device,
+                    on_batch: Callable[[int], Any] | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids, EOS excluded) for each prompt; batched, left-padded,
-    KV-cached."""
+    KV-cached. ``on_batch(n)`` is told each finished batch's size (progress)."""
     eos = tokenizer.eos_token_id
     outputs = []
     for s in range(0, len(prompts), batch_size):
@@ -77,6 +78,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], tokenizer: Any,
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             outputs.append(row)
+        if on_batch is not None:
+            on_batch(len(gen))
     return outputs
 
 
@@ -128,9 +131,14 @@ class Evaluator:
         ctx = self.ctx
         if not examples:
             return []
-        if ctx.causal:
-            rows = greedy_generate(ctx.model, [e["prompt_ids"] for e in examples], ctx.tokenizer,
-                                   ctx.args.max_new_tokens, ctx.args.batch_size, ctx.device)
+        if ctx.causal:  # generation is the slow part: rank 0 shows its shard's progress
+            from tqdm import tqdm
+
+            with tqdm(total=len(examples), desc="eval (generation, rank 0's share)", leave=False,
+                      disable=not D.is_main(), dynamic_ncols=True) as bar:
+                rows = greedy_generate(ctx.model, [e["prompt_ids"] for e in examples],
+                                       ctx.tokenizer, ctx.args.max_new_tokens,
+                                       ctx.args.batch_size, ctx.device, on_batch=bar.update)
             return [ctx.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         preds = []
         bs = ctx.args.batch_size

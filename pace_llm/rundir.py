@@ -29,6 +29,9 @@ from pace_llm import distributed as D
 from pace_llm.errors import UserError
 
 
+CHECKPOINT_BYTES_PER_ELEMENT = 24
+
+
 class RunFinished(Exception):
     """The run asked to resume has already finished: nothing to do (exit 0)."""
 
@@ -137,6 +140,23 @@ class RunDir:
         raise UserError(f"train.output_dir: {self.out} is not empty; nothing was changed. Pass "
                         "--train.resume auto to continue that run, --train.overwrite true to "
                         "replace it, or choose another directory")
+
+    def check_space(self, trainable: int, save_every: int) -> None:
+        """Refuse to start when a checkpoint cannot fit (rank 0; save_every > 0 only): about 24
+        bytes per trainable element (fp32 weights, Adam's two moments, the gathered copy, the
+        adapter export)."""
+        if save_every <= 0:
+            return
+
+        def check() -> None:
+            need = CHECKPOINT_BYTES_PER_ELEMENT * trainable
+            free = shutil.disk_usage(self.out.parent).free
+            if free < need:
+                raise UserError(f"train.save_every: a checkpoint of this run needs about {need} "
+                                f"bytes, but {self.out.parent} has {free} bytes free; free "
+                                "space or write the run elsewhere (--train.output_dir)")
+
+        D.on_rank0(check)
 
     # ------------------------------------------------------------------ closing
     def commit(self) -> None:

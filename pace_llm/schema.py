@@ -168,6 +168,9 @@ class EvalArgs:
     """Keep the adapter with the best eval metric in <output_dir>/adapter-best."""
     at_start: bool = True
     """Evaluate once before the first step (the base model's figures)."""
+    patience: int = 0
+    """Early stopping: stop after this many evaluations (eval.every) without a better task
+    metric; the best adapter becomes adapter/ (0 = off)."""
 
 
 @dataclass

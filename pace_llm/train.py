@@ -64,7 +64,7 @@ def run(recipe: Recipe) -> Path:
     """The training story. Returns the run directory."""
     with started(recipe) as trainer:
         trainer.train()
-        if trainer.step >= trainer.max_steps:
+        if trainer.step >= trainer.max_steps or trainer.early_stopped:
             finish(trainer.run, trainer)
     return trainer.run.out
 
@@ -184,6 +184,8 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     task = build_task(recipe.data, tokenizer)
     model = load_base(recipe, base_dir, task, tokenizer, precision, ds_config)
     adapted = inject_adapters(recipe, model)
+    rundir.check_space(sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model)),
+                       recipe.train.save_every)
     size_ds_buckets(ds_config, model)
     batches, max_steps = plan_batches(recipe, task)
     objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
@@ -226,8 +228,18 @@ def finish(run: Run, trainer: Trainer) -> None:
     from pace_llm import distributed as D
     from pace_llm.plot import plot_metrics
 
-    run.export_adapter(run.out / "adapter", overwrite=True)
-    if run.recipe.export.merge:
+    if trainer.early_stopped:  # the best evaluation's adapter is the run's result
+        _copy_dir(run.out / "adapter-best", run.out / "adapter")
+    else:
+        run.export_adapter(run.out / "adapter", overwrite=True)
+    if run.recipe.export.merge and trainer.early_stopped:  # the best adapter onto the base
+        from pace_llm.merge import merge_adapter_dir
+
+        D.on_rank0(lambda: merge_adapter_dir(run.out / "adapter", run.out / "merged",
+                                             base=run.served_name, recipe=run.recipe, dtype=None,
+                                             overwrite=True))
+        trainer.log(f"merged model written: {run.out / 'merged'}")
+    elif run.recipe.export.merge:
         from pace_llm.merge import merge_and_save
 
         merge_and_save(run.model, run.out / "merged", tokenizer=run.tokenizer, overwrite=True)
@@ -236,6 +248,20 @@ def finish(run: Run, trainer: Trainer) -> None:
         plot_metrics(run.out / "metrics.jsonl", run.out / "curves.png")
         trainer.log(f"done: recipe {run.out / 'recipe.yaml'}, metrics {run.out / 'metrics.jsonl'}, "
                     f"curves {run.out / 'curves.png'}, adapter {run.out / 'adapter'}")
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    """A copy of an exported directory, written atomically (rank 0)."""
+    import shutil
+
+    from pace_llm import distributed as D
+    from pace_llm.export import atomic_dir
+
+    def copy() -> None:
+        with atomic_dir(dst, overwrite=True) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+    D.on_rank0(copy)
 
 
 # --------------------------------------------------------------------------------- the seeds

@@ -49,6 +49,9 @@ class Trainer:
         self.bad_in_a_row = 0
         self.bad_total = 0
         self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.evals_without_gain = 0
+        self.early_stopped = False
         self.stop_requested = False
         self.metrics_file = run.out / "metrics.jsonl"
         self.on_step_start: list[StepHook] = []
@@ -109,6 +112,8 @@ class Trainer:
                 self.write_metrics(window.record(self.step))
                 window = _Window()
             self.maybe_evaluate(force=self.step == self.max_steps)
+            if self.early_stopped:
+                return
             self.maybe_checkpoint()
             if self._stop_agreed():
                 self.save_checkpoint()
@@ -230,12 +235,21 @@ class Trainer:
             return
         record = self.evaluator.run()
         self.write_metrics({"step": self.step, "eval": record})
-        metric = record.get("metric")
         self.log(f"eval at step {self.step}: {json.dumps(record.get('metrics', {}))}")
-        if self.recipe.eval.save_best and metric is not None and self.step > 0:
-            if self.best_metric is None or metric > self.best_metric:
-                self.best_metric = metric
+        metric, patience = record.get("metric"), self.recipe.eval.patience
+        if metric is None or self.step == 0:
+            return
+        if self.best_metric is None or metric > self.best_metric:
+            self.best_metric, self.best_step, self.evals_without_gain = metric, self.step, 0
+            if self.recipe.eval.save_best or patience:
                 self.run.export_adapter(self.run.out / "adapter-best", overwrite=True)
+            return
+        self.evals_without_gain += 1
+        if patience and self.evals_without_gain >= patience and self.step < self.max_steps:
+            self.early_stopped = True
+            self.log(f"early stop at step {self.step}: the task metric has not improved in "
+                     f"{patience} evaluation(s) (eval.patience); best {self.best_metric:.4g} at "
+                     f"step {self.best_step}, whose adapter becomes {self.run.out / 'adapter'}")
 
     def maybe_checkpoint(self) -> None:
         every = self.recipe.train.save_every
@@ -247,7 +261,9 @@ class Trainer:
 
         state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
-                 "best_metric": self.best_metric, "recipe": recipe_to_dict(self.recipe)}
+                 "best_metric": self.best_metric, "best_step": self.best_step,
+                 "evals_without_gain": self.evals_without_gain,
+                 "recipe": recipe_to_dict(self.recipe)}
         history = self.history.values if self.history is not None else None
         path = ckpt.save(self.engine, self.run.out / "checkpoints", self.step, state,
                          self.run.trainable_state(), history, self.recipe.train.keep_last,
@@ -285,7 +301,8 @@ class Trainer:
         self.step = state["step"]
         self.cursor = Cursor(*state["cursor"])
         self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
-        self.best_metric = state.get("best_metric")
+        self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
+        self.evals_without_gain = state.get("evals_without_gain", 0)
         if history is not None:
             self.history.values = history
         if applied:

@@ -357,3 +357,15 @@ def test_bucket_sizes_follow_the_adapter():
     size_buckets(z3, 10 ** 9)
     assert z3["zero_optimization"]["reduce_bucket_size"] == 50_000_000
     assert size_buckets({"zero_optimization": {"stage": 0}}, 5) == {}
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    rows, evals = train_ok(tiny_base, out, train__max_steps=40, eval__every=2, eval__patience=2)
+    # the tiny model's exact match stays at its first value: no gain in 2 evaluations after it
+    assert [e["step"] for e in evals] == [0, 2, 4, 6] and rows[-1]["step"] == 6
+    log = (tmp_path / "run-logs" / "rank0.log").read_text()
+    assert "early stop at step 6" in log and "best 0 at step 2" in log
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / "adapter" / name).read_bytes() == (out / "adapter-best" / name).read_bytes()
+    assert (out / "curves.png").is_file()

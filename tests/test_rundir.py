@@ -196,3 +196,18 @@ def test_a_full_disk_during_a_checkpoint_is_one_message(tiny_base, tmp_path):
     assert "earlier checkpoints are intact" in log and "Traceback" not in log
     assert tree_hash(out / "checkpoints" / "step-2") == intact
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2"]
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from pace_llm.errors import UserError
+    from pace_llm.rundir import RunDir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    RunDir(tmp_path / "run").check_space(trainable=40, save_every=0)  # no checkpoints: fine
+    RunDir(tmp_path / "run").check_space(trainable=40, save_every=5)  # 960 bytes fit
+    with pytest.raises(UserError, match="needs about 2400 bytes, but .* has 1000 bytes free"):
+        RunDir(tmp_path / "run").check_space(trainable=100, save_every=5)
