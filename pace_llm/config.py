@@ -320,7 +320,8 @@ def load_recipe(argv: list[str] | None = None) -> Recipe:
 
 # recipe keys that hold input paths; "always" ones are never hub ids
 PATH_KEYS = {("deepspeed", None): "always", ("model", "name_or_path"): "if it exists",
-             ("data", "path"): "if it exists", ("data", "eval_path"): "if it exists"}
+             ("data", "path"): "if it exists", ("data", "eval_path"): "if it exists",
+             ("data", "chat_template"): "if it exists"}
 
 
 def _resolve(value: Any, base: Path, always: bool) -> Any:

@@ -2,8 +2,10 @@
 
 Builds the recipe's tokenizer and task exactly as training would (for a ``model.build`` recipe
 the tokenizer is trained in a temporary directory, as the demo does), then prints one
-rendered training example with the supervised tokens between ``[SUP]`` and ``[/SUP]``, one
-evaluation prompt, and the data statistics. Bad input prints one message and exits 2.
+rendered training example with the supervised tokens between ``[SUP]`` and ``[/SUP]`` (with
+``prompt_style: chat``, the conversation as the chat template renders it, after a line naming
+the template), one evaluation prompt, and the data statistics. Bad input prints one message
+and exits 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pace_llm.config import Recipe, parse_command
 from pace_llm.data import IGNORE
 from pace_llm.errors import UserError, run_command
 from pace_llm.tasks import TaskData, build_task, task_texts
+from pace_llm.tasks.templates import describe
 
 SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"
 
@@ -76,7 +79,12 @@ def check(recipe: Recipe, index: int = 0) -> str:
         from pace_llm.model import load_tokenizer
 
         tok = load_tokenizer(recipe.model.name_or_path, recipe, need_model=False)
-    return report(build_task(recipe.data, tok), tok, index)
+    task = build_task(recipe.data, tok)
+    text = report(task, tok, index)
+    if recipe.data.prompt_style == "chat" and task.kind == "causal_lm":
+        head, _, rest = text.partition("\n")
+        text = f"{head}\nchat template: {describe(recipe.data.chat_template)}\n{rest}"
+    return text
 
 
 EXAMPLES = """examples:

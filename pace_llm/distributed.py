@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -41,6 +41,20 @@ def init_distributed() -> None:
         deepspeed.init_distributed(verbose=False)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
+    else:
+        threads = threads_per_rank(os.environ, len(os.sched_getaffinity(0)))
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+def threads_per_rank(env: Mapping[str, str], cores: int) -> int | None:
+    """CPU ranks share the node's cores: cores ÷ local ranks, unless the user set
+    OMP_NUM_THREADS (torchrun sets 1 for several ranks; the deepspeed launcher sets nothing, and
+    each rank would otherwise take every core). None = leave torch's choice."""
+    if "OMP_NUM_THREADS" in env:
+        return None
+    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    return max(1, cores // max(1, local))
 
 
 def shutdown(clean: bool) -> None:

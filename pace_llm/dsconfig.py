@@ -48,6 +48,10 @@ SCALAR_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "zero_force_ds_cpu_optimizer", "use_data_before_expert_parallelism",
                "dataloader_drop_last", "log_level", "vocabulary_size", "sequence_parallel_size")
 KNOWN_KEYS = frozenset(OBJECT_KEYS + SCALAR_KEYS)
+REMOVED_KEYS = ("nebula", "compression_training", "amp", "quantize_training", "sparse_gradients",
+                "eigenvalue", "sparse_attention", "elasticity", "graph_harvesting",
+                "curriculum_learning", "progressive_layer_drop")
+"""Top-level keys DeepSpeed 0.19 removed (deepspeed.runtime.config refuses them)."""
 COUNT_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 EXAMPLES = {"zero_optimization": '{"stage": 2}', "bf16": '{"enabled": "auto"}',
             "fp16": '{"enabled": "auto"}'}
@@ -62,7 +66,7 @@ def load_ds_json(path: str | None) -> dict[str, Any]:
     return raw
 
 
-def read_ds_json(path: str) -> tuple[Any, list[str]]:
+def read_ds_json(path: str, deep: bool = True) -> tuple[Any, list[str]]:
     """(the parsed file, its problems): unreadable, not JSON, or what ds_json_problems finds."""
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -71,22 +75,22 @@ def read_ds_json(path: str) -> tuple[Any, list[str]]:
                  if isinstance(exc, json.JSONDecodeError) else "")
         detail = getattr(exc, "msg", None) or first_line(exc)
         return None, [f"deepspeed: cannot read {path!r} as JSON{where}: {detail}"]
-    return raw, ds_json_problems(raw, path)
+    return raw, ds_json_problems(raw, path, deep)
 
 
-def ds_json_problems(raw: Any, src: str) -> list[str]:
+def ds_json_problems(raw: Any, src: str, deep: bool = True) -> list[str]:
     """Structural problems of a DeepSpeed config, each naming the file and the key: not an
-    object, an unknown or removed top-level key, a section of the wrong type, and what
-    DeepSpeed's own config classes refuse in zero_optimization / fp16 / bf16."""
+    object, an unknown or removed top-level key, a section of the wrong type, an optimizer or
+    scheduler section; ``deep`` (imports DeepSpeed, ~1 s): also what DeepSpeed's own config
+    classes refuse in zero_optimization / fp16 / bf16."""
     if not isinstance(raw, dict):
         got = type(raw).__name__
         return [f"{src}: the top level must be a JSON object ({{\"zero_optimization\": ...}}), "
                 + f"got a {got}"]
     problems = []
-    removed = _removed_keys()
     for key, value in raw.items():
-        if key in removed:
-            problems.append(f"{src}: {key}: {removed[key]}")
+        if key in REMOVED_KEYS:
+            problems.append(f"{src}: {key}: removed from DeepSpeed (0.19 refuses it); remove it")
         elif key not in KNOWN_KEYS:
             near = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
             hint = f"did you mean '{near[0]}'?" if near else "DeepSpeed would ignore it; remove it"
@@ -102,17 +106,10 @@ def ds_json_problems(raw: Any, src: str) -> list[str]:
     if "optimizer" in raw or "scheduler" in raw:
         problems.append(f"{src}: remove 'optimizer'/'scheduler'; pace_llm builds AdamW and the "
                         "schedule from the recipe's train section (one source of truth)")
-    for key, model in _section_models().items():
+    for key, model in _section_models().items() if deep else ():
         if isinstance(raw.get(key), dict):
             problems += _pydantic_problems(model, raw[key], f"{src}: {key}")
     return problems
-
-
-def _removed_keys() -> dict[str, str]:
-    """Top-level keys DeepSpeed 0.19 removed (it refuses them with its own message)."""
-    from deepspeed.runtime import config as ds_config
-
-    return dict(getattr(ds_config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))
 
 
 def _section_models() -> dict[str, type]:

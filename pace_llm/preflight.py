@@ -124,7 +124,7 @@ def resource_problems(recipe: Recipe) -> list[str]:
     if ds is not None and Path(ds).is_file():
         from pace_llm.dsconfig import read_ds_json
 
-        problems += read_ds_json(ds)[1]
+        problems += read_ds_json(ds, deep=False)[1]  # DeepSpeed's own classes: in training
     elif ds is not None:
         what = "is a directory; give a JSON file" if Path(ds).is_dir() else "does not exist"
         problems.append(f"deepspeed: config file {ds!r} {what}; use one of ds_configs/*.json")

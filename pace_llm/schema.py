@@ -97,7 +97,10 @@ class DataArgs:
     on_too_long: Literal["truncate", "drop", "error"] = "drop"
     """What to do with an example longer than max_length."""
     prompt_style: Literal["plain", "chat"] = "plain"
-    """plain = the task's prompt text; chat = rendered with the tokenizer's chat template."""
+    """plain = the task's prompt text; chat = rendered with a chat template (data.chat_template)."""
+    chat_template: str | None = None
+    """Chat template for prompt_style chat: None = the tokenizer's own; a built-in name (chatml,
+    llama-3, mistral, phi-3, gemma, qwen); or a path to a Jinja file."""
     glue_task: str | None = None
     """GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte) when task = glue."""
     num_examples: int = 2000
@@ -138,6 +141,9 @@ class TrainArgs:
     """Seed for data order, init and the PACE noise."""
     log_every: int = 10
     """Log to metrics.jsonl every N optimizer steps."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    """Also send every metrics.jsonl record to these trackers (rank 0); each is an extra:
+    pip install 'pace-llm[tensorboard]' (or wandb, mlflow, track for all three)."""
     clean_grad_norm_every: int = 0
     """Every N steps also log clean_grad_norm: the task-loss gradient norm at the un-noised
     weights (PACE's theory says PACE lowers it). One extra forward/backward; 0 = never."""

@@ -25,9 +25,11 @@ from pace_llm.data import Cursor, rank_micro_batches, supervised_count
 from pace_llm.errors import UserError
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
+from pace_llm.records import Window, as_float
 
 if TYPE_CHECKING:
     from pace_llm.evaluate import Evaluator
+    from pace_llm.tracking import Tracker
     from pace_llm.train import Run
 
 StepHook = Callable[["Trainer", list[int]], None]
@@ -54,6 +56,7 @@ class Trainer:
         self.early_stopped = False
         self.stop_requested = False
         self.metrics_file = run.out / "metrics.jsonl"
+        self.tracker: Tracker | None = None  # train.report_to's backends (rank 0)
         self.on_step_start: list[StepHook] = []
         self.on_step_end: list[StepEndHook] = []
 
@@ -70,9 +73,12 @@ class Trainer:
             sys.stdout.flush()
 
     def write_metrics(self, record: dict[str, Any]) -> None:
+        """One record in metrics.jsonl and in every tracking backend (rank 0)."""
         if D.is_main():
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -91,7 +97,7 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         stream = self.run.batches.batches_from(self.cursor)
-        window = _Window()
+        window = Window()
         self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
         while self.step < self.max_steps:
             cursor, global_batch = next(stream)
@@ -110,7 +116,7 @@ class Trainer:
                             lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens'] / stats['time']:.0f}")
             if self.step % self.recipe.train.log_every == 0 or self.step == self.max_steps:
                 self.write_metrics(window.record(self.step))
-                window = _Window()
+                window = Window()
             self.maybe_evaluate(force=self.step == self.max_steps)
             if self.early_stopped:
                 return
@@ -172,7 +178,7 @@ class Trainer:
         self._count_bad(losses_finite)
         grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
         return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
-                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": _float(grad_norm),
+                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": as_float(grad_norm),
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
                 "paired": plan.paired, "skipped": not losses_finite}
 
@@ -357,43 +363,3 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         return D.all_reduce([1.0 if self.stop_requested else 0.0], op="max")[0] > 0
-
-
-class _Window:
-    """Accumulates step stats between two log lines."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, Any]] = []
-
-    def add(self, stats: dict[str, Any]) -> None:
-        self.steps.append(stats)
-
-    def record(self, step: int) -> dict[str, Any]:
-        n = len(self.steps)
-        mean = lambda k: sum(s[k] for s in self.steps) / n  # noqa: E731
-        paired = [s for s in self.steps if s["paired"]]
-        task = mean("task_loss")
-        cons = sum(s["consistency"] for s in paired) / len(paired) if paired else 0.0
-        elapsed = sum(s["time"] for s in self.steps)
-        tokens = sum(s["tokens"] for s in self.steps)
-        return {"step": step, "task_loss": task, "consistency_loss": cons,
-                "loss_ratio": cons / task if task else None, "grad_norm": mean("grad_norm"),
-                "clean_grad_norm": next((s["clean_grad_norm"] for s in reversed(self.steps)
-                                         if s["clean_grad_norm"] is not None), None),
-                "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
-                "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
-                "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
-
-
-def _float(x) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if hasattr(x, "item") else x)
-
-
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

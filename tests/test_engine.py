@@ -369,3 +369,15 @@ def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (out / "adapter" / name).read_bytes() == (out / "adapter-best" / name).read_bytes()
     assert (out / "curves.png").is_file()
+
+
+def test_a_run_reports_to_tensorboard(tiny_base, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    rows, evals = train_ok(tiny_base, out, train__max_steps=4, train__report_to="[tensorboard]")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/task_loss")]
+    assert logged == [(r["step"], pytest.approx(r["task_loss"])) for r in rows]
+    assert [e.step for e in events.Scalars("eval/fp_distance")] == [e["step"] for e in evals]

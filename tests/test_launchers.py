@@ -61,3 +61,13 @@ def test_torchrun_two_nodes_on_localhost(tiny_base, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
     assert "2 rank(s)" in logs[0]
     assert len(_losses(out)) == 4
+
+
+def test_cpu_ranks_share_the_cores():
+    from pace_llm.distributed import threads_per_rank
+
+    assert threads_per_rank({"LOCAL_SIZE": "2"}, 16) == 8  # the deepspeed launcher
+    assert threads_per_rank({"LOCAL_WORLD_SIZE": "3"}, 16) == 5  # torchrun
+    assert threads_per_rank({"LOCAL_SIZE": "4"}, 2) == 1
+    assert threads_per_rank({}, 2) == 2
+    assert threads_per_rank({"OMP_NUM_THREADS": "1", "LOCAL_SIZE": "2"}, 16) is None

@@ -8,8 +8,9 @@ Layout (``data.prompt_style: plain``, the paper's prompt)::
 The prompt ends with the separator ``\\n\\n``; everything after ``|`` is supervised. Prompt and
 target are tokenized separately and concatenated, so generation from the prompt ids sees
 exactly the training prefix. ``prompt_style: chat`` sends the same prompt (without the
-separator) as the user message through the tokenizer's chat template and supervises the
-assistant reply. The metric is exact match of the extracted final numbers.
+separator) as the user message through the chat template (``data.chat_template``: the
+tokenizer's own by default) and supervises the assistant reply. The metric is exact match of
+the extracted final numbers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pace_llm.errors import UserError
 from pace_llm.tasks import TaskData
 from pace_llm.tasks.examples import LengthPolicy, count_eval
 from pace_llm.tasks.sources import Rows, load_splits
-from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, eos_id,
-                                   generation_example, render_default, segments_to_example)
+from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, check_prompt_style,
+                                   eos_id, generation_example, render_default,
+                                   segments_to_example)
 
 PAPER_PROMPT = ("Answer below question. First think step-by-step and then answer the final "
                 "number:\n\n{question}")
@@ -87,7 +89,9 @@ def build_from_rows(train_rows: Rows, eval_rows: Rows, data: DataArgs, tok: Any,
                     name: str) -> TaskData:
     """TaskData from question/answer rows (GSM8K and the synthetic task share this)."""
     eos = eos_id(tok, f"the {name} task")
-    template = chat_template(tok, "chat") if data.prompt_style == "chat" else None
+    check_prompt_style(data.prompt_style, data.chat_template)
+    template = (chat_template(tok, "chat", data.chat_template) if data.prompt_style == "chat"
+                else None)
     policy = LengthPolicy(data.max_length, data.on_too_long, train_rows.source)
     train = []
     for n, row in train_rows.nonempty().head(data.limit).items:

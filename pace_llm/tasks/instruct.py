@@ -9,12 +9,13 @@ Row formats (detected per row):
 - ``messages``: ``[{role, content}, ...]`` with roles system / user / assistant;
 - sharegpt: ``conversations: [{from, value}, ...]`` with from human/user, gpt/assistant, system.
 
-``prompt_style: chat`` renders with the tokenizer's chat template (a tokenizer without one gets
-:data:`~pace_llm.tasks.tokens.DEFAULT_CHAT_TEMPLATE`, logged); ``plain`` always uses that
-default layout. Every assistant turn is supervised (up to and including its EOS), every
-system and user turn is not. Evaluation generates the last assistant turn from everything
-before it; without ``data.eval_path`` (or a test/validation file beside the data) the last
-5% of rows (at least 1, at most 200) are held out for it.
+``prompt_style: chat`` renders with ``data.chat_template``: the tokenizer's own by default (a
+tokenizer without one gets :data:`~pace_llm.tasks.tokens.DEFAULT_CHAT_TEMPLATE`, logged), a
+built-in family template or a Jinja file (:mod:`pace_llm.tasks.templates`); ``plain`` always
+uses that default layout. Every assistant turn is supervised (up to and including its EOS or
+end-of-turn text), every system and user turn is not. Evaluation generates the last assistant
+turn from everything before it; without ``data.eval_path`` (or a test/validation file beside
+the data) the last 5% of rows (at least 1, at most 200) are held out for it.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def text_metrics(generated: list[str], references: list[str]) -> dict[str, float
 def build(data: DataArgs, tok: Any) -> TaskData:
     """Instruction data as causal_lm TaskData."""
     eos = eos_id(tok, "the instruct task")
-    template = chat_template(tok, data.prompt_style)
+    template = chat_template(tok, data.prompt_style, data.chat_template)
     train_convs, eval_convs = _split(data)
     policy = LengthPolicy(data.max_length, data.on_too_long, data.path)
     train = []

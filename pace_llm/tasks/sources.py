@@ -88,20 +88,23 @@ def check_file(path: Path, what: str = "data file") -> None:
 
 
 def read_text(path: Path) -> str:
-    """A text file's contents; one that is not UTF-8 (or is binary) is named with its line."""
+    """A text file's contents; one that is not UTF-8, or is binary, is named with its line."""
     data = path.read_bytes()
-    if b"\x00" in data:
-        line = data[:data.index(b"\x00")].count(b"\n") + 1
-        raise UserError(f"{path} line {line}: NUL bytes: a binary (or UTF-16) file, not UTF-8 "
-                        "text; check the path (recipes, jsonl, json and tsv files are text)")
     try:
-        return data.decode("utf-8-sig")  # a leading byte-order mark is dropped
+        text, bad = data.decode("utf-8-sig"), None  # a leading byte-order mark is dropped
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise UserError(f"{path} line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
-                        f"column {column}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 "
-                        f"in > out)") from None
+        text, bad = "", exc.start
+    nul = data.find(b"\x00")
+    if bad is None and nul < 0:
+        return text
+    at = min(x for x in (bad, nul) if x is not None and x >= 0)
+    line = data[:at].count(b"\n") + 1
+    if nul >= 0:
+        raise UserError(f"{path} line {line}: binary data (NUL bytes), not UTF-8 text; check the "
+                        "path (recipes, jsonl, json and tsv files are text)")
+    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+    raise UserError(f"{path} line {line}: not UTF-8 text (byte 0x{data[at]:02x} at column "
+                    f"{column}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out)")
 
 
 def read_local(path: Path) -> Rows:

@@ -17,24 +17,10 @@ from typing import Any
 
 from pace_llm.data import IGNORE
 from pace_llm.errors import UserError
+from pace_llm.tasks import templates
+from pace_llm.tasks.templates import DEFAULT_CHAT_TEMPLATE  # re-exported
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{ '### Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
-)
-"""pace_llm's plain chat layout, used for ``prompt_style: plain`` conversations and for
-tokenizers without a chat template::
-
-    <system>\\n\\n### User:\\n<user>\\n\\n### Assistant:\\n<assistant><eos>\\n\\n### User:\\n...
-"""
 
 Segment = tuple[str, bool]  # (text, supervised)
 
@@ -74,17 +60,28 @@ def eos_id(tok: Any, what: str) -> int:
     return int(tok.eos_token_id)
 
 
-def chat_template(tok: Any, prompt_style: str) -> str:
-    """The template to render with: the tokenizer's for ``chat``, pace_llm's for ``plain``.
+def chat_template(tok: Any, prompt_style: str, name: str | None = None) -> str:
+    """The template to render with: ``data.chat_template`` for ``chat``, pace_llm's for ``plain``.
 
-    A tokenizer without a template gets :data:`DEFAULT_CHAT_TEMPLATE` set on it explicitly (so
-    an exported tokenizer serves with the layout it was trained on), with a log line.
+    ``name`` is ``data.chat_template`` (see :func:`pace_llm.tasks.templates.resolve`). None
+    means the tokenizer's own; a tokenizer without one gets :data:`DEFAULT_CHAT_TEMPLATE` set
+    on it explicitly, with a log line. A built-in or file template is set on the tokenizer too,
+    so a tokenizer saved with the merged model serves with the layout it was trained on.
     """
-    if not getattr(tok, "chat_template", None):
-        log.warning("the tokenizer has no chat template; setting pace_llm's default template "
-                    "(### User: / ### Assistant:, EOS after each assistant turn)")
-        tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    return tok.chat_template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+    check_prompt_style(prompt_style, name)
+    template = templates.resolve(name, tok)
+    if not templates.is_tokenizer_own(name) and tok.chat_template != template:
+        log.info("chat template %s set on the tokenizer", templates.describe(name))
+        tok.chat_template = template
+    return template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+
+
+def check_prompt_style(prompt_style: str, name: str | None) -> None:
+    """A chosen ``data.chat_template`` needs ``prompt_style: chat`` (plain would ignore it)."""
+    if prompt_style != "chat" and not templates.is_tokenizer_own(name):
+        raise UserError(f"data.chat_template is {name!r} but data.prompt_style is "
+                        f"{prompt_style!r}, which does not use a chat template; set "
+                        "data.prompt_style: chat, or remove data.chat_template")
 
 
 def render(tok: Any, messages: list[dict[str, str]], template: str, generation: bool,

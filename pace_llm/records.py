@@ -1,0 +1,47 @@
+"""The training record of metrics.jsonl: the steps between two log lines, summarised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Window:
+    """Accumulates step stats between two log lines."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.steps.append(stats)
+
+    def record(self, step: int) -> dict[str, Any]:
+        n = len(self.steps)
+        mean = lambda k: sum(s[k] for s in self.steps) / n  # noqa: E731
+        paired = [s for s in self.steps if s["paired"]]
+        task = mean("task_loss")
+        cons = sum(s["consistency"] for s in paired) / len(paired) if paired else 0.0
+        elapsed = sum(s["time"] for s in self.steps)
+        tokens = sum(s["tokens"] for s in self.steps)
+        return {"step": step, "task_loss": task, "consistency_loss": cons,
+                "loss_ratio": cons / task if task else None, "grad_norm": mean("grad_norm"),
+                "clean_grad_norm": next((s["clean_grad_norm"] for s in reversed(self.steps)
+                                         if s["clean_grad_norm"] is not None), None),
+                "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
+                "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
+                "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
+
+
+def as_float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if hasattr(x, "item") else x)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
