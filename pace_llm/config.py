@@ -131,10 +131,9 @@ def validate(recipe: Recipe) -> list[str]:
 
     need(bool(m.name_or_path) or m.build is not None,
          "model.name_or_path is empty: give a hub id or a local model directory (or model.build)")
-    need(not (m.name_or_path and m.build is not None),
-         f"model.name_or_path {m.name_or_path!r} and model.build are both set; model.build builds "
-         "a random-init base and would ignore name_or_path. To train that model add "
-         "--model.build null; to build the offline base, leave name_or_path empty")
+    need(not (m.name_or_path and m.build is not None), f"model.name_or_path {m.name_or_path!r} "
+         "and model.build are both set (build makes a random-init base, ignoring name_or_path): "
+         "to train that model add --model.build null; to build, leave name_or_path empty")
     need(lo.r > 0, f"lora.r: {lo.r} must be a positive integer (e.g. 8, 16)")
     need(lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0 (e.g. 2*r)")
     need(0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)")

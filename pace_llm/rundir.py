@@ -113,9 +113,13 @@ class RunDir:
 
         if self.staging.exists():  # left by a start that was killed before its commit
             shutil.rmtree(self.staging)
+        if resume and resume != "auto":  # a named checkpoint must verify, wherever it is
+            problem = verify(Path(resume))
+            if problem:
+                raise UserError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         has_files = self.out.is_dir() and any(self.out.iterdir())
         if not has_files:
-            return Plan("new")
+            return Plan("resume", resume) if resume and resume != "auto" else Plan("new")
         if resume:
             finished = (self.out / "adapter" / "adapter_config.json").is_file()
             found = (find_resumable(self.out / "checkpoints", log) if resume == "auto"
@@ -131,9 +135,6 @@ class RunDir:
                 log(f"train.resume auto: {self.out} has no complete checkpoint; the run starts "
                     "again from step 0 and replaces it once its data and model have loaded")
                 return Plan("replace")
-            problem = verify(Path(resume))
-            if problem:
-                raise UserError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
             return Plan("resume", resume)
         if overwrite:
             return Plan("replace")

@@ -204,6 +204,7 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     from pace_llm.model import base_model_dir, load_tokenizer
     from pace_llm.objective import PaceObjective
     from pace_llm.optim import build_optimizer, build_scheduler
+    from pace_llm.preflight import check_model
     from pace_llm.tasks import build_task
 
     precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
@@ -213,6 +214,7 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     tokenizer = load_tokenizer(base_dir, recipe)
     task = build_task(recipe.data, tokenizer)
     model = C.load_base(recipe, base_dir, task, tokenizer, precision, ds_config)
+    check_model(recipe, model, tokenizer, task)  # ids vs embedding rows, lengths vs positions
     adapted = C.inject_adapters(recipe, model)
     rundir.check_space(sum(getattr(p, "ds_numel", p.numel()) for p in adapter_parameters(model)),
                        recipe.train.save_every)

@@ -280,6 +280,15 @@ CASES = [
                                     "--example", "-1"], "NonNegativeInt: -1"),
     ("datacheck-bad-recipe", ["data-check", "--recipe", "{w}/unknown_key.yaml",
                               "--model.name_or_path", "{base}"], "unknown key 'lora.rank'"),
+    # run directories and checkpoints (pace_llm.rundir, pace_llm.checkpoint; more in
+    # tests/test_rundir.py: the lock, a planted pickle, a changed checkpoint, a full disk)
+    ("rundir-parent-is-a-file", train("--train.output_dir", "{w}/a_file.txt/run"),
+     "a parent of {w}/a_file.txt/run is a file"),
+    ("rundir-output-is-a-file", train("--train.output_dir", "{w}/a_file.txt"),
+     "train.output_dir: {w}/a_file.txt is a file"),
+    ("resume-not-a-checkpoint", train("--train.resume", "{w}/empty_dir",
+                                      "--train.output_dir", "{w}/resume_target"),
+     "train.resume: {w}/empty_dir is not a complete checkpoint: no MANIFEST.json"),
     # after the model loads (pace_llm.preflight.check_model, before DeepSpeed starts)
     ("preflight-vocab", train("--model.name_or_path", "{w}/small_vocab"), "100 embedding rows"),
     ("preflight-positions", train("--data.max_length", "1024"),
@@ -327,6 +336,41 @@ def test_keys_without_effect_are_warnings(world):
     assert [line.split(" has no effect")[0] for line in res.stderr.strip().splitlines()] == [
         "warning: pace.sigma = 0.5", "warning: pace.consistency_weight = 0.1",
         "warning: data.num_examples = 10"], res.stderr
+
+
+def test_check_model_lists_every_problem():
+    """preflight.check_model on its own: ids beyond the embedding rows, lengths beyond the
+    position table, both in one message; a model that fits passes."""
+    from conftest import tiny_llama
+
+    from pace_llm.config import Recipe
+    from pace_llm.errors import UserError
+    from pace_llm.preflight import check_model
+    from pace_llm.tasks import TaskData
+
+    class Tok:
+        def __len__(self) -> int:
+            return 512
+
+    model = tiny_llama(vocab_size=128, max_position_embeddings=256)  # 128 rows, 256 positions
+    task = TaskData(kind="causal_lm", train=[{"input_ids": [1, 300], "labels": [1, 300]}],
+                    eval=[{"prompt_ids": list(range(300)), "reference": "", "target_ids": [2]}],
+                    num_labels=None, stats={}, metric=lambda g, r: {}, name="t")
+    recipe = Recipe()  # data.max_length 1024
+    with pytest.raises(UserError) as err:
+        check_model(recipe, model, Tok(), task)
+    text = str(err.value)
+    assert text.startswith("3 problem(s) with this model:\n"), text
+    assert "ids reach 511 (len(tokenizer) = 512; the task's examples use ids up to 300)" in text
+    assert "128 embedding rows" in text
+    assert "data.max_length: 1024 is beyond the model's 256 positions" in text
+    assert "--data.max_length 256" in text and "an evaluation input has 300 tokens" in text
+    recipe.data.max_length = 128
+    small = TaskData(kind="causal_lm", train=[{"input_ids": [1, 5], "labels": [1, 5]}],
+                     eval=[{"prompt_ids": [1, 2], "reference": "", "target_ids": [2]}],
+                     num_labels=None, stats={}, metric=lambda g, r: {}, name="t")
+    Tok.__len__ = lambda self: 128
+    check_model(recipe, model, Tok(), small)
 
 
 def test_the_finished_run_is_untouched(world):
