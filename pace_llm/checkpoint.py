@@ -267,6 +267,7 @@ def weights_only_loads(engine: Any, path: Path):
 FIXED_SECTIONS = ("model", "lora", "quant", "data")
 FIXED_KEYS = ("pace.mode", "train.seed", "train.micro_batch_size", "train.grad_accum",
               "train.precision", "deepspeed")
+SPEED_ONLY = ("data.num_proc", "data.cache_dir")  # how the tokens are made, not which
 # keys that live in the optimizer and the schedule: applied to them on resume
 OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.warmup_steps",
                   "train.max_steps", "train.epochs")
@@ -290,6 +291,8 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]
         if old.get(key) == new.get(key):
             continue
         change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        if key in SPEED_ONLY:
+            continue
         if key.split(".")[0] in FIXED_SECTIONS or key in FIXED_KEYS:
             refused.append(change)
         elif key in OPTIMIZER_KEYS:

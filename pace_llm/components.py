@@ -134,7 +134,7 @@ def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchPlan, int]:
 
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum * D.world_size()
-    plan = BatchPlan([len(e["input_ids"]) for e in task.train], global_batch, t.seed)
+    plan = BatchPlan(task.lengths, global_batch, t.seed)
     return plan, t.max_steps or max(1, int(t.epochs * plan.steps_per_epoch))
 
 

@@ -156,7 +156,7 @@ def check_model(recipe: Recipe, model: Any, tokenizer: Any, task: Any) -> None:
 
 
 def _ids(task: Any) -> Iterable[list[int]]:
-    rows = [*task.train, *task.eval, *(r for rows in task.extra_eval.values() for r in rows)]
+    rows = [*task.eval, *(r for rows in task.extra_eval.values() for r in rows)]  # eval: lists
     for row in rows:
         for key in ("input_ids", "prompt_ids", "target_ids"):
             if row.get(key):
@@ -169,7 +169,7 @@ def _vocab_problems(model: Any, tokenizer: Any, task: Any) -> list[str]:
     if not isinstance(rows, int):
         return []
     top_tokenizer = len(tokenizer) - 1
-    top_data = max((max(ids) for ids in _ids(task)), default=-1)
+    top_data = max([task.max_train_id, *(max(ids) for ids in _ids(task))])  # train: the cache's
     if max(top_tokenizer, top_data) < rows:
         return []
     return [(f"the tokenizer's ids reach {top_tokenizer} (len(tokenizer) = {len(tokenizer)}; "

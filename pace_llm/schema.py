@@ -111,6 +111,10 @@ class DataArgs:
     """Hub dataset config name; None = the task's default (gsm8k: main; glue: data.glue_task)."""
     seed: int = 0
     """Synthetic task: seed of the problem generator (training and eval problems)."""
+    num_proc: int | None = None
+    """Processes that tokenize the data (once, on rank 0); None = min(8, CPU count)."""
+    cache_dir: str | None = None
+    """Where tokenized datasets are cached; None = $PACE_LLM_CACHE or ~/.cache/pace_llm."""
 
 
 @dataclass

@@ -30,6 +30,12 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(cfg).float().eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _task_cache(tmp_path_factory):
+    """Tokenized task caches go to a temporary directory, not the user's ~/.cache."""
+    os.environ.setdefault("PACE_LLM_CACHE", str(tmp_path_factory.mktemp("pace_llm_cache")))
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -14,15 +14,17 @@ entailment 0, not_entailment 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import TaskData
-from pace_llm.tasks.examples import LengthPolicy, count_eval
-from pace_llm.tasks.sources import Rows, load_splits, looks_local, read_hub, read_local
+from pace_llm.tasks import Plan, Splits, TaskData, cache
+from pace_llm.tasks.examples import LengthPolicy
+from pace_llm.tasks.sources import (Rows, load_splits, looks_local, read_hub, read_local,
+                                    read_text)
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def read_tsv(path: Path, task: str) -> Rows:
     if not path.is_file():
         raise UserError(f"data file {str(path)!r} does not exist")
     spec = SPECS[task]
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     lines = [line.rstrip("\r") for line in lines]
     while lines and not lines[-1]:
         lines.pop()
@@ -283,59 +285,95 @@ def parse_label(rows: Rows, n: int, row: dict[str, Any], spec: GlueSpec) -> int 
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenization
+# Records and tokenization
 # --------------------------------------------------------------------------------------------
 
-def _tokenize(rows: Rows, spec: GlueSpec, tok: Any, policy: LengthPolicy | None,
-              max_length: int) -> list[dict]:
-    """Tokenize (pairs as pairs); ``policy`` None = eval (too long is always truncated)."""
-    numbered = rows.nonempty().items
-    columns = [[rows.get(n, row, c) for n, row in numbered] for c in spec.text]
-    labels = [parse_label(rows, n, row, spec) for n, row in numbered]
+def records(rows: Rows, spec: GlueSpec) -> Iterator[dict[str, Any]]:
+    """Validated {where, <text columns>, label} records, label as the hub's id (or score)."""
+    for n, row in rows.nonempty():
+        yield {"where": rows.where(n), **{c: rows.get(n, row, c) for c in spec.text},
+               "label": parse_label(rows, n, row, spec)}
+
+
+@dataclass(frozen=True)
+class Ctx:
+    text: tuple[str, ...]
+    max_length: int
+
+
+def encode(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy | None
+           ) -> list[dict | None]:
+    """Tokenize (pairs as pairs); ``policy`` None = eval (too long is always truncated).
+    One example per record, None where the policy drops it."""
+    if not records:
+        return []
+    columns = [[r[c] for r in records] for c in ctx.text]
     encoded = tok(*columns, add_special_tokens=True)["input_ids"]
     lengths = [len(ids) for ids in encoded]
-    too_long = sorted(i for i, n in enumerate(lengths) if n > max_length)
+    too_long = sorted(i for i, n in enumerate(lengths) if n > ctx.max_length)
     if policy is not None:
         for i in too_long:  # raises in error mode
-            policy.too_long(lengths[i], rows.where(numbered[i][0]))
+            policy.too_long(lengths[i], records[i]["where"])
     if too_long and (policy is None or policy.mode == "truncate"):
         cut = tok(*[[c[i] for i in too_long] for c in columns], add_special_tokens=True,
-                  truncation=True, max_length=max_length)["input_ids"]
+                  truncation=True, max_length=ctx.max_length)["input_ids"]
         for i, ids in zip(too_long, cut):
             encoded[i] = ids
-    out = []
+    out: list[dict | None] = []
     long = set(too_long)
-    for i, (ids, label) in enumerate(zip(encoded, labels)):
+    for i, (ids, record) in enumerate(zip(encoded, records)):
         if policy is not None and i in long and policy.mode == "drop":
             policy.drop_classification(lengths[i])
+            out.append(None)
             continue
         if policy is not None:
             policy.keep_classification(len(ids), truncated=i in long)
-        out.append({"input_ids": list(ids), "label": label})
+        out.append({"input_ids": list(ids), "label": record["label"]})
     return out
 
 
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """A GLUE task (``data.glue_task``) as seq_cls TaskData."""
+def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
+                   ) -> list[dict | None]:
+    return encode(tok, ctx, records, policy)
+
+
+def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
+    return encode(tok, ctx, records, None)
+
+
+def _read(data: DataArgs, task: str) -> Splits:
+    spec = SPECS[task]
+    train_parts, eval_parts, extra_parts = load_glue(data, task)
+
+    def reader(parts: list[Rows]) -> Callable[[], list[dict]]:
+        return lambda: [r for part in parts for r in records(part, spec)]
+
+    return Splits(train=(r for part in _head(train_parts, data.limit) for r in records(part, spec)),
+                  source=" + ".join(p.source for p in train_parts), eval=reader(eval_parts),
+                  extra={name: reader(parts) for name, parts in extra_parts.items()})
+
+
+def plan(data: DataArgs, tok: Any) -> Plan:
+    """A GLUE task (``data.glue_task``) as a seq_cls plan."""
     task = data.glue_task
     if task not in SPECS:
         raise UserError(f"data.glue_task: {task!r} is not allowed; expected one of "
                         f"{', '.join(SPECS)}")
     spec = SPECS[task]
-    train_parts, eval_parts, extra_parts = load_glue(data, task)
-    policy = LengthPolicy(data.max_length, data.on_too_long,
-                          " + ".join(p.source for p in train_parts))
-    train = [ex for part in _head(train_parts, data.limit)
-             for ex in _tokenize(part, spec, tok, policy, data.max_length)]
-    stats = policy.finish()
-    evals = [ex for part in eval_parts for ex in _tokenize(part, spec, tok, None, data.max_length)]
-    extra = {name: [ex for part in parts for ex in _tokenize(part, spec, tok, None,
-                                                              data.max_length)]
-             for name, parts in extra_parts.items()}
-    return TaskData(kind="seq_cls", train=train, eval=evals,
-                    num_labels=1 if spec.labels is None else len(spec.labels),
-                    stats=count_eval(stats, evals), metric=glue_metric(task),
-                    name=f"glue/{task}", main_metric=MAIN_METRIC[spec.metric], extra_eval=extra)
+    label = "float64" if spec.labels is None else "int64"
+    return Plan(kind="seq_cls", name=f"glue/{task}",
+                num_labels=1 if spec.labels is None else len(spec.labels),
+                metric=glue_metric(task), main_metric=MAIN_METRIC[spec.metric],
+                read=lambda: _read(data, task),
+                schema={"where": "string", **{c: "string" for c in spec.text}, "label": label},
+                train_fn=train_examples, eval_fn=eval_examples,
+                ctx=Ctx(spec.text, data.max_length), key={"glue_task": task},
+                label_dtype=label)
+
+
+def build(data: DataArgs, tok: Any) -> TaskData:
+    """A GLUE task as seq_cls TaskData, through the task cache."""
+    return cache.build(plan(data, tok), data, tok)
 
 
 def texts(data: DataArgs) -> list[str]:

@@ -16,13 +16,15 @@ the extracted final numbers.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import TaskData
-from pace_llm.tasks.examples import LengthPolicy, count_eval
+from pace_llm.tasks import Plan, Splits, TaskData, cache
+from pace_llm.tasks.examples import LengthPolicy
 from pace_llm.tasks.sources import Rows, load_splits
 from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, check_prompt_style,
                                    eos_id, generation_example, render_default,
@@ -85,30 +87,60 @@ def segments(tok: Any, question: str, answer: str, prompt_style: str, template: 
     return chat_segments(tok, messages, template, where)
 
 
-def build_from_rows(train_rows: Rows, eval_rows: Rows, data: DataArgs, tok: Any,
-                    name: str) -> TaskData:
-    """TaskData from question/answer rows (GSM8K and the synthetic task share this)."""
+@dataclass(frozen=True)
+class Ctx:
+    """What turns a problem into tokens, besides the tokenizer."""
+
+    prompt_style: str
+    template: str | None
+    eos: int
+
+
+RECORD = {"where": "string", "question": "string", "answer": "string"}
+
+
+def records(rows: Rows, limit: int | None = None) -> Iterator[dict[str, str]]:
+    """Validated {where, question, answer} records of the first ``limit`` rows."""
+    for n, row in rows.nonempty().head(limit):
+        yield {"where": rows.where(n), "question": rows.get(n, row, "question"),
+               "answer": rows.get(n, row, "answer")}
+
+
+def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
+                   ) -> list[dict | None]:
+    """One training example per record (None: dropped by the length policy)."""
+    out = []
+    for r in records:
+        segs = segments(tok, r["question"], r["answer"], ctx.prompt_style, ctx.template,
+                        r["where"])
+        out.append(policy.causal(segments_to_example(tok, segs, ctx.eos), r["where"]))
+    return out
+
+
+def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
+    """One generation example per record."""
+    return [generation_example(tok, segments(tok, r["question"], r["answer"], ctx.prompt_style,
+                                             ctx.template, r["where"]), ctx.eos, r["answer"])
+            for r in records]
+
+
+def plan_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, tok: Any,
+                   name: str) -> Plan:
+    """The plan of a question/answer task (GSM8K and the synthetic task share this)."""
     eos = eos_id(tok, f"the {name} task")
     check_prompt_style(data.prompt_style, data.chat_template)
     template = (chat_template(tok, "chat", data.chat_template) if data.prompt_style == "chat"
                 else None)
-    policy = LengthPolicy(data.max_length, data.on_too_long, train_rows.source)
-    train = []
-    for n, row in train_rows.nonempty().head(data.limit).items:
-        question, answer = train_rows.get(n, row, "question"), train_rows.get(n, row, "answer")
-        segs = segments(tok, question, answer, data.prompt_style, template, train_rows.where(n))
-        example = policy.causal(segments_to_example(tok, segs, eos), train_rows.where(n))
-        if example is not None:
-            train.append(example)
-    stats = policy.finish()
-    evals = []
-    for n, row in eval_rows.nonempty().items:
-        question, answer = eval_rows.get(n, row, "question"), eval_rows.get(n, row, "answer")
-        segs = segments(tok, question, answer, data.prompt_style, template, eval_rows.where(n))
-        evals.append(generation_example(tok, segs, eos, answer))
-    return TaskData(kind="causal_lm", train=train, eval=evals, num_labels=None,
-                    stats=count_eval(stats, evals), metric=exact_match, name=name,
-                    main_metric="exact_match")
+
+    def splits() -> Splits:
+        train, evals = read()
+        return Splits(train=records(train, data.limit), source=train.source,
+                      eval=lambda: list(records(evals)))
+
+    return Plan(kind="causal_lm", name=name, num_labels=None, metric=exact_match,
+                main_metric="exact_match", read=splits, schema=RECORD, train_fn=train_examples,
+                eval_fn=eval_examples, ctx=Ctx(data.prompt_style, template, eos),
+                key={"template": template, "eos": eos})
 
 
 def _splits(data: DataArgs) -> tuple[Rows, Rows]:
@@ -119,10 +151,14 @@ def _splits(data: DataArgs) -> tuple[Rows, Rows]:
     return train, evals
 
 
-def build(data: DataArgs, tok: Any) -> TaskData:
+def plan(data: DataArgs, tok: Any) -> Plan:
     """GSM8K from ``openai/gsm8k`` (config ``main``, splits train/test) or local files."""
-    train, evals = _splits(data)
-    return build_from_rows(train, evals, data, tok, "gsm8k")
+    return plan_from_rows(lambda: _splits(data), data, tok, "gsm8k")
+
+
+def build(data: DataArgs, tok: Any) -> TaskData:
+    """GSM8K as causal_lm TaskData, through the task cache."""
+    return cache.build(plan(data, tok), data, tok)
 
 
 def render_text(question: str, answer: str, prompt_style: str) -> str:
@@ -137,6 +173,6 @@ def render_text(question: str, answer: str, prompt_style: str) -> str:
 def texts(data: DataArgs) -> list[str]:
     """Rendered training problems (for training an offline base's tokenizer)."""
     train, _ = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test")
-    return [render_text(train.get(n, r, "question"), train.get(n, r, "answer"), data.prompt_style)
-            for n, r in train.nonempty().head(data.limit).items]
+    return [render_text(r["question"], r["answer"], data.prompt_style)
+            for r in records(train, data.limit)]
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import TaskData
-from pace_llm.tasks.examples import LengthPolicy, count_eval
+from pace_llm.tasks import Plan, Splits, TaskData, cache, split_records
+from pace_llm.tasks.examples import LengthPolicy
 from pace_llm.tasks.sources import Rows, load_splits
 from pace_llm.tasks.tokens import (chat_segments, chat_template, eos_id,
                                    generation_example, render_default, segments_to_example)
@@ -66,45 +68,76 @@ def _alpaca(instruction: str, inp: str, output: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def conversations(rows: Rows) -> list[Conversation]:
-    """Every row as (where, messages); a row in no known format raises naming the row."""
-    out: list[Conversation] = []
-    for n, row in rows.nonempty().items:
+def each_conversation(rows: Rows) -> Iterator[Conversation]:
+    """Every row as (where, messages), as read; a row in no known format raises naming it."""
+    for n, row in rows.nonempty():
         where = rows.where(n)
         if "messages" in row:
-            out.append((where, _turns(rows, n, row, "messages", "role", "content")))
+            yield where, _turns(rows, n, row, "messages", "role", "content")
         elif "conversations" in row:
-            out.append((where, _turns(rows, n, row, "conversations", "from", "value")))
+            yield where, _turns(rows, n, row, "conversations", "from", "value")
         elif "instances" in row:
             instruction = rows.get(n, row, "instruction")
             for i, inst in enumerate(rows.get(n, row, "instances", list), start=1):
                 if not isinstance(inst, dict) or not isinstance(inst.get("output"), str):
                     raise UserError(f"{where}: instances[{i}] missing field 'output'")
-                out.append((f"{where} instance {i}",
-                            _alpaca(instruction, str(inst.get("input") or ""), inst["output"])))
+                yield (f"{where} instance {i}",
+                       _alpaca(instruction, str(inst.get("input") or ""), inst["output"]))
         elif "instruction" in row or "output" in row:
-            out.append((where, _alpaca(rows.get(n, row, "instruction"),
-                                       str(row.get("input") or ""), rows.get(n, row, "output"))))
+            yield where, _alpaca(rows.get(n, row, "instruction"), str(row.get("input") or ""),
+                                 rows.get(n, row, "output"))
         else:
             have = ", ".join(sorted(row)) or "nothing"
             raise UserError(f"{where}: not an instruction row (the row has: {have}); expected "
                             "instruction/input/output, instruction/instances, messages or "
                             "conversations")
-    return out
 
 
-def _split(data: DataArgs) -> tuple[list[Conversation], list[Conversation]]:
+def conversations(rows: Rows) -> list[Conversation]:
+    """Every row as (where, messages)."""
+    return list(each_conversation(rows))
+
+
+RECORD = {"where": "string", "messages": "messages"}
+
+
+def _read(data: DataArgs) -> Splits:
+    """Training conversations (streamed) and evaluation ones: data.eval_path, a test/validation
+    file beside the data, or the last 5% of the training rows (at least 1, at most 200)."""
     train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, None)
-    train = conversations(train_rows)
+    train = ({"where": w, "messages": m} for w, m in each_conversation(train_rows))
     if eval_rows is not None:
-        return train[: data.limit], conversations(eval_rows)
-    hold = min(HOLDOUT_MAX, max(1, int(len(train) * HOLDOUT_FRACTION)))
-    if len(train) < 2:
-        raise UserError(f"{train_rows.source}: {len(train)} example(s) cannot be split into "
-                        "train and eval; add rows or set data.eval_path")
-    log.info("no eval split: holding out the last %d of %d examples of %s for evaluation",
-             hold, len(train), train_rows.source)
-    return train[:-hold][: data.limit], train[-hold:]
+        return Splits(train, data.path, lambda: [{"where": w, "messages": m}
+                                                 for w, m in conversations(eval_rows)],
+                      limit=data.limit)
+
+    def holdout(n: int) -> int:
+        hold = min(HOLDOUT_MAX, max(1, int(n * HOLDOUT_FRACTION)))
+        if n < 2:
+            raise UserError(f"{train_rows.source}: {n} example(s) cannot be split into "
+                            "train and eval; add rows or set data.eval_path")
+        log.info("no eval split: holding out the last %d of %d examples of %s for evaluation",
+                 hold, n, train_rows.source)
+        return hold
+    return Splits(train, data.path, None, holdout=holdout, limit=data.limit)
+
+
+@dataclass(frozen=True)
+class Ctx:
+    template: str
+    eos: int
+
+
+def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
+                   ) -> list[dict | None]:
+    """One training example per conversation record (None: dropped by the length policy)."""
+    return [policy.causal(segments_to_example(
+        tok, chat_segments(tok, r["messages"], ctx.template, r["where"]), ctx.eos), r["where"])
+        for r in records]
+
+
+def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
+    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos) for r in records]
 
 
 def eval_example(tok: Any, where: str, messages: list[dict[str, str]], template: str,
@@ -134,26 +167,23 @@ def text_metrics(generated: list[str], references: list[str]) -> dict[str, float
     return {"exact_match": em / len(generated), "token_f1": f1 / len(generated)}
 
 
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """Instruction data as causal_lm TaskData."""
+def plan(data: DataArgs, tok: Any) -> Plan:
+    """Instruction data as a causal_lm plan (sets the chat template on the tokenizer)."""
     eos = eos_id(tok, "the instruct task")
     template = chat_template(tok, data.prompt_style, data.chat_template)
-    train_convs, eval_convs = _split(data)
-    policy = LengthPolicy(data.max_length, data.on_too_long, data.path)
-    train = []
-    for where, messages in train_convs:
-        segments = chat_segments(tok, messages, template, where)
-        example = policy.causal(segments_to_example(tok, segments, eos), where)
-        if example is not None:
-            train.append(example)
-    stats = policy.finish()
-    evals = [eval_example(tok, where, messages, template, eos) for where, messages in eval_convs]
-    return TaskData(kind="causal_lm", train=train, eval=evals, num_labels=None,
-                    stats=count_eval(stats, evals), metric=text_metrics, name="instruct",
-                    main_metric="token_f1")
+    return Plan(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
+                main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
+                train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
+                key={"template": template, "eos": eos})
+
+
+def build(data: DataArgs, tok: Any) -> TaskData:
+    """Instruction data as causal_lm TaskData, through the task cache."""
+    return cache.build(plan(data, tok), data, tok)
 
 
 def texts(data: DataArgs) -> list[str]:
     """Training conversations in the default layout (for training an offline tokenizer)."""
-    train, _ = _split(data)
-    return [render_default(messages) for _, messages in train]
+    splits = _read(data)
+    train, _ = split_records(splits, list(splits.train))
+    return [render_default(r["messages"]) for r in train]

@@ -1,15 +1,19 @@
-"""Task rows from local files (jsonl, json, parquet) or the Hugging Face hub.
+"""Task rows from local files (jsonl, json, parquet, csv, tsv) or the Hugging Face hub.
 
 Every row keeps its 1-based number so that an error can name the file and the row. In a
-jsonl file the row number is the line number; in a headered TSV it is the data row, and the
-message adds the line (``row 5 (line 6)``).
-"""
+jsonl file the row number is the line number; in a CSV or headered TSV it is the data row,
+and the message adds the line (``row 5 (line 6)``). Rows of all but .json files are streamed:
+read as they are used, never all held at once."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +21,43 @@ from pace_llm.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOCAL_EXTS = (".jsonl", ".json", ".parquet", ".tsv")
+LOCAL_EXTS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 EVAL_NAMES = ("test", "validation", "dev")
+CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV field (the csv module's default is 128 K)
+
+Item = tuple[int, dict[str, Any]]
 
 
-@dataclass
 class Rows:
-    """Rows of one split: ``items`` holds (row number, row dict) pairs; ``source`` names it."""
+    """Rows of one split as (row number, row dict) pairs; ``source`` names it.
 
-    source: str
-    items: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    header_lines: int = 0
-    """Lines before row 1 (a TSV header); errors then also give the line number."""
+    Either ``items`` (a list) or ``stream`` (a function returning a fresh iterator of pairs,
+    read as it is used). ``items`` on streamed rows reads them all into a list.
+    """
+
+    def __init__(self, source: str, items: list[Item] | None = None, header_lines: int = 0,
+                 stream: Callable[[], Iterator[Item]] | None = None,
+                 lines: dict[int, int] | None = None):
+        self.source = source
+        self._items = items if items is not None or stream is not None else []
+        self._stream = stream
+        self.header_lines = header_lines
+        """Lines before row 1 (a header); errors then also give the line number."""
+        self.lines = {} if lines is None else lines
+        """Rows whose line is not ``n + header_lines`` (blank lines, multi-line CSV fields)."""
+
+    @property
+    def items(self) -> list[Item]:
+        if self._items is None:
+            self._items = list(self._stream())
+        return self._items
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self._items) if self._items is not None else self._stream()
 
     def where(self, n: int) -> str:
-        line = f" (line {n + self.header_lines})" if self.header_lines else ""
-        return f"{self.source} row {n}{line}"
+        line = self.lines.get(n, n + self.header_lines)
+        return f"{self.source} row {n}" + (f" (line {line})" if self.header_lines else "")
 
     def get(self, n: int, row: dict[str, Any], key: str, kind: type | tuple = str) -> Any:
         """``row[key]``, or a UserError naming the file, the row and the field."""
@@ -45,13 +70,31 @@ class Rows:
                             f"{_short(value)}; expected {_kind_name(kind)}")
         return value
 
+    def _like(self, **kw: Any) -> Rows:
+        return Rows(self.source, header_lines=self.header_lines, lines=self.lines, **kw)
+
     def nonempty(self) -> Rows:
-        if not self.items:
-            raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
-        return self
+        """These rows; a UserError when there are none (for streamed rows: once read)."""
+        if self._items is not None:
+            if not self._items:
+                raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
+            return self
+
+        def stream() -> Iterator[Item]:
+            empty = True
+            for item in self._stream():
+                empty = False
+                yield item
+            if empty:
+                raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
+        return self._like(stream=stream)
 
     def head(self, limit: int | None) -> Rows:
-        return self if limit is None else Rows(self.source, self.items[:limit], self.header_lines)
+        if limit is None:
+            return self
+        if self._items is not None:
+            return self._like(items=self._items[:limit])
+        return self._like(stream=lambda: islice(self._stream(), limit))
 
 
 def _short(value: Any) -> str:
@@ -87,70 +130,140 @@ def check_file(path: Path, what: str = "data file") -> None:
         raise UserError(f"{what} {str(path)!r} does not exist")
 
 
+def _text_error(path: Path, line: int, binary: bool, column: int = 0, byte: int = 0) -> UserError:
+    if binary:
+        return UserError(f"{path} line {line}: binary data (NUL bytes), not UTF-8 text; check the "
+                         "path (recipes, jsonl, json, csv and tsv files are text)")
+    return UserError(f"{path} line {line}: not UTF-8 text (byte 0x{byte:02x} at column {column}); "
+                     "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out)")
+
+
 def read_text(path: Path) -> str:
     """A text file's contents; one that is not UTF-8, or is binary, is named with its line."""
     data = path.read_bytes()
-    try:
-        text, bad = data.decode("utf-8-sig"), None  # a leading byte-order mark is dropped
-    except UnicodeDecodeError as exc:
-        text, bad = "", exc.start
-    nul = data.find(b"\x00")
-    if bad is None and nul < 0:
-        return text
-    at = min(x for x in (bad, nul) if x is not None and x >= 0)
-    line = data[:at].count(b"\n") + 1
-    if nul >= 0:
-        raise UserError(f"{path} line {line}: binary data (NUL bytes), not UTF-8 text; check the "
-                        "path (recipes, jsonl, json and tsv files are text)")
-    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
-    raise UserError(f"{path} line {line}: not UTF-8 text (byte 0x{data[at]:02x} at column "
-                    f"{column}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out)")
+    if b"\x00" not in data:
+        with suppress(UnicodeDecodeError):
+            return data.decode("utf-8-sig")  # a leading byte-order mark is dropped
+    check_text(path)  # raises, naming the line
+    raise AssertionError(f"{path}: not text, yet no line was found to name")
+
+
+def check_text(path: Path) -> None:
+    """UserError naming the first line that is not UTF-8 text (binary: a NUL byte anywhere),
+    read line by line, without holding the file."""
+    bad = None
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if b"\x00" in raw:
+                raise _text_error(path, bad[0] if bad else n, True)
+            if bad is None:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = (n, exc.start + 1, raw[exc.start])
+    if bad:
+        raise _text_error(path, bad[0], False, bad[1], bad[2])
 
 
 def read_local(path: Path) -> Rows:
-    """Rows of a .jsonl, .json (a list of objects) or .parquet file."""
+    """Rows of a .jsonl, .json (a list of objects), .parquet, or headered .csv / .tsv file."""
     check_file(path)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif suffix == ".json":
-        rows = _read_json(path)
-    elif suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
+               ".csv": _read_csv, ".tsv": _read_csv}
+    if suffix not in readers:
         raise UserError(f"data file {str(path)!r}: unsupported extension {suffix!r}; "
-                        "use .jsonl, .json or .parquet")
-    log.info("read %d rows from %s", len(rows.items), path)
+                        "use .jsonl, .json, .parquet, .csv or .tsv")
+    rows = readers[suffix](path)
+    if rows._items is not None:
+        log.info("read %d rows from %s", len(rows.items), path)
     return rows
+
+
+def _counted(path: Path, items: Iterator[Item]) -> Iterator[Item]:
+    count = 0
+    for count, item in enumerate(items, start=1):
+        yield item
+    log.info("read %d rows from %s", count, path)
 
 
 def _read_parquet(path: Path) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{path}: could not be read as parquet ({first_line(exc)}); the file "
-                        "is corrupt, truncated or not parquet: write or download it again, or "
-                        "give a .jsonl/.json file") from None
-    return Rows(str(path), list(enumerate(table.to_pylist(), start=1)))
+    def stream(rows: bool = True) -> Iterator[Item]:
+        try:
+            with pq.ParquetFile(path) as f:  # the footer: most damage shows here
+                batches = f.iter_batches(batch_size=4096) if rows else ()
+                yield from enumerate((r for b in batches for r in b.to_pylist()), start=1)
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: could not be read as parquet ({first_line(exc)}); the "
+                            "file is corrupt, truncated or not parquet: write or download it "
+                            "again, or give a .jsonl/.json file") from None
+    list(stream(rows=False))  # now, before any row
+    return Rows(str(path), stream=lambda: _counted(path, stream()))
 
 
 def _read_jsonl(path: Path) -> Rows:
-    rows = Rows(str(path))
-    for n, line in enumerate(read_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} row {n}: not valid JSON ({exc.msg} at column "
-                            f"{exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path} row {n}: expected a JSON object, got "
-                            f"{type(obj).__name__}")
-        rows.items.append((n, obj))
+    check_text(path)
+
+    def stream() -> Iterator[Item]:
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                line = raw.decode("utf-8")
+                if n == 1:
+                    line = line.removeprefix("\ufeff")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path} row {n}: not valid JSON ({exc.msg} at column "
+                                    f"{exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise UserError(f"{path} row {n}: expected a JSON object, got "
+                                    f"{type(obj).__name__}")
+                yield n, obj
+    return Rows(str(path), stream=lambda: _counted(path, stream()))
+
+
+def _read_csv(path: Path) -> Rows:
+    """A CSV (or TSV) file whose first record is the header; fields may be quoted."""
+    check_text(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    kind = "TSV" if delimiter == "\t" else "CSV"
+
+    def stream() -> Iterator[Item]:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            header, n, start = None, 0, 1
+            while True:
+                try:
+                    fields = next(reader, None)
+                except csv.Error as exc:
+                    raise UserError(f"{path} line {start}: malformed {kind} ({exc}); a field that "
+                                    "opens a quote (\") must close it, and a quote inside a "
+                                    "quoted field is doubled (\"\")") from None
+                if fields is None:
+                    break
+                line, start = start, reader.line_num + 1
+                if not any(fields):
+                    continue  # a blank line
+                if header is None:
+                    header = [h.strip() for h in fields]
+                    continue
+                n += 1
+                if line != n + 1:
+                    rows.lines[n] = line
+                if len(fields) != len(header):
+                    raise UserError(f"{rows.where(n)}: {len(fields)} fields, expected "
+                                    f"{len(header)} (the header has: {', '.join(header)})")
+                yield n, dict(zip(header, fields))
+            if header is None:
+                raise UserError(f"{path}: the dataset is empty (no header row); a {kind} file "
+                                "starts with a header naming its columns")
+    rows = Rows(str(path), header_lines=1, stream=lambda: _counted(path, stream()))
     return rows
 
 
@@ -172,7 +285,7 @@ def _read_json(path: Path) -> Rows:
 
 
 def read_hub(name: str, config: str | None, split: str) -> Rows:
-    """One split of a hub dataset via ``datasets.load_dataset``."""
+    """One split of a hub dataset via ``datasets.load_dataset`` (memory-mapped; streamed rows)."""
     import datasets
 
     label = f"{name}" + (f" ({config})" if config else "") + f" split '{split}'"
@@ -184,7 +297,7 @@ def read_hub(name: str, config: str | None, split: str) -> Rows:
                         "its path (./x.jsonl or /abs/dir); offline, HF_HUB_OFFLINE=1 skips the "
                         "network retries") from None
     log.info("loaded %d rows from hub dataset %s", len(ds), label)
-    return Rows(f"hub:{name}[{split}]", list(enumerate(ds.to_list(), start=1)))
+    return Rows(f"hub:{name}[{split}]", stream=lambda: enumerate(ds, start=1))
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -195,7 +308,7 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def find_in_dir(directory: Path, names: tuple[str, ...],
-                exts: tuple[str, ...] = (".jsonl", ".json", ".parquet")) -> Path | None:
+                exts: tuple[str, ...] = LOCAL_EXTS) -> Path | None:
     """The first ``<name><ext>`` that exists in ``directory``."""
     for name in names:
         for ext in exts:
@@ -244,3 +357,35 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
     if eval_rows is None and eval_file is not None:
         eval_rows = reader(eval_file)
     return train, eval_rows
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_files(paths: tuple[str | None, ...]) -> dict[str, str]:
+    """SHA-256 of each local file that :func:`load_splits` (or GLUE's layouts) may read for
+    these paths: a file and its test/validation/dev siblings, or a directory's data files.
+    Hub ids have none; a missing or unreadable file is noted as such."""
+    files: set[Path] = set()
+    for given in filter(None, paths):
+        path = Path(given).expanduser().resolve()
+        if not looks_local(given):
+            continue
+        if path.is_dir():
+            files |= {p for p in path.iterdir() if p.suffix.lower() in LOCAL_EXTS}
+        elif path.stem == "train" and path.parent.is_dir():
+            files |= {p for p in path.parent.iterdir() if p.suffix == path.suffix and p.stem in
+                      (*EVAL_NAMES, "train", "validation_matched", "dev_matched")}
+        files.add(path)
+    out = {}
+    for path in sorted(files):
+        try:
+            out[str(path)] = file_sha256(path) if path.is_file() else "missing"
+        except OSError as exc:  # unreadable: reading it reports that
+            out[str(path)] = f"unreadable: {exc.strerror}"
+    return out

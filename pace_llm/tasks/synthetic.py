@@ -14,8 +14,8 @@ from typing import Any
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import TaskData
-from pace_llm.tasks.gsm8k import build_from_rows, render_text
+from pace_llm.tasks import Plan, TaskData, cache
+from pace_llm.tasks.gsm8k import plan_from_rows, render_text
 from pace_llm.tasks.sources import Rows
 
 NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
@@ -91,12 +91,18 @@ def splits(data: DataArgs) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return train, evals
 
 
+def plan(data: DataArgs, tok: Any) -> Plan:
+    """The synthetic task (GSM8K prompt, target and metric); problems drawn on a cache miss."""
+    def read() -> tuple[Rows, Rows]:
+        train, evals = splits(data)
+        return (Rows("synthetic:train", list(enumerate(train, 1))),
+                Rows("synthetic:eval", list(enumerate(evals, 1))))
+    return plan_from_rows(read, data, tok, "synthetic")
+
+
 def build(data: DataArgs, tok: Any) -> TaskData:
-    """The synthetic task as causal_lm TaskData (GSM8K prompt, target and metric)."""
-    train, evals = splits(data)
-    return build_from_rows(Rows("synthetic:train", list(enumerate(train, 1))),
-                           Rows("synthetic:eval", list(enumerate(evals, 1))), data, tok,
-                           "synthetic")
+    """The synthetic task as causal_lm TaskData, through the task cache."""
+    return cache.build(plan(data, tok), data, tok)
 
 
 def texts(data: DataArgs) -> list[str]:
