@@ -598,19 +598,6 @@ def render(a, rows: list[tuple[str, str, str, dict]], command: str, date: str, e
     return "\n".join(L)
 
 
-def append_results(report: str) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    text = path.read_text()
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{report}\n"
-    else:
-        start = text.index(HEADING) + len(HEADING)
-        nxt = text.find("\n## ", start)
-        end = len(text) if nxt < 0 else nxt + 1
-        text = text[:end].rstrip("\n") + f"\n\n{report}\n" + ("\n" + text[end:] if nxt >= 0 else "")
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description="Kernel launches and host syncs per optimizer step: "
                                  "pace_llm off/full vs PEFT + Trainer, counted on the CPU")
@@ -719,7 +706,7 @@ def main() -> None:
     report = render(a, rows, command, date, time.perf_counter() - started, base_info)
     print("\n" + report)
     if a.write_results:
-        append_results(report)
+        TP.append_results(report, HEADING)
         print(f"appended to {REPO / 'bench' / 'RESULTS.md'}")
 
 

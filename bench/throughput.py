@@ -728,13 +728,14 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
     return "\n".join(L)
 
 
-def append_results(report: str) -> None:
+def append_results(report: str, heading: str = HEADING) -> None:
+    """Append a report to bench/RESULTS.md under its heading (a new section at the end)."""
     path = REPO / "bench" / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Measured figures\n"
-    if HEADING not in text:
-        text = text.rstrip("\n") + f"\n\n{HEADING}\n\n{report}\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{report}\n"
     else:
-        start = text.index(HEADING) + len(HEADING)
+        start = text.index(heading) + len(heading)
         nxt = text.find("\n## ", start)
         end = len(text) if nxt < 0 else nxt + 1
         section = text[:end].rstrip("\n") + f"\n\n{report}\n"

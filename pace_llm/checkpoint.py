@@ -68,7 +68,8 @@ def _write_manifest(path: Path) -> None:
     os.replace(tmp, path / MANIFEST)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write text to path through a temporary file renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -114,7 +115,7 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any],
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write(root / "latest", final.name)
+        atomic_write(root / "latest", final.name)
         for old in sorted(list_steps(root))[:-keep_last]:
             shutil.rmtree(root / f"step-{old}", ignore_errors=True)
     D.barrier()

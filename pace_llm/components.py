@@ -55,20 +55,13 @@ def check_quant(recipe: Recipe, ds_config: dict) -> None:
 def record_recipe(recipe: Recipe, ds_config: dict, where: Path) -> None:
     """Rank 0 writes the resolved recipe and the DeepSpeed config DeepSpeed got."""
     from pace_llm import distributed as D
+    from pace_llm.checkpoint import atomic_write
     from pace_llm.dsconfig import save_json
 
     if D.is_main():
         where.mkdir(parents=True, exist_ok=True)
-        _atomic_write(where / "recipe.yaml", dump_recipe(recipe))
+        atomic_write(where / "recipe.yaml", dump_recipe(recipe))
         save_json(ds_config, where / "ds_config.json")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def ensure_base_model(recipe: Recipe, where: Path) -> str:

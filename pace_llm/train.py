@@ -15,9 +15,10 @@ order; ``Trainer`` (pace_llm/trainer.py) runs the loop over what it built.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, not this folder's modules
@@ -160,12 +161,13 @@ class Run:
 
         return zero_stage(self.ds_config)
 
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """A training batch (padding, labels) of these examples."""
+    @cached_property
+    def collate(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """The training batch (padding, labels) of a list of examples: the task's collator."""
         from pace_llm.data import collator
 
         return collator(self.causal, self.tokenizer.pad_token_id,
-                        regression=self.task.num_labels == 1)(examples)
+                        regression=self.task.num_labels == 1)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, whole (gathered under ZeRO-3), on CPU (every rank calls)."""

@@ -339,9 +339,7 @@ class Trainer:
             return
         kept = [line for line in self.metrics_file.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_file)
+        ckpt.atomic_write(self.metrics_file, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
