@@ -30,7 +30,16 @@ class Window:
                                          if s["clean_grad_norm"] is not None), None),
                 "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
                 "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
-                "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
+                "skipped_steps": sum(1 for s in self.steps if s["skipped"]),
+                **self._by_source()}
+
+    def _by_source(self) -> dict[str, Any]:
+        """``data.mix``: the window's training examples per source."""
+        counts: dict[str, int] = {}
+        for s in self.steps:
+            for name, n in (s.get("sources") or {}).items():
+                counts[name] = counts.get(name, 0) + n
+        return {"examples_by_source": counts} if counts else {}
 
 
 def as_float(x) -> float | None:

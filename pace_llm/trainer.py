@@ -106,6 +106,7 @@ class Trainer:
             clean = self.maybe_clean_grad_norm(global_batch)
             stats = self.train_step(global_batch)
             stats["clean_grad_norm"] = clean
+            stats["sources"] = self.run.batches.source_counts(global_batch)
             self.cursor = cursor
             self.step += 1
             window.add(stats)
@@ -183,7 +184,7 @@ class Trainer:
                 "paired": plan.paired, "skipped": not losses_finite}
 
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        return self.run.collate([self.run.task.train[i] for i in ids])
+        return self.run.collate(self.run.task.examples(ids))
 
     def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int]):
         dev = self.engine.device
@@ -265,7 +266,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         from pace_llm.config import recipe_to_dict
 
-        state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
+        cursors = D.all_gather_objects([self.cursor.epoch, self.cursor.batch])
+        state = {"step": self.step, "cursor": cursors[0], "cursors": cursors,
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
                  "best_metric": self.best_metric, "best_step": self.best_step,
                  "evals_without_gain": self.evals_without_gain,
@@ -305,7 +307,7 @@ class Trainer:
                 raise UserError(f"checkpoint {path}: DeepSpeed restored {name} differently from "
                                 "trainable.safetensors; the checkpoint is inconsistent")
         self.step = state["step"]
-        self.cursor = Cursor(*state["cursor"])
+        self.cursor = self._resumed_cursor(state, path)
         self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
         self.evals_without_gain = state.get("evals_without_gain", 0)
@@ -317,6 +319,18 @@ class Trainer:
                      "schedule updated)")
         self._drop_metrics_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _resumed_cursor(self, state: dict[str, Any], path: Path) -> Cursor:
+        """The data cursor to go on from: the run's, or (streaming) this rank's own."""
+        if not self.run.task.streaming:
+            return Cursor(*state["cursor"])
+        cursors = state.get("cursors", [state["cursor"]])
+        if len(cursors) != self.world:
+            raise UserError(f"train.resume: checkpoint {path} was written by {len(cursors)} "
+                            f"rank(s), this run has {self.world}; a streamed run (data.streaming) "
+                            "resumes with the same number of ranks, each at its own place in "
+                            "the stream")
+        return Cursor(*cursors[self.rank])
 
     def _apply_schedule(self) -> None:
         """The recipe's lr, weight decay and schedule on the restored optimizer and scheduler
