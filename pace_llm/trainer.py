@@ -307,7 +307,7 @@ class Trainer:
                 raise UserError(f"checkpoint {path}: DeepSpeed restored {name} differently from "
                                 "trainable.safetensors; the checkpoint is inconsistent")
         self.step = state["step"]
-        self.cursor = self._resumed_cursor(state, path)
+        self.cursor = self._resumed_cursor(state)
         self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
         self.evals_without_gain = state.get("evals_without_gain", 0)
@@ -320,17 +320,12 @@ class Trainer:
         self._drop_metrics_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
-    def _resumed_cursor(self, state: dict[str, Any], path: Path) -> Cursor:
-        """The data cursor to go on from: the run's, or (streaming) this rank's own."""
-        if not self.run.task.streaming:
-            return Cursor(*state["cursor"])
-        cursors = state.get("cursors", [state["cursor"]])
-        if len(cursors) != self.world:
-            raise UserError(f"train.resume: checkpoint {path} was written by {len(cursors)} "
-                            f"rank(s), this run has {self.world}; a streamed run (data.streaming) "
-                            "resumes with the same number of ranks, each at its own place in "
-                            "the stream")
-        return Cursor(*cursors[self.rank])
+    def _resumed_cursor(self, state: dict[str, Any]) -> Cursor:
+        """The data cursor to go on from: the run's, or (streaming) this rank's own place in
+        the stream (a checkpoint resumes with its own number of ranks: checked at load)."""
+        if self.run.task.streaming:
+            return Cursor(*state["cursors"][self.rank])
+        return Cursor(*state["cursor"])
 
     def _apply_schedule(self) -> None:
         """The recipe's lr, weight decay and schedule on the restored optimizer and scheduler
