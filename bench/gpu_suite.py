@@ -57,7 +57,8 @@ import suite_data  # noqa: E402
 import suite_report as R  # noqa: E402
 import throughput as TP  # noqa: E402
 from suite_env import ensure_packages  # noqa: E402
-from suite_jobs import StageError, finish, plan_jobs, run_jobs, spawn, tail  # noqa: E402
+from suite_jobs import (StageError, finish, plan_jobs, run_jobs, spawn, stop_all,  # noqa: E402
+                        tail)
 
 
 # --------------------------------------------------------------------------- stages
@@ -272,6 +273,7 @@ def main() -> None:
     except BaseException as exc:  # whatever stops the suite, the summary is written
         s["errors"].append({"stage": "suite", "message": f"{type(exc).__name__}: {exc}"})
     finally:
+        stop_all()
         write_outputs(s, out, work, t0)
     print(R.render(s))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir()))} to {out}")

@@ -23,6 +23,7 @@ REPO = BENCH.parent
 SHAPE_CONTENDERS = {"16": ("off", "peft", "full", "lazy"), "64": ("off", "full", "peft")}
 WINDOWS = ["on", "off", "off", "on"]
 RESERVE_S = 12  # kept for the summary and the archive
+LIVE: list[subprocess.Popen] = []  # started, not yet finished
 
 
 class StageError(Exception):
@@ -75,6 +76,7 @@ def spawn(args: list[str], log: Path, env: dict) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                          env=env, start_new_session=True)
     p.log_file = f  # type: ignore[attr-defined]
+    LIVE.append(p)
     return p
 
 
@@ -89,7 +91,15 @@ def finish(p: subprocess.Popen, timeout: float) -> int:
         pass
     p.wait()
     p.log_file.close()  # type: ignore[attr-defined]
+    if p in LIVE:
+        LIVE.remove(p)
     return rc
+
+
+def stop_all() -> None:
+    """End every process group this suite started and has not finished (by their ids)."""
+    for p in list(LIVE):
+        finish(p, 0)
 
 
 def tail(path: Path, n: int = 1500) -> str:

@@ -110,12 +110,47 @@ def matmul_rate() -> list[float]:
     return rates
 
 
+def sdpa_probe(batch: int, heads: int, head_dim: int) -> dict[str, list[dict]]:
+    """SDPA forward + backward with a causal bool mask (as transformers passes for a padded
+    batch) per backend at new lengths: the first call (cuDNN builds a plan per new shape) and
+    the best of the next two, in ms; a backend that refuses the inputs says why."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, list[dict]] = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        rows = []
+        for length in (256, 263, 300, 301, 448):
+            q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda",
+                                   dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+            mask = torch.ones(length, length, dtype=torch.bool, device="cuda").tril()
+            times = []
+            try:
+                with sdpa_kernel(backend):
+                    for _ in range(3):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+                        torch.cuda.synchronize()
+                        times.append(1e3 * (time.perf_counter() - t))
+                rows.append({"length": length, "first_ms": times[0], "then_ms": min(times[1:])})
+            except RuntimeError as exc:  # no kernel of this backend for these inputs
+                rows.append({"length": length, "error": str(exc).strip().splitlines()[0][:200]})
+        out[name] = rows
+    return out
+
+
 def prepare(cfg: dict, out: str) -> None:
     info = probe()
     Path(out).write_text(json.dumps(info))  # the probe survives a failing build
     info["base"] = build_base(cfg)
     if info["cuda"]:
         info["matmul_flops"] = matmul_rate()
+        b = cfg["build"]
+        info["sdpa"] = sdpa_probe(16, b["num_attention_heads"],
+                                  b["hidden_size"] // b["num_attention_heads"])
     Path(out).write_text(json.dumps(info))
 
 

@@ -51,7 +51,7 @@ def test_dry_run_writes_everything_and_records_a_failing_job(tmp_path):
     assert len(ratios) == 6
     assert ratios[("off/PEFT tokens/s, micro 16", "on")]["status"] == "n/a"
     assert "peft micro 16" in ratios[("off/PEFT tokens/s, micro 16", "on")]["note"]
-    mm = ratios[("mean/median step, micro 16", "off")]
+    mm = ratios[("off mean/median step, micro 16", "off")]
     assert mm["value"] == pytest.approx(by["off"]["mean_over_median"])
     assert s["counter"]["status"] == "ok"
     assert [r["config"] for r in s["counter"]["rows"]] == ["bf16_zero0_off"]
@@ -101,7 +101,7 @@ def test_acceptance_ratios():
     got = {(r["name"], r["cudnn"]): r for r in R.ratios(rows)}
     r1 = got[("off/PEFT tokens/s, micro 16", "on")]
     assert r1["value"] == pytest.approx(1.3) and r1["status"] == "met"
-    assert got[("mean/median step, micro 16", "on")]["status"] == "met"
+    assert got[("off mean/median step, micro 16", "on")]["status"] == "met"
     r3 = got[("full/off step time, micro 64", "on")]
     assert r3["value"] == pytest.approx(1.9) and r3["status"] == "missed"
     assert got[("full/off step time, micro 64", "off")]["status"] == "n/a"
@@ -147,3 +147,36 @@ def test_wheel_choice():
                     "hjson": "missing", "typing_extensions": "image has older 4.12.2"}
     kept = suite_env.install_plan(wheels, installed, keep_image=True)
     assert "transformers" not in {w.name.split("-")[0] for w, _ in kept}
+
+
+def _wheel(folder: Path) -> Path:
+    """A one-module wheel, as prepare_wheels.sh leaves them."""
+    import zipfile
+
+    folder.mkdir()
+    path = folder / "suiteprobe-0.1-py3-none-any.whl"
+    info = "suiteprobe-0.1.dist-info"
+    files = {"suiteprobe.py": "VALUE = 7\n",
+             f"{info}/METADATA": "Metadata-Version: 2.1\nName: suiteprobe\nVersion: 0.1\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                              "Tag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{n},,\n" for n in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def test_a_missing_package_is_installed_from_the_carried_wheels(tmp_path, monkeypatch):
+    _wheel(tmp_path / "wheels")
+    (tmp_path / "logs").mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored afterwards
+    info: dict = {}
+    a = Namespace(wheels=str(tmp_path / "wheels"), keep_image_packages=False)
+    suite_env.ensure_packages(a, tmp_path, info, timeout=120)
+    assert info["installed_from_wheels"] == ["suiteprobe 0.1 (missing)"]
+    assert info["missing"] == [] and info["before"]["suiteprobe"] is None
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path / "site")
+    probe = subprocess.run([sys.executable, "-c", "import suiteprobe; print(suiteprobe.VALUE)"],
+                           env=dict(os.environ), capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "7", probe.stderr
