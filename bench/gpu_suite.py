@@ -57,8 +57,8 @@ import suite_data  # noqa: E402
 import suite_report as R  # noqa: E402
 import throughput as TP  # noqa: E402
 from suite_env import ensure_packages  # noqa: E402
-from suite_jobs import (StageError, finish, plan_jobs, run_jobs, spawn, stop_all,  # noqa: E402
-                        tail)
+from suite_jobs import (StageError, finish, launch, plan_jobs, run_jobs, spawn,  # noqa: E402
+                        stop_all, tail)
 
 
 # --------------------------------------------------------------------------- stages
@@ -143,6 +143,11 @@ def run_suite(a, s: dict, work: Path, deadline: float) -> None:
     base = {"data": data, "limit": st["limit"], "build": build, "base": str(work / "base"),
             "tokenizer_vocab": st["tokenizer_vocab"], "max_length": a.max_length, "lr": 2e-4,
             "dtype": "bf16", "ds": "zero0.json"}
+    contenders, shapes = a.contenders.split(","), a.shapes.split(",")
+    early: dict[str, subprocess.Popen] = {}  # the first job imports while prepare runs
+    first = plan_jobs(contenders, shapes, st["micro"], [1], False, 1)
+    if first and not a.no_prefetch:
+        launch(a, first[0], base, work, env, {}, early)
     prepared = None
     try:
         prepared = run_prepare(a, base, work, env, deadline)
@@ -170,11 +175,10 @@ def run_suite(a, s: dict, work: Path, deadline: float) -> None:
     for k, v in s["axes"].items():
         if v.startswith("skipped"):
             print(f"note: {k} {v}", flush=True)
-    contenders = a.contenders.split(",")
-    jobs = plan_jobs(contenders, a.shapes.split(","), st["micro"], pads,
-                     bool(fields.get("train.compile")), a.repeats)
+    jobs = plan_jobs(contenders, shapes, st["micro"], pads, bool(fields.get("train.compile")),
+                     a.repeats)
     if prepared:
-        run_jobs(a, jobs, base, work, env, deadline, fields, counts, s)
+        run_jobs(a, jobs, base, work, env, deadline, fields, counts, s, early)
     else:
         s["skipped"] += [{"stage": "throughput", "job": j.tag, "message": "prepare failed"}
                          for j in jobs]
@@ -244,7 +248,7 @@ def parse() -> argparse.Namespace:
     a.fail = set(filter(None, a.fail.split(",")))
     a.repeats = a.repeats or (1 if a.dry_run else 2)
     steps = [int(x) for x in a.window_steps.split(",")]
-    a.window_steps = {"16": 2, "64": 2} if a.dry_run else {"16": steps[0], "64": steps[-1]}
+    a.window_steps = {"16": 1, "64": 1} if a.dry_run else {"16": steps[0], "64": steps[-1]}
     return a
 
 

@@ -129,17 +129,22 @@ def job_config(a, job: Job, base: dict, work: Path, fields: dict) -> dict:
     return cfg
 
 
-def run_jobs(a, jobs: list[Job], base: dict, work: Path, env: dict, deadline: float,
-             fields: dict, counts: dict, s: dict) -> None:
-    default = {"16": 75.0, "64": 90.0} if not a.dry_run else {"16": 30.0, "64": 30.0}
-    spawned: dict[str, tuple[subprocess.Popen, dict]] = {}
+def launch(a, job: Job, base: dict, work: Path, env: dict, fields: dict,
+           spawned: dict[str, subprocess.Popen]) -> None:
+    """Start a job's process: it imports its libraries, then waits for its go file and reads
+    its config again (written anew at go time, with the recipe fields prepare found)."""
+    jw = job_config(a, job, base, work, fields)["workdir"]
+    spawned[job.tag] = spawn([str(BENCH / "suite_worker.py"), "tp", jw + "/config.json",
+                              jw + "/result.json"], work / "logs" / f"{job.tag}.log", env)
 
-    def launch(job: Job) -> None:
-        cfg = job_config(a, job, base, work, fields)
-        jw = cfg["workdir"]
-        spawned[job.tag] = (spawn([str(BENCH / "suite_worker.py"), "tp", jw + "/config.json",
-                                   jw + "/result.json"], work / "logs" / f"{job.tag}.log", env),
-                            cfg)
+
+def run_jobs(a, jobs: list[Job], base: dict, work: Path, env: dict, deadline: float,
+             fields: dict, counts: dict, s: dict,
+             spawned: dict[str, subprocess.Popen] | None = None) -> None:
+    """Run the jobs in order while the budget lasts; ``spawned``: processes already started
+    (the first job's, started while prepare ran)."""
+    default = {"16": 75.0, "64": 90.0} if not a.dry_run else {"16": 30.0, "64": 30.0}
+    spawned = {} if spawned is None else spawned
 
     done: list[dict] = []
     for i, job in enumerate(jobs):
@@ -149,13 +154,14 @@ def run_jobs(a, jobs: list[Job], base: dict, work: Path, env: dict, deadline: fl
             s["skipped"].append({"stage": "throughput", "job": job.tag,
                                  "message": f"budget: needs ~{need:.0f} s, {left:.0f} s left"})
             if job.tag in spawned:
-                finish(spawned.pop(job.tag)[0], 0)
+                finish(spawned.pop(job.tag), 0)
             continue
         if job.tag not in spawned:
-            launch(job)
-        p, cfg = spawned.pop(job.tag)
-        if not a.no_prefetch and i + 1 < len(jobs):
-            launch(jobs[i + 1])  # imports while this one measures; waits for its go file
+            launch(a, job, base, work, env, fields, spawned)
+        p = spawned.pop(job.tag)
+        if not a.no_prefetch and i + 1 < len(jobs) and jobs[i + 1].tag not in spawned:
+            launch(a, jobs[i + 1], base, work, env, fields, spawned)  # imports meanwhile
+        cfg = job_config(a, job, base, work, fields)  # what the process reads at go
         Path(cfg["go"]).touch()
         t = time.monotonic()
         rc = finish(p, min(a.job_timeout, deadline - time.monotonic() - RESERVE_S / 2))
@@ -185,5 +191,5 @@ def run_jobs(a, jobs: list[Job], base: dict, work: Path, env: dict, deadline: fl
               f"{record['duration_s']:5.1f} s  " + "  ".join(
                   f"cuDNN {k}: {v['tokens_per_s']:8.0f} tok/s, step {v['mean_step_s']:.3f}/"
                   f"{v['median_step_s']:.3f} s" for k, v in m.items()), flush=True)
-    for p, _ in spawned.values():
+    for p in spawned.values():
         finish(p, 0)

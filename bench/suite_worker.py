@@ -218,7 +218,8 @@ def wait_go(go: str | None, timeout: float = 1800) -> None:
         time.sleep(0.05)
 
 
-def tp(cfg: dict, out: str) -> None:
+def tp(config: str, out: str) -> None:
+    cfg = json.loads(Path(config).read_text())
     if cfg.get("fail"):
         raise RuntimeError("forced failure (gpu_suite.py --fail)")
     import deepspeed  # noqa: F401  imports only (CPU) before the go signal
@@ -228,6 +229,7 @@ def tp(cfg: dict, out: str) -> None:
     from pace_llm import train  # noqa: F401
 
     wait_go(cfg.get("go"))
+    cfg = json.loads(Path(config).read_text())  # written anew at go time
     TP.LOG_EVERY = cfg["log_every"]
     TP.Recorder = window_recorder(cfg)
     argv = TP.pace_argv
@@ -243,4 +245,7 @@ def tp(cfg: dict, out: str) -> None:
 
 if __name__ == "__main__":
     which, config, result = sys.argv[1:4]
-    {"prepare": prepare, "tp": tp}[which](json.loads(Path(config).read_text()), result)
+    if which == "prepare":
+        prepare(json.loads(Path(config).read_text()), result)
+    else:
+        tp(config, result)
