@@ -222,7 +222,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="processes per job (default 2; dry run 1)")
     ap.add_argument("--contenders", default="off,full,lazy,peft")
     ap.add_argument("--shapes", default="16,64", help="micro-batch roles: 16 and/or 64")
-    ap.add_argument("--window-steps", default="6,4", help="steps per window at micro 16,64")
+    ap.add_argument("--window-steps", default="5,4", help="steps per window at micro 16,64")
     ap.add_argument("--warmup", type=int, default=2, help="steps before the windows")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=22)
