@@ -63,8 +63,8 @@ class SharedNoise:
     cast to each activation dtype once. ``open`` while its ``pace_noise`` block runs; after
     the block it serves only recomputes inside backward (gradient checkpointing)."""
 
-    def __init__(self, z: torch.Tensor):
-        self._by_dtype = {z.dtype: z}
+    def __init__(self, z: torch.Tensor, casts: dict[torch.dtype, torch.Tensor] | None = None):
+        self._by_dtype = {z.dtype: z, **(casts or {})}
         self.rows = z.shape[0]
         self.open = True
 

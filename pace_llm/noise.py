@@ -123,7 +123,9 @@ class NoiseBank:
         with torch.no_grad():
             eps = self.normal(rows, sigma.numel(), device,
                               keys.seeds(views) if keys is not None else None)
-            shared = SharedNoise(torch.addcmul(one, eps, sigma))
+            z = torch.addcmul(one, eps, sigma)
+            dtype = layers[0].lora_A.dtype  # the activation dtype, as a rule: cast here, once
+            shared = SharedNoise(z, {dtype: z.to(dtype)} if dtype != z.dtype else None)
         offset = 0
         for m in layers:
             m.shared_noise = (shared, offset)
