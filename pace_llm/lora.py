@@ -9,8 +9,8 @@ rsLoRA). z = 1 + σ·ε, ε ~ N(0, 1), has shape [rows, 1, d_out]: one value per
 channel), shared by every token of the sequence, new at each forward, drawn in fp32 under
 no_grad and cast to the activation dtype. Noise multiplies the adapter output only, never W0 x.
 
-Where z comes from: inside ``pace_llm.noise.pace_noise`` (what the PACE objective runs every
-forward in) one draw serves every adapted layer: the block hands each layer a ``SharedNoise``
+Where z comes from: inside a ``pace_llm.noise`` block (``NoiseBank.draw``, which the PACE
+objective opens around every forward, or ``pace_noise``) one draw serves every adapted layer: the block hands each layer a ``SharedNoise``
 and its column offset, and the layer multiplies and adds in one kernel,
 ``addcmul(W0 x + b0, s·BA drop(x), z[:, offset:offset + d_out])``. The layer keeps that state
 after the block for the recompute of gradient checkpointing (which runs inside backward);

@@ -19,12 +19,14 @@ Causal LM: let S be the supervised positions (labels ≠ −100 after the shift)
     Σ_consistency = Σ_{s∈S} ‖ℓ¹_s − ℓ²_s‖²₂      (summed over the vocabulary)
 or, with consistency_on=hidden, ‖h¹_s − h²_s‖²₂ over the final hidden states. lm_head runs on
 the supervised positions only, in chunks (recomputed in backward when there is more than one),
-so full-vocabulary logits for a whole batch never exist. S arrives as flat indices computed on the
-CPU batch (``data.supervised_index``, passed as ``supervised``) and is gathered with
-``index_select``, so the device never syncs on a boolean mask; without them it is computed on the
-device. N = supervised tokens in the
-accumulation window on all ranks, so the loss is a token mean over the window, not a mean of
-micro-batch means.
+so full-vocabulary logits for a whole batch never exist. S arrives as flat indices computed on
+the CPU batch (``data.supervised_index``, passed as ``supervised``) and is gathered with
+``index_select``, so the device never syncs on a boolean mask (without them it is computed on
+the device). N = supervised tokens in the accumulation window on all ranks, so the loss is a
+token mean over the window, not a mean of micro-batch means.
+
+The PACE noise of every adapted layer is drawn once per forward (pace_llm/noise.py), keyed by
+the rows' ``noise_keys`` when the trainer passes them.
 
 Classification / regression: Σ_task = Σ_b CE(ℓ¹_b, y_b) (MSE for one output), Σ_consistency =
 Σ_b ‖ℓ¹_b − ℓ²_b‖²₂, N = examples in the window: the paper's "sum over classes, mean over batch".
