@@ -10,9 +10,10 @@ channel), shared by every token of the sequence, new at each forward, drawn in f
 no_grad and cast to the activation dtype. Noise multiplies the adapter output only, never W0 x.
 
 Where z comes from: inside a ``pace_llm.noise`` block (``NoiseBank.draw``, which the PACE
-objective opens around every forward, or ``pace_noise``) one draw serves every adapted layer: the block hands each layer a ``SharedNoise``
-and its column offset, and the layer multiplies and adds in one kernel,
-``addcmul(W0 x + b0, s·BA drop(x), z[:, offset:offset + d_out])``. The layer keeps that state
+objective opens around every forward, or ``pace_noise``) one draw serves every adapted layer:
+the block hands each layer a ``SharedNoise`` (which holds Z = s·z, the scaling folded in) and
+its column offset, and the layer scales, multiplies and adds in one kernel,
+``addcmul(W0 x + b0, B A drop(x), Z[:, offset:offset + d_out])``. The layer keeps that state
 after the block for the recompute of gradient checkpointing (which runs inside backward);
 a forward outside any block, not in a backward, drops it. A layer used on its own (outside any
 block) draws its own z from the torch RNG, as ``noise()``.
@@ -59,8 +60,8 @@ class ViewSharedDropout(nn.Dropout):
 
 
 class SharedNoise:
-    """One forward's z for every adapted layer: [rows, D] (D = Σ d_out of the noised layers),
-    cast to each activation dtype once. ``open`` while its ``pace_noise`` block runs; after
+    """One forward's Z = s·z for every adapted layer: [rows, D] (D = Σ d_out of the noised
+    layers; s the layer's scaling), cast to each activation dtype once. ``open`` while its ``pace_noise`` block runs; after
     the block it serves only recomputes inside backward (gradient checkpointing)."""
 
     def __init__(self, z: torch.Tensor, casts: dict[torch.dtype, torch.Tensor] | None = None):
@@ -69,7 +70,7 @@ class SharedNoise:
         self.open = True
 
     def columns(self, offset: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """z[:, offset:offset + width] in ``dtype`` (a view of the one cast per dtype)."""
+        """Z[:, offset:offset + width] in ``dtype`` (a view of the one cast per dtype)."""
         z = self._by_dtype.get(dtype)
         if z is None:
             z = self._by_dtype[dtype] = self._by_dtype[torch.float32].to(dtype)
@@ -153,16 +154,18 @@ class NoisyLoRALinear(nn.Module):
         h = x.to(self.lora_A.dtype)
         if self.training and self.dropout > 0:
             h = h * _first_view_mask(h, self.dropout, self.views)
-        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B)
         if self.training and self.sigma > 0:
             z = self._shared_z(delta, out.dtype)
-            if z is not None:  # out + delta ⊙ z in one kernel
+            if z is not None:  # out + BA drop(x) ⊙ (s·z) in one kernel
                 return torch.addcmul(out, delta.to(out.dtype), z)
-            delta = delta * self.noise(delta.shape[0], delta.dim(), delta)
+            delta = delta * self.scaling * self.noise(delta.shape[0], delta.dim(), delta)
+        else:
+            delta = delta * self.scaling
         return out + delta.to(out.dtype)
 
     def _shared_z(self, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """This layer's columns of the block's z, shaped [rows, 1, …, d_out], or None."""
+        """This layer's columns of the block's Z = s·z, shaped [rows, 1, …, d_out], or None."""
         if self.shared_noise is None:
             return None
         noise, offset = self.shared_noise

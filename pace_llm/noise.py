@@ -5,12 +5,14 @@ Layout. The noised layers (training mode, σ_l > 0), in model order, own consecu
 ranges [o_l, o_l + d_out_l) of a [rows, D] matrix, D = Σ_l d_out_l. One forward draws
 
     ε ∈ R^{rows×D}, ε_ij ~ N(0, 1) i.i.d. (fp32)
-    z = 1 + σ ⊙ ε            σ ∈ R^D holds σ_l on layer l's columns (one addcmul)
+    z = 1 + σ ⊙ ε                     σ ∈ R^D holds σ_l on layer l's columns
+    Z = s ⊙ z = s + (s ⊙ σ) ⊙ ε       s ∈ R^D holds layer l's LoRA scaling s_l (one addcmul)
 
-and casts z once to the activation dtype; layer l multiplies its adapter output by
-z[:, o_l:o_l + d_out_l], broadcast over the tokens of each row (``lora.NoisyLoRALinear``). So
-z_l ~ N(1, σ_l²) per (row, output channel), independent across rows, channels and layers:
-the distribution of a per-layer draw.
+and casts Z once to the activation dtype; layer l computes W0 x + b0 + Z_l ⊙ B A drop(x) with
+Z_l = Z[:, o_l:o_l + d_out_l] broadcast over the tokens of each row, in one ``addcmul``
+(``lora.NoisyLoRALinear``): the scaling rides in Z, so the layer launches A, B and the addcmul.
+So z_l = Z_l / s_l ~ N(1, σ_l²) per (row, output channel), independent across rows, channels and
+layers: the distribution of a per-layer draw.
 
 Streams. With ``RowKeys`` (the trainer's), row i's ε_i is ``normal_`` of a generator on the
 device seeded with splitmix64(seed, step, position_i, view_i): seed = train.seed, step = the
@@ -19,7 +21,7 @@ every world size, grad_accum and micro-batch split: pace_llm/data.py), view = 0 
 halves of a doubled batch). An example's noise is thus a pure function of that key: the same on
 any rank, in any micro-batch, at any world size, and after a resume (nothing to checkpoint).
 Cost: one launch per row (rows = views × micro-batch) plus the addcmul and one cast, whatever
-the number of layers. The values are torch's own normal sampler on that device's generator
+the number of layers (the per-layer draw cost five launches per layer, plus the scaling's). The values are torch's own normal sampler on that device's generator
 (mt19937 on the CPU, which keeps only the seed's low 32 bits, Philox on CUDA), so a CPU run and a
 GPU run do not share values. Without keys (tests, a caller of the objective that passes none)
 ε is one ``torch.randn`` from the torch RNG. Dropout (LoRA and the base model's) still draws
@@ -75,21 +77,22 @@ class NoiseBank:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self._sigma: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._vectors: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def layers(self) -> list[NoisyLoRALinear]:
         """The layers that multiply by z in the coming forward, in model order."""
         return [m for _, m in lora_layers(self.model) if m.training and m.sigma > 0]
 
-    def sigma_vector(self, layers: list[NoisyLoRALinear], device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ ∈ R^D on ``device``, the scalar 1 there), rebuilt when the layers or σ change."""
-        key = (device, tuple((id(m), m.sigma, m.out_features) for m in layers))
-        if self._sigma is None or self._sigma[0] != key:
+    def vectors(self, layers: list[NoisyLoRALinear], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, s ⊙ σ) ∈ R^D on ``device``, rebuilt when the layers, s or σ change."""
+        key = (device, tuple((id(m), m.scaling, m.sigma, m.out_features) for m in layers))
+        if self._vectors is None or self._vectors[0] != key:
+            s = torch.cat([torch.full((m.out_features,), m.scaling) for m in layers])
             sigma = torch.cat([torch.full((m.out_features,), m.sigma) for m in layers])
-            self._sigma = (key, sigma.to(device), torch.ones((), device=device))
-        return self._sigma[1], self._sigma[2]
+            self._vectors = (key, s.to(device), (s * sigma).to(device))
+        return self._vectors[1], self._vectors[2]
 
     def normal(self, rows: int, width: int, device: torch.device,
                seeds: Sequence[int] | None) -> torch.Tensor:
@@ -110,7 +113,7 @@ class NoiseBank:
     @contextmanager
     def draw(self, rows: int, device: torch.device, keys: RowKeys | None = None,
              views: int = 1) -> Iterator[SharedNoise | None]:
-        """Within this block every noised layer multiplies by its columns of one z [rows, D].
+        """Within this block every noised layer multiplies by its columns of one Z [rows, D].
 
         ``keys``: the rows' keys (``rows`` must be views × len(keys.positions)); None: the torch
         RNG. Yields the SharedNoise (None when no layer is noised: eval, σ = 0). The layers keep
@@ -119,11 +122,11 @@ class NoiseBank:
         if not layers:
             yield None
             return
-        sigma, one = self.sigma_vector(layers, device)
+        s, s_sigma = self.vectors(layers, device)
         with torch.no_grad():
-            eps = self.normal(rows, sigma.numel(), device,
+            eps = self.normal(rows, s.numel(), device,
                               keys.seeds(views) if keys is not None else None)
-            z = torch.addcmul(one, eps, sigma)
+            z = torch.addcmul(s, eps, s_sigma)  # Z = s ⊙ (1 + σ ⊙ ε)
             dtype = layers[0].lora_A.dtype  # the activation dtype, as a rule: cast here, once
             shared = SharedNoise(z, {dtype: z.to(dtype)} if dtype != z.dtype else None)
         offset = 0

@@ -67,6 +67,7 @@ def test_per_depth_sigma_and_skipped_blocks_in_the_draw():
                 assert layer.shared_noise is None
                 continue
             z = shared.columns(layer.shared_noise[1], layer.out_features, torch.float32)
+            z = z / layer.scaling  # the block holds s·z
             want = 2.0 * (4 - block) / 4
             assert abs(z.mean().item() - 1.0) < 0.03 * want, name
             assert abs(z.std().item() - want) / want < 0.03, name
