@@ -21,9 +21,10 @@ every world size, grad_accum and micro-batch split: pace_llm/data.py), view = 0 
 halves of a doubled batch). An example's noise is thus a pure function of that key: the same on
 any rank, in any micro-batch, at any world size, and after a resume (nothing to checkpoint).
 Cost: one launch per row (rows = views × micro-batch) plus the addcmul and one cast, whatever
-the number of layers (the per-layer draw cost five launches per layer, plus the scaling's). The values are torch's own normal sampler on that device's generator
-(mt19937 on the CPU, which keeps only the seed's low 32 bits, Philox on CUDA), so a CPU run and a
-GPU run do not share values. Without keys (tests, a caller of the objective that passes none)
+the number of layers (the per-layer draw cost five launches per layer, plus the scaling's).
+The values are torch's own normal sampler on that device's generator (Philox on CUDA; mt19937
+on the CPU, which keeps only the seed's low 32 bits, so two of a CPU run's row keys share their
+noise with probability 2⁻³² per pair), so a CPU run and a GPU run do not share values. Without keys (tests, a caller of the objective that passes none)
 ε is one ``torch.randn`` from the torch RNG. Dropout (LoRA and the base model's) still draws
 from the torch RNG, whose seed is per rank (components.SEEDS["noise"]): with dropout > 0 a run
 is not world-size free.
