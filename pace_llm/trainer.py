@@ -22,8 +22,8 @@ import torch
 from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
-from pace_llm.noise import RowKeys
 from pace_llm.errors import UserError
+from pace_llm.noise import RowKeys
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
 from pace_llm.records import Window, as_float
