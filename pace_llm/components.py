@@ -25,7 +25,9 @@ SEEDS = {
     "model": lambda seed, rank: seed,
     # the adapters' A init: the same on every rank and at every world size
     "adapters": lambda seed, rank: seed,
-    # the PACE noise and dropout stream: one per rank; restored from checkpoints on resume
+    # the dropout stream (LoRA and base-model dropout): one per rank; restored from checkpoints
+    # on resume. PACE's z does not use it: it is keyed by (train.seed, step, position in the
+    # global batch, view), the same at any world size (pace_llm/noise.py)
     "noise": lambda seed, rank: seed + 1 + rank,
 }
 

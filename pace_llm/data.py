@@ -203,6 +203,24 @@ def collator(causal: bool, pad_id: int, regression: bool = False, multiple: int 
     return partial(collate_cls, pad_id=pad_id, regression=regression, multiple=multiple)
 
 
+def supervised_index(labels: torch.Tensor, views: int = 1) -> torch.Tensor:
+    """Flat indices of the supervised next-token positions of ``views`` stacked copies.
+
+    With b = rows/views and T the width, position t of row i (i < b) is supervised when
+    labels[i, t+1] ≠ −100; its index into the [rows·T] flattened hidden states is i·T + t for
+    view 1 and i·T + t + v·b·T for view v+1 (view-major, row-major within a view: the order of
+    boolean-mask indexing). Its target is labels.flatten()[index + 1]. Cheap on the CPU batch;
+    on a device it syncs (``nonzero``).
+    """
+    rows, width = labels.shape
+    if rows % views:
+        raise ValueError(f"batch of {rows} rows cannot be split into {views} PACE views")
+    b = rows // views
+    row, col = (labels[:b, 1:] != IGNORE).nonzero(as_tuple=True)
+    flat = row * width + col
+    return torch.cat([flat + v * b * width for v in range(views)]) if views > 1 else flat
+
+
 def supervised_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
     """Tokens (causal: labels ≠ −100 after the shift) or examples (classification) in a batch."""
     if causal:

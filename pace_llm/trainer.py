@@ -21,8 +21,9 @@ import torch
 
 from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
-from pace_llm.data import Cursor, rank_micro_batches, supervised_count
+from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
 from pace_llm.errors import UserError
+from pace_llm.noise import RowKeys
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
 from pace_llm.records import Window, as_float
@@ -159,7 +160,7 @@ class Trainer:
         ce_sum = cons_sum = 0.0
         local_finite = True
         for idx, batch in zip(micro, batches):
-            out = self._forward(batch, plan, scale, idx)
+            out = self._forward(batch, plan, scale, idx, global_batch)
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
             # one host sync per micro-batch, after backward has been queued (on a GPU a sync
             # between forward and backward would idle the device while the host launches)
@@ -186,13 +187,20 @@ class Trainer:
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
         return self.run.collate(self.run.task.examples(ids))
 
-    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int]):
+    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int],
+                 global_batch: list[int]):
+        """One micro-batch through the engine. On the host: the doubled batch, the supervised
+        positions' flat indices (causal LM), and the noise keys (seed, step, each row's position
+        in the global batch: the same at every world size; pace_llm/noise.py)."""
         dev = self.engine.device
-        if plan.views == 2:
-            batch = doubled(batch)
+        batch = doubled(batch) if plan.views == 2 else dict(batch)
+        if self.run.causal:
+            batch["supervised"] = supervised_index(batch["labels"], plan.views)
+        where = {example: pos for pos, example in enumerate(global_batch)}
+        keys = RowKeys(self.recipe.train.seed, self.step, tuple(where[i] for i in idx))
         history = self.history.lookup(idx, dev) if self.history is not None else None
         return self.engine(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
-                           lam=plan.lam, scale=scale, history=history)
+                           lam=plan.lam, scale=scale, history=history, noise_keys=keys)
 
     def _tokens(self, batches) -> int:
         """Non-padding tokens this rank trained on (each example counted once)."""
