@@ -159,8 +159,8 @@ class Trainer:
         scale = self.world * t.grad_accum / n_total
         ce_sum = cons_sum = 0.0
         local_finite = True
-        for idx, batch in zip(micro, batches):
-            out = self._forward(batch, plan, scale, idx, global_batch)
+        for a, (idx, batch) in enumerate(zip(micro, batches)):
+            out = self._forward(batch, plan, scale, idx, self.positions(a, len(idx)))
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
             # one host sync per micro-batch, after backward has been queued (on a GPU a sync
             # between forward and backward would idle the device while the host launches)
@@ -187,8 +187,14 @@ class Trainer:
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
         return self.run.collate(self.run.task.examples(ids))
 
+    def positions(self, a: int, rows: int) -> tuple[int, ...]:
+        """The global-batch positions of the first ``rows`` rows of this rank's a-th
+        micro-batch (pace_llm/data.py's layout): the same at every world size."""
+        start = (a * self.world + self.rank) * self.recipe.train.micro_batch_size
+        return tuple(range(start, start + rows))
+
     def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int],
-                 global_batch: list[int]):
+                 positions: tuple[int, ...]):
         """One micro-batch through the engine. On the host: the doubled batch, the supervised
         positions' flat indices (causal LM), and the noise keys (seed, step, each row's position
         in the global batch: the same at every world size; pace_llm/noise.py)."""
@@ -196,8 +202,7 @@ class Trainer:
         batch = doubled(batch) if plan.views == 2 else dict(batch)
         if self.run.causal:
             batch["supervised"] = supervised_index(batch["labels"], plan.views)
-        where = {example: pos for pos, example in enumerate(global_batch)}
-        keys = RowKeys(self.recipe.train.seed, self.step, tuple(where[i] for i in idx))
+        keys = RowKeys(self.recipe.train.seed, self.step, positions)
         history = self.history.lookup(idx, dev) if self.history is not None else None
         return self.engine(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
                            lam=plan.lam, scale=scale, history=history, noise_keys=keys)

@@ -162,3 +162,27 @@ def test_gradient_checkpointing_recomputes_with_the_drawn_noise():
     assert loss_a == loss_b
     for name in grads_a:
         assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_row_positions_follow_the_global_batch_layout_even_with_repeated_examples():
+    from types import SimpleNamespace
+
+    from pace_llm.data import rank_micro_batches
+    from pace_llm.trainer import Trainer
+
+    micro, accum = 3, 2
+    for world in (1, 2, 4):
+        G = micro * accum * world
+        seen = []
+        for rank in range(world):
+            me = SimpleNamespace(world=world, rank=rank, recipe=SimpleNamespace(
+                train=SimpleNamespace(micro_batch_size=micro)))
+            slices = rank_micro_batches(list(range(G)), micro, accum, world, rank)
+            for a, ids in enumerate(slices):
+                assert Trainer.positions(me, a, len(ids)) == tuple(ids)  # position = index
+                seen += ids
+        assert sorted(seen) == list(range(G))
+    # a mixture may hold one example twice in a global batch: its rows still get two keys
+    me = SimpleNamespace(world=1, rank=0, recipe=SimpleNamespace(
+        train=SimpleNamespace(micro_batch_size=4)))
+    assert len(set(Trainer.positions(me, 0, 4))) == 4
