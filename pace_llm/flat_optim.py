@@ -1,0 +1,205 @@
+"""The adapter's flat optimizer path at ZeRO-0 (bf16 and fp32): one fp32 master, one fused AdamW.
+
+The adapter's trainable params become views of one flat buffer in the model dtype; the optimizer
+holds one flat fp32 master of it (the buffer itself in fp32) and one flat fp32 gradient. Per
+optimizer step, with g the gradient summed over the window's micro-batches (averaged over the
+ranks) and n = ||g||_2 (one fp32 norm over the flat gradient, logged exactly):
+
+    skip  = not isfinite(n) or a micro-batch loss of the window was non-finite (device tensor)
+    c     = min(1, max_grad_norm / (n + 1e-6))          (clipping; c = 1 if max_grad_norm = 0)
+    if not skip:                                        (AdamW, torch's, decoupled decay)
+        t  = t + 1
+        θ  = θ · (1 − lr·wd)
+        m  = β1·m + (1 − β1)·c·g;   v = β2·v + (1 − β2)·(c·g)²
+        θ  = θ − lr · (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps)
+    model params (model dtype) = θ
+
+The skip is decided on the device: torch's fused AdamW (``fused=True``) applies nothing when its
+``found_inf`` tensor is 1 and undoes its step-counter increment, and divides the gradient by its
+``grad_scale`` tensor (here 1/c); no value is read by the host. The non-finite flag and the norm
+stay device tensors (``last_skipped``, ``last_norm``) for the trainer to read at logging time.
+
+Gradients: autograd leaves each micro-batch's gradient on ``p.grad`` (its own tensor, as without
+this optimizer); ``accumulate()`` after each backward adds them into the flat fp32 gradient in
+one multi-tensor op (``_foreach_copy_`` / ``_foreach_add_``: fp32 accumulation also for a bf16
+model) and clears ``p.grad``; ``step()`` folds any gradient left on the params first.
+
+DeepSpeed 0.19.8 switches relied on (see :func:`engine_config` and :func:`prepare_engine`):
+  - the engine is handed the config with ``bf16.enabled = false`` and ``gradient_clipping = 0``
+    at ZeRO-0: ``DeepSpeedEngine._do_optimizer_sanity_check`` then returns no wrapper (model
+    dtype = grad-accum dtype = fp32 as far as it knows), so ``engine.optimizer`` is this object
+    (no FP16_Optimizer per-tensor overflow checks, norms, clipping or fp32 copies), the engine
+    does not cast the (already bf16) module, and ``_take_model_step`` neither clips
+    (``clip_fp32_gradients``) nor reads an ``overflow`` attribute (this class has none) before
+    stepping the lr scheduler; its ``zero_grad`` only sets ``p.grad = None``;
+  - ``engine.enable_backward_allreduce = False`` (as DeepSpeed's own PipelineEngine does): no
+    bucketed per-tensor gradient all-reduce in ``_backward_epilogue`` (it runs even on one
+    process); this optimizer all-reduces the flat gradient itself, once per step, when there is
+    more than one rank;
+  - checkpoints: at ZeRO-0 the engine saves ``optimizer.state_dict()`` and restores it with
+    ``optimizer.load_state_dict`` (fp32 mode: no ``load_optimizer_states`` argument); the state
+    holds the fp32 master (``flat_master``) so a resume is bit-identical in bf16 too.
+The path is not used at ZeRO-1/2/3 (DeepSpeed partitions the optimizer state), with fp16 (loss
+scaling stays in DeepSpeed's FP16_Optimizer) or with CPU offload (DeepSpeedCPUAdam).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pace_llm.errors import UserError
+
+
+def uses_flat(optimizer_path: str, zero_stage: int, precision: str, offload: bool) -> bool:
+    """Whether the run takes the flat path: ``auto`` = at ZeRO-0 in bf16/fp32 without offload;
+    ``flat`` there too, refused elsewhere; ``deepspeed`` = never."""
+    fits = zero_stage == 0 and precision in ("bf16", "fp32") and not offload
+    if optimizer_path == "flat" and not fits:
+        raise UserError(f"train.optimizer_path: flat needs ZeRO-0, bf16 or fp32 and no CPU offload "
+                        f"(this run: ZeRO-{zero_stage}, {precision}"
+                        f"{', offload' if offload else ''}); use auto or deepspeed")
+    return fits and optimizer_path in ("auto", "flat")
+
+
+def engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The config handed to ``deepspeed.initialize`` on the flat path: fp32 mode (no DeepSpeed
+    optimizer wrapper) and no DeepSpeed clipping; the run's own config is recorded unchanged."""
+    cfg = copy.deepcopy(ds_config)
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": False}
+    cfg["gradient_clipping"] = 0.0
+    return cfg
+
+
+def prepare_engine(engine: Any) -> None:
+    """No DeepSpeed gradient all-reduce after backward (the flat optimizer reduces its one flat
+    gradient)."""
+    engine.enable_backward_allreduce = False
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """torch's fused AdamW over one flat fp32 master of the adapter (see the module docstring);
+    its one param group is what LambdaLR and checkpoints see."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, weight_decay: float,
+                 max_grad_norm: float, world_size: int = 1):
+        self.params = list(params)
+        if not self.params:
+            raise UserError("no trainable parameters: the adapter is empty")
+        dtypes = {(p.dtype, p.device) for p in self.params}
+        if len(dtypes) != 1:
+            raise UserError(f"the flat optimizer needs one dtype and device for every trainable "
+                            f"param, got {sorted(map(str, dtypes))}; set "
+                            "train.optimizer_path: deepspeed")
+        dtype, device = dtypes.pop()
+        self.max_grad_norm, self.world = float(max_grad_norm), int(world_size)
+        total = sum(p.numel() for p in self.params)
+        with torch.no_grad():
+            self.flat = torch.empty(total, dtype=dtype, device=device)
+            views = self._views(self.flat)
+            torch._foreach_copy_(views, [p.detach() for p in self.params])
+            for p, v in zip(self.params, views):
+                p.data = v  # the param is now a view of the flat buffer
+            self.master = self.flat if dtype == torch.float32 else self.flat.float()
+            self.master.grad = torch.zeros_like(self.master)
+        self._grad_views = self._views(self.master.grad)
+        self._folded = 0  # micro-batches folded into the flat gradient since the last step
+        self._bad: torch.Tensor | None = None
+        self.last_norm: torch.Tensor | None = None
+        self.last_skipped: torch.Tensor | None = None
+        super().__init__([self.master], lr=lr, weight_decay=weight_decay, fused=True)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        out, start = [], 0
+        for p in self.params:
+            out.append(flat[start:start + p.numel()].view(p.shape))
+            start += p.numel()
+        return out
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the params' gradients (one micro-batch) into the flat fp32 gradient and clear
+        them; one multi-tensor op."""
+        pairs = [(v, p.grad) for v, p in zip(self._grad_views, self.params) if p.grad is not None]
+        if not pairs:
+            return
+        views, grads = map(list, zip(*pairs))
+        if self._folded == 0 and len(views) == len(self.params):
+            torch._foreach_copy_(views, grads)
+        else:
+            if self._folded == 0:
+                self.master.grad.zero_()
+            torch._foreach_add_(views, grads)
+        self._folded += 1
+        for p in self.params:
+            p.grad = None
+
+    def skip_if(self, bad: torch.Tensor | None) -> None:
+        """The next step is skipped where ``bad`` (a device bool tensor, e.g. a non-finite loss
+        in the window) is true, in addition to a non-finite gradient norm."""
+        self._bad = bad
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step on the flat master (module docstring), decided on the device."""
+        if closure is not None:
+            raise UserError("FlatAdamW.step takes no closure")
+        self.accumulate()
+        g = self.master.grad
+        if self._folded == 0:
+            g.zero_()  # no gradient reached the adapter this window
+        if self.world > 1:
+            dist.all_reduce(g)
+            g.div_(self.world)
+        norm = self._global_norm(g)
+        bad = ~torch.isfinite(norm)
+        if self._bad is not None:
+            bad = bad | self._bad.to(bad.device)
+        self.found_inf = bad.float()
+        self.grad_scale = self._clip_scale(norm)
+        super().step()
+        if self.flat is not self.master:
+            self.flat.copy_(self.master)
+        g.zero_()
+        self._folded, self._bad = 0, None
+        self.last_norm, self.last_skipped = norm, bad
+        self._global_grad_norm = norm  # DeepSpeed's engine.get_global_grad_norm() reads it
+        return None
+
+    def _global_norm(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(g)
+
+    def _clip_scale(self, norm: torch.Tensor) -> torch.Tensor | None:
+        """1/c = max(1, (n + 1e-6) / max_grad_norm): the fused kernel divides g by it."""
+        if self.max_grad_norm <= 0:
+            return None
+        return torch.clamp((norm + 1e-6) / self.max_grad_norm, min=1.0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the params' pending gradients (the flat gradient is cleared by ``step``)."""
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's AdamW state plus the fp32 master (``flat_master``)."""
+        sd = super().state_dict()
+        sd["flat_master"] = self.master.detach()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the AdamW state and the master; the model params follow the master."""
+        sd = dict(state_dict)
+        if "flat_master" not in sd:
+            raise UserError("optimizer state without 'flat_master': the checkpoint was written "
+                            "by DeepSpeed's optimizer path (train.optimizer_path: deepspeed)")
+        master = sd.pop("flat_master")
+        super().load_state_dict(sd)
+        with torch.no_grad():
+            self.master.copy_(master)
+            if self.flat is not self.master:
+                self.flat.copy_(self.master)
