@@ -267,7 +267,7 @@ def weights_only_loads(engine: Any, path: Path):
 # what a step is (the ones listed by section cover the whole section)
 FIXED_SECTIONS = ("model", "lora", "quant", "data")
 FIXED_KEYS = ("pace.mode", "train.seed", "train.micro_batch_size", "train.grad_accum",
-              "train.precision", "deepspeed")
+              "train.precision", "train.optimizer_path", "deepspeed")
 SPEED_ONLY = ("data.num_proc", "data.cache_dir")  # how the tokens are made, not which
 # keys that live in the optimizer and the schedule: applied to them on resume
 OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.warmup_steps",

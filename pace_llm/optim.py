@@ -35,9 +35,16 @@ class GuardedAdamW(SkipNextStep, torch.optim.AdamW):
     """torch AdamW with SkipNextStep."""
 
 
-def build_optimizer(params: list[nn.Parameter], train: TrainArgs,
-                    ds_config: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW over the adapter (DeepSpeed's CPU Adam when the config offloads the optimizer)."""
+def build_optimizer(params: list[nn.Parameter], train: TrainArgs, ds_config: dict[str, Any],
+                    flat: bool = False, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW over the adapter: the flat path's FlatAdamW (pace_llm/flat_optim.py; clips by
+    train.max_grad_norm itself), DeepSpeed's CPU Adam when the config offloads the optimizer,
+    else torch AdamW that DeepSpeed's wrappers step."""
+    if flat:
+        from pace_llm.flat_optim import FlatAdamW
+
+        return FlatAdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                         max_grad_norm=train.max_grad_norm, world_size=world_size)
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -8,7 +8,8 @@ import torch
 
 
 class Window:
-    """Accumulates step stats between two log lines."""
+    """Accumulates step stats between two log lines. A step's values may be device tensors
+    (the trainer does not read them per step): :meth:`settle` reads them all at once."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
@@ -16,7 +17,14 @@ class Window:
     def add(self, stats: dict[str, Any]) -> None:
         self.steps.append(stats)
 
+    def settle(self) -> None:
+        """Every tensor value of the window's steps becomes a Python float (a bool for bool
+        tensors), in place: one stack and one ``.tolist()`` per device."""
+        settle(self.steps)
+
     def record(self, step: int) -> dict[str, Any]:
+        """The metrics.jsonl record of the window (settled first)."""
+        self.settle()
         n = len(self.steps)
         mean = lambda k: sum(s[k] for s in self.steps) / n  # noqa: E731
         paired = [s for s in self.steps if s["paired"]]
@@ -31,6 +39,20 @@ class Window:
                 "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
                 "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
                 "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
+
+
+def settle(steps: list[dict[str, Any]]) -> None:
+    """Replace the tensor values of ``steps`` (dicts) by Python numbers: one host read per
+    device for all of them."""
+    slots: dict[torch.device, list[tuple[dict[str, Any], str]]] = {}
+    for s in steps:
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                slots.setdefault(v.device, []).append((s, k))
+    for items in slots.values():
+        values = torch.stack([s[k].detach().reshape(()).double() for s, k in items]).tolist()
+        for (s, k), value in zip(items, values):
+            s[k] = bool(value) if s[k].dtype == torch.bool else value
 
 
 def as_float(x) -> float | None:

@@ -23,6 +23,7 @@ from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.data import Cursor, rank_micro_batches, supervised_count
 from pace_llm.errors import UserError
+from pace_llm.flat_optim import FlatAdamW
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
 from pace_llm.records import Window, as_float
@@ -55,6 +56,8 @@ class Trainer:
         self.evals_without_gain = 0
         self.early_stopped = False
         self.stop_requested = False
+        self.window = Window()  # the steps since the last log line
+        self._unsettled: list[tuple[int, dict[str, Any]]] = []  # steps whose skip is unread
         self.metrics_file = run.out / "metrics.jsonl"
         self.tracker: Tracker | None = None  # train.report_to's backends (rank 0)
         self.on_step_start: list[StepHook] = []
@@ -97,7 +100,6 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         stream = self.run.batches.batches_from(self.cursor)
-        window = Window()
         self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
         while self.step < self.max_steps:
             cursor, global_batch = next(stream)
@@ -108,15 +110,19 @@ class Trainer:
             stats["clean_grad_norm"] = clean
             self.cursor = cursor
             self.step += 1
-            window.add(stats)
+            self.window.add(stats)
+            self._unsettled.append((self.step, stats))
             for hook in self.on_step_end:
                 hook(self, global_batch, stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['task_loss']:.4f}", cons=f"{stats['consistency']:.4g}",
-                            lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens'] / stats['time']:.0f}")
             if self.step % self.recipe.train.log_every == 0 or self.step == self.max_steps:
-                self.write_metrics(window.record(self.step))
-                window = Window()
+                self._settle()  # the one host read of the window's statistics
+                record = self.window.record(self.step)
+                bar.set_postfix(loss=f"{record['task_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                cons=f"{record['consistency_loss']:.4g}",
+                                tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                self.write_metrics(record)
+                self.window = Window()
             self.maybe_evaluate(force=self.step == self.max_steps)
             if self.early_stopped:
                 return
@@ -145,7 +151,12 @@ class Trainer:
         return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
-        """One optimizer step: this rank's micro-batches, token-normalised over the window."""
+        """One optimizer step: this rank's micro-batches, token-normalised over the window.
+
+        Host reads: none on the flat optimizer path. The loss sums, the non-finite flag and the
+        grad norm stay device tensors in the stats until a logging step (``Window.settle``); N
+        comes from the CPU batch (a host collective across ranks), the sums take one device
+        collective across ranks. DeepSpeed's optimizer path reads the skip flag: one read."""
         t, started = self.recipe.train, time.perf_counter()
         plan = self.plan()
         micro = self.micro_batches(global_batch, plan)
@@ -155,32 +166,46 @@ class Trainer:
         if n_total == 0:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
-        ce_sum = cons_sum = 0.0
-        local_finite = True
+        opt = self.run.optimizer
+        flat = isinstance(opt, FlatAdamW)
+        sums = None  # device: [ce, cons, loss] summed over the window (a non-finite loss stays so)
         for idx, batch in zip(micro, batches):
             out = self._forward(batch, plan, scale, idx)
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
-            # one host sync per micro-batch, after backward has been queued (on a GPU a sync
-            # between forward and backward would idle the device while the host launches)
-            finite, ce, cons = torch.stack([torch.isfinite(out["loss"]).float(),
-                                            out["ce"].detach().float(),
-                                            out["cons"].detach().float()]).tolist()
-            local_finite &= finite == 1.0
-            ce_sum, cons_sum = ce_sum + ce, cons_sum + cons
+            if flat:
+                opt.accumulate()  # this micro-batch's grads into the flat fp32 gradient
+            terms = torch.stack([out[k].detach().float() for k in ("ce", "cons", "loss")])
+            sums = terms if sums is None else sums + terms
             if self.history is not None:
                 self.history.update(idx, out["logits"][: len(idx)])
             if self.engine.is_gradient_accumulation_boundary():  # one collective per step
-                losses_finite = D.all_reduce([0.0 if local_finite else 1.0], op="max")[0] == 0.0
-                self.run.optimizer.skip_next = not losses_finite
+                totals, tokens = self._reduce_window(sums, batches)
+                bad = ~torch.isfinite(totals[2])
+                if flat:
+                    opt.skip_if(bad)  # decided on the device
+                else:
+                    skipped = opt.skip_next = bool(bad)  # the DeepSpeed path's one host read
             grad_norm = self._grad_norm_before_step()
             self.engine.step()
-        ce_tot, cons_tot, tokens = D.all_reduce([ce_sum, cons_sum, float(self._tokens(batches))])
-        self._count_bad(losses_finite)
-        grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
-        return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
-                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": as_float(grad_norm),
+        if flat:
+            grad_norm, skipped = opt.last_norm, opt.last_skipped
+        elif grad_norm is None:
+            grad_norm = as_float(self.engine.get_global_grad_norm())
+        return {"task_loss": totals[0] / n_total, "consistency": totals[1] / n_total,
+                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
-                "paired": plan.paired, "skipped": not losses_finite}
+                "paired": plan.paired, "skipped": skipped}
+
+    def _reduce_window(self, sums: torch.Tensor, batches) -> tuple[torch.Tensor, Any]:
+        """(the window's [ce, cons, loss] sums over every rank, the tokens trained on): one
+        device collective across ranks; on one rank the sums themselves and the host count."""
+        tokens = self._tokens(batches)
+        if self.world == 1:
+            return sums, tokens
+        vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
+                                                     device=sums.device)])
+        D.all_reduce_tensor(vec)
+        return vec[:3], vec[3]
 
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
         return self.run.collate([self.run.task.train[i] for i in ids])
@@ -206,7 +231,7 @@ class Trainer:
         batches = [self._collate(ids) for ids in self.micro_batches(global_batch)]
         return clean_grad_norm(self.engine.module, batches, self.engine.device, self.run.causal)
 
-    def _grad_norm_before_step(self) -> float | None:
+    def _grad_norm_before_step(self) -> torch.Tensor | float | None:
         """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
         if self.run.zero_stage > 0 or not self.engine.is_gradient_accumulation_boundary():
             return None
@@ -215,19 +240,29 @@ class Trainer:
         if not grads:
             return 0.0
         # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
-        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU
-        return float(torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(grads, 2, dtype=torch.float32))))
+        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU;
+        # a device tensor, read at logging
+        return torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
-    def _count_bad(self, finite: bool) -> None:
+    def _settle(self) -> None:
+        """Read the pending steps' device statistics (one host read) and count their bad
+        steps: at logging steps and before a checkpoint, so max_bad_steps is checked there."""
+        self.window.settle()
+        pending, self._unsettled = self._unsettled, []
+        for step, stats in pending:
+            self._count_bad(step, not stats["skipped"])
+
+    def _count_bad(self, step: int, finite: bool) -> None:
+        """Step ``step`` was applied (finite) or skipped; max_bad_steps skips in a row stop."""
         if finite:
             self.bad_in_a_row = 0
             return
         self.bad_in_a_row += 1
         self.bad_total += 1
-        self.log(f"step {self.step + 1}: non-finite loss, update skipped "
+        self.log(f"step {step}: non-finite loss or gradient, update skipped "
                  f"({self.bad_in_a_row} in a row, {self.bad_total} in total)")
-        self.write_metrics({"step": self.step + 1, "skipped_step": True, "bad_in_a_row":
+        self.write_metrics({"step": step, "skipped_step": True, "bad_in_a_row":
                             self.bad_in_a_row})
         if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
             raise UserError(f"{self.bad_in_a_row} consecutive steps had a NaN/inf loss "
@@ -264,6 +299,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         from pace_llm.config import recipe_to_dict
+
+        self._settle()  # the bad-step counts of the steps so far
 
         state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
