@@ -26,7 +26,7 @@ from pace_llm.errors import UserError
 from pace_llm.flat_optim import FlatAdamW
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
-from pace_llm.records import Window, as_float
+from pace_llm.records import Window
 
 if TYPE_CHECKING:
     from pace_llm.evaluate import Evaluator
@@ -190,7 +190,7 @@ class Trainer:
         if flat:
             grad_norm, skipped = opt.last_norm, opt.last_skipped
         elif grad_norm is None:
-            grad_norm = as_float(self.engine.get_global_grad_norm())
+            grad_norm = self.engine.get_global_grad_norm()  # ZeRO >= 1: a tensor, read at logging
         return {"task_loss": totals[0] / n_total, "consistency": totals[1] / n_total,
                 "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
