@@ -1,4 +1,4 @@
-"""The adapter's flat optimizer path at ZeRO-0 (bf16 and fp32): one fp32 master, one fused AdamW.
+"""The adapter's flat optimizer path at ZeRO-0/1/2 (bf16, fp32): one fp32 master, one fused AdamW.
 
 The adapter's trainable params become views of one flat buffer in the model dtype; the optimizer
 holds one flat fp32 master of it (the buffer itself in fp32) and one flat fp32 gradient. Per
@@ -24,9 +24,21 @@ this optimizer); ``accumulate()`` after each backward adds them into the flat fp
 one multi-tensor op (``_foreach_copy_`` / ``_foreach_add_``: fp32 accumulation also for a bf16
 model) and clears ``p.grad``; ``step()`` folds any gradient left on the params first.
 
+ZeRO-1/2 (``partition``): the master and the AdamW moments are split in ``world_size``
+contiguous shards, one per rank (ZeRO-1's optimizer-state partitioning); per step the flat fp32
+gradient is all-reduced whole (one collective; the adapter's gradient is small, and every rank
+then computes the exact global norm without a second one), each rank updates its shard, and
+one all-gather of the flat model-dtype buffer brings every rank the new params. The frozen
+base weights are not partitioned at ZeRO-1/2 in DeepSpeed either, so DeepSpeed is handed
+stage 0; its ZeRO-1/2 optimizer would otherwise wrap the adapter with per-tensor overflow
+checks, norms and bucket copies (bench/launch_count.py: ~3,100 launches per step more on a
+280-tensor adapter). Unlike DeepSpeed's ZeRO-2 the fp32 gradient-accumulation buffer is whole
+on every rank (4 bytes per adapter element). On one rank the shard is the whole adapter.
+
 DeepSpeed 0.19.8 switches relied on (see :func:`engine_config` and :func:`prepare_engine`):
-  - the engine is handed the config with ``bf16.enabled = false`` and ``gradient_clipping = 0``
-    at ZeRO-0: ``DeepSpeedEngine._do_optimizer_sanity_check`` then returns no wrapper (model
+  - the engine is handed the config with ``bf16.enabled = false``, ``gradient_clipping = 0``
+    and ``zero_optimization.stage = 0``: ``DeepSpeedEngine._do_optimizer_sanity_check`` then
+    returns no wrapper (model
     dtype = grad-accum dtype = fp32 as far as it knows), so ``engine.optimizer`` is this object
     (no FP16_Optimizer per-tensor overflow checks, norms, clipping or fp32 copies), the engine
     does not cast the (already bf16) module, and ``_take_model_step`` neither clips
@@ -36,10 +48,12 @@ DeepSpeed 0.19.8 switches relied on (see :func:`engine_config` and :func:`prepar
     bucketed per-tensor gradient all-reduce in ``_backward_epilogue`` (it runs even on one
     process); this optimizer all-reduces the flat gradient itself, once per step, when there is
     more than one rank;
-  - checkpoints: at ZeRO-0 the engine saves ``optimizer.state_dict()`` and restores it with
+  - checkpoints: at stage 0 the engine saves ``optimizer.state_dict()`` (called on every rank
+    in ``_common_checkpoint_state``; rank 0 writes it) and every rank restores it with
     ``optimizer.load_state_dict`` (fp32 mode: no ``load_optimizer_states`` argument); the state
-    holds the fp32 master (``flat_master``) so a resume is bit-identical in bf16 too.
-The path is not used at ZeRO-1/2/3 (DeepSpeed partitions the optimizer state), with fp16 (loss
+    is unpartitioned and holds the fp32 master (``flat_master``), so a resume is bit-identical
+    in bf16 too; partitioned, both are collectives (all-gather of the shards).
+The path is not used at ZeRO-3 (DeepSpeed partitions the frozen base too), with fp16 (loss
 scaling stays in DeepSpeed's FP16_Optimizer) or with CPU offload (DeepSpeedCPUAdam).
 """
 
@@ -57,22 +71,25 @@ from pace_llm.errors import UserError
 
 
 def uses_flat(optimizer_path: str, zero_stage: int, precision: str, offload: bool) -> bool:
-    """Whether the run takes the flat path: ``auto`` = at ZeRO-0 in bf16/fp32 without offload;
-    ``flat`` there too, refused elsewhere; ``deepspeed`` = never."""
-    fits = zero_stage == 0 and precision in ("bf16", "fp32") and not offload
+    """Whether the run takes the flat path: ``auto`` = at ZeRO-0/1/2 in bf16/fp32 without
+    offload; ``flat`` there too, refused elsewhere; ``deepspeed`` = never."""
+    fits = zero_stage in (0, 1, 2) and precision in ("bf16", "fp32") and not offload
     if optimizer_path == "flat" and not fits:
-        raise UserError(f"train.optimizer_path: flat needs ZeRO-0, bf16 or fp32 and no CPU offload "
+        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32 and no CPU "
+                        f"offload "
                         f"(this run: ZeRO-{zero_stage}, {precision}"
                         f"{', offload' if offload else ''}); use auto or deepspeed")
     return fits and optimizer_path in ("auto", "flat")
 
 
 def engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """The config handed to ``deepspeed.initialize`` on the flat path: fp32 mode (no DeepSpeed
-    optimizer wrapper) and no DeepSpeed clipping; the run's own config is recorded unchanged."""
+    """The config handed to ``deepspeed.initialize`` on the flat path: stage 0, fp32 mode (no
+    DeepSpeed optimizer wrapper) and no DeepSpeed clipping; the run's own config is recorded
+    unchanged (FlatAdamW partitions its state at ZeRO-1/2)."""
     cfg = copy.deepcopy(ds_config)
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": False}
     cfg["gradient_clipping"] = 0.0
+    cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 0}
     return cfg
 
 
@@ -84,10 +101,11 @@ def prepare_engine(engine: Any) -> None:
 
 class FlatAdamW(torch.optim.AdamW):
     """torch's fused AdamW over one flat fp32 master of the adapter (see the module docstring);
-    its one param group is what LambdaLR and checkpoints see."""
+    its one param group is what LambdaLR and checkpoints see. ``partition`` (ZeRO-1/2): each of
+    the ``world_size`` ranks holds the master and AdamW moments of one contiguous shard."""
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, weight_decay: float,
-                 max_grad_norm: float, world_size: int = 1):
+                 max_grad_norm: float, world_size: int = 1, partition: bool = False):
         self.params = list(params)
         if not self.params:
             raise UserError("no trainable parameters: the adapter is empty")
@@ -98,16 +116,23 @@ class FlatAdamW(torch.optim.AdamW):
                             "train.optimizer_path: deepspeed")
         dtype, device = dtypes.pop()
         self.max_grad_norm, self.world = float(max_grad_norm), int(world_size)
-        total = sum(p.numel() for p in self.params)
+        self.shards = self.world if partition else 1
+        self.rank = dist.get_rank() if self.shards > 1 else 0
+        self.numel = sum(p.numel() for p in self.params)
+        size = -(-self.numel // self.shards)  # shard length; the flat buffers are zero-padded
+        self._shard = slice(self.rank * size, (self.rank + 1) * size)
+        self._lp = dtype != torch.float32
         with torch.no_grad():
-            self.flat = torch.empty(total, dtype=dtype, device=device)
+            self.flat = torch.zeros(size * self.shards, dtype=dtype, device=device)
             views = self._views(self.flat)
             torch._foreach_copy_(views, [p.detach() for p in self.params])
             for p, v in zip(self.params, views):
                 p.data = v  # the param is now a view of the flat buffer
-            self.master = self.flat if dtype == torch.float32 else self.flat.float()
-            self.master.grad = torch.zeros_like(self.master)
-        self._grad_views = self._views(self.master.grad)
+            own = self.flat[self._shard]  # fp32: the master is the buffer (its shard) itself
+            self.master = own.float() if self._lp else own
+            self.flat_grad = torch.zeros(self.flat.numel(), dtype=torch.float32, device=device)
+            self.master.grad = self.flat_grad[self._shard]
+        self._grad_views = self._views(self.flat_grad)
         self._folded = 0  # micro-batches folded into the flat gradient since the last step
         self._bad: torch.Tensor | None = None
         self.last_norm: torch.Tensor | None = None
@@ -133,7 +158,7 @@ class FlatAdamW(torch.optim.AdamW):
             torch._foreach_copy_(views, grads)
         else:
             if self._folded == 0:
-                self.master.grad.zero_()
+                self.flat_grad.zero_()
             torch._foreach_add_(views, grads)
         self._folded += 1
         for p in self.params:
@@ -146,11 +171,13 @@ class FlatAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step on the flat master (module docstring), decided on the device."""
+        """One AdamW step on the flat master (module docstring), decided on the device. Across
+        ranks: one all-reduce of the flat gradient (every rank then has the whole average, so
+        the norm needs no second collective); partitioned, one all-gather of the params."""
         if closure is not None:
             raise UserError("FlatAdamW.step takes no closure")
         self.accumulate()
-        g = self.master.grad
+        g = self.flat_grad
         if self._folded == 0:
             g.zero_()  # no gradient reached the adapter this window
         if self.world > 1:
@@ -163,8 +190,10 @@ class FlatAdamW(torch.optim.AdamW):
         self.found_inf = bad.float()
         self.grad_scale = self._clip_scale(norm)
         super().step()
-        if self.flat is not self.master:
-            self.flat.copy_(self.master)
+        if self._lp:
+            self.flat[self._shard].copy_(self.master)
+        if self.shards > 1:
+            dist.all_gather_into_tensor(self.flat, self.flat[self._shard])
         g.zero_()
         self._folded, self._bad = 0, None
         self.last_norm, self.last_skipped = norm, bad
@@ -185,21 +214,46 @@ class FlatAdamW(torch.optim.AdamW):
         for p in self.params:
             p.grad = None
 
+    def _whole(self, shard: torch.Tensor) -> torch.Tensor:
+        """The unpartitioned flat tensor of a per-rank shard (a collective when partitioned),
+        without the padding."""
+        if self.shards == 1:
+            return shard.detach()[:self.numel]
+        out = torch.empty(self.flat.numel(), dtype=shard.dtype, device=shard.device)
+        dist.all_gather_into_tensor(out, shard.detach().contiguous())
+        return out[:self.numel]
+
+    def _own(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of an unpartitioned flat tensor (padded)."""
+        padded = whole.new_zeros(self.flat.numel())
+        padded[:self.numel] = whole
+        return padded[self._shard]
+
     def state_dict(self) -> dict[str, Any]:
-        """torch's AdamW state plus the fp32 master (``flat_master``)."""
+        """torch's AdamW state, unpartitioned (``flat_master``, ``exp_avg``, ``exp_avg_sq`` over
+        the whole adapter, as at ZeRO-0). Partitioned, a collective: DeepSpeed 0.19.8 calls
+        ``optimizer.state_dict()`` on every rank in ``save_checkpoint``
+        (``_common_checkpoint_state``), rank 0 writes it."""
         sd = super().state_dict()
-        sd["flat_master"] = self.master.detach()
+        sd["state"] = {k: {n: self._whole(v) if n in ("exp_avg", "exp_avg_sq") else v
+                           for n, v in st.items()} for k, st in sd["state"].items()}
+        sd["flat_master"] = self._whole(self.master)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the AdamW state and the master; the model params follow the master."""
+        """Restore the AdamW state and the master (this rank's shard of them); the model
+        params follow the master."""
         sd = dict(state_dict)
         if "flat_master" not in sd:
             raise UserError("optimizer state without 'flat_master': the checkpoint was written "
                             "by DeepSpeed's optimizer path (train.optimizer_path: deepspeed)")
         master = sd.pop("flat_master")
+        sd["state"] = {k: {n: self._own(v) if n in ("exp_avg", "exp_avg_sq") else v
+                           for n, v in st.items()} for k, st in sd["state"].items()}
         super().load_state_dict(sd)
         with torch.no_grad():
-            self.master.copy_(master)
-            if self.flat is not self.master:
-                self.flat.copy_(self.master)
+            self.master.copy_(self._own(master))
+            if self._lp:
+                self.flat[self._shard].copy_(self.master)
+            if self.shards > 1:
+                dist.all_gather_into_tensor(self.flat, self.flat[self._shard])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pace_llm.config import TrainArgs
-from pace_llm.dsconfig import offloads_optimizer
+from pace_llm.dsconfig import offloads_optimizer, zero_stage
 
 
 class SkipNextStep:
@@ -44,7 +44,8 @@ def build_optimizer(params: list[nn.Parameter], train: TrainArgs, ds_config: dic
         from pace_llm.flat_optim import FlatAdamW
 
         return FlatAdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                         max_grad_norm=train.max_grad_norm, world_size=world_size)
+                         max_grad_norm=train.max_grad_norm, world_size=world_size,
+                         partition=zero_stage(ds_config) in (1, 2))
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

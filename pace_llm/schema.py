@@ -164,9 +164,10 @@ class TrainArgs:
     """Stop after this many consecutive non-finite losses (each such step is skipped; counted
     when the trainer reads its statistics: at logging steps and checkpoints)."""
     optimizer_path: Literal["auto", "flat", "deepspeed"] = "auto"
-    """auto = flat at ZeRO-0 in bf16/fp32 without CPU offload, else DeepSpeed's. flat: one fp32
-    master of the adapter, fused AdamW, skip and clip on the device (pace_llm/flat_optim.py);
-    deepspeed: DeepSpeed's optimizer wrappers (always used at ZeRO-1/2/3, fp16, offload)."""
+    """auto = flat at ZeRO-0/1/2 in bf16/fp32 without CPU offload, else DeepSpeed's. flat: one
+    fp32 master of the adapter (sharded across ranks at ZeRO-1/2), fused AdamW, skip and clip on
+    the device (pace_llm/flat_optim.py); deepspeed: DeepSpeed's optimizer wrappers (always at
+    ZeRO-3, fp16 and CPU offload)."""
 
 
 @dataclass

@@ -146,12 +146,15 @@ def test_lambda_lr_drives_the_flat_group():
 
 def test_the_path_choice():
     assert uses_flat("auto", 0, "bf16", False) and uses_flat("flat", 0, "fp32", False)
-    assert not uses_flat("auto", 1, "bf16", False) and not uses_flat("auto", 0, "fp16", False)
-    assert not uses_flat("deepspeed", 0, "bf16", False) and not uses_flat("auto", 0, "fp32", True)
-    with pytest.raises(UserError, match="optimizer_path: flat needs ZeRO-0"):
-        uses_flat("flat", 2, "bf16", False)
-    cfg = engine_config({"bf16": {"enabled": True}, "gradient_clipping": 1.0})
-    assert cfg == {"bf16": {"enabled": False}, "gradient_clipping": 0.0}
+    assert uses_flat("auto", 2, "bf16", False) and not uses_flat("auto", 3, "bf16", False)
+    assert not uses_flat("auto", 0, "fp16", False) and not uses_flat("auto", 1, "fp32", True)
+    assert not uses_flat("deepspeed", 0, "bf16", False)
+    with pytest.raises(UserError, match="optimizer_path: flat needs ZeRO-0/1/2"):
+        uses_flat("flat", 3, "bf16", False)
+    cfg = engine_config({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
+                         "zero_optimization": {"stage": 2, "overlap_comm": False}})
+    assert cfg == {"bf16": {"enabled": False}, "gradient_clipping": 0.0,
+                   "zero_optimization": {"stage": 0, "overlap_comm": False}}
 
 
 # ------------------------------------------------------------------ real runs
