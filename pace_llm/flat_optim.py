@@ -70,15 +70,17 @@ from torch import nn
 from pace_llm.errors import UserError
 
 
-def uses_flat(optimizer_path: str, zero_stage: int, precision: str, offload: bool) -> bool:
+def uses_flat(optimizer_path: str, zero_stage: int, precision: str, offload: bool,
+              uniform: bool = True) -> bool:
     """Whether the run takes the flat path: ``auto`` = at ZeRO-0/1/2 in bf16/fp32 without
-    offload; ``flat`` there too, refused elsewhere; ``deepspeed`` = never."""
-    fits = zero_stage in (0, 1, 2) and precision in ("bf16", "fp32") and not offload
+    offload, when every trainable param has one dtype and device (``uniform``); ``flat`` there
+    too, refused elsewhere; ``deepspeed`` = never."""
+    fits = zero_stage in (0, 1, 2) and precision in ("bf16", "fp32") and not offload and uniform
     if optimizer_path == "flat" and not fits:
-        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32 and no CPU "
-                        f"offload "
-                        f"(this run: ZeRO-{zero_stage}, {precision}"
-                        f"{', offload' if offload else ''}); use auto or deepspeed")
+        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32, no CPU "
+                        f"offload and one dtype for every trainable param (this run: "
+                        f"ZeRO-{zero_stage}, {precision}{', offload' if offload else ''}"
+                        f"{'' if uniform else ', mixed dtypes'}); use auto or deepspeed")
     return fits and optimizer_path in ("auto", "flat")
 
 

@@ -226,10 +226,10 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     batches, max_steps = C.plan_batches(recipe, task)
     objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
                               recipe.pace.task_loss_on, regression=task.num_labels == 1)
+    params = adapter_parameters(model)
     flat = uses_flat(recipe.train.optimizer_path, zero_stage(ds_config), precision,
-                     offloads_optimizer(ds_config))
-    optimizer = build_optimizer(adapter_parameters(model), recipe.train, ds_config, flat,
-                                D.world_size())
+                     offloads_optimizer(ds_config), len({(p.dtype, p.device) for p in params}) == 1)
+    optimizer = build_optimizer(params, recipe.train, ds_config, flat, D.world_size())
     scheduler = build_scheduler(optimizer, recipe.train, max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=objective, optimizer=optimizer, lr_scheduler=scheduler,
@@ -256,7 +256,8 @@ def make_trainer(run: Run, checkpoint: str | None = None) -> Trainer:
     trainer = Trainer(run, C.evaluator(run))
     trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
                 f"{run.batches.global_batch} examples; precision {run.precision}, "
-                f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s)")
+                f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s); optimizer "
+                f"{type(run.optimizer).__name__}")
     if checkpoint is not None:
         trainer.resume(Path(checkpoint))
         C.record_recipe(run.recipe, run.ds_config, run.out)

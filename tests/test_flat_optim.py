@@ -149,7 +149,8 @@ def test_the_path_choice():
     assert uses_flat("auto", 2, "bf16", False) and not uses_flat("auto", 3, "bf16", False)
     assert not uses_flat("auto", 0, "fp16", False) and not uses_flat("auto", 1, "fp32", True)
     assert not uses_flat("deepspeed", 0, "bf16", False)
-    with pytest.raises(UserError, match="optimizer_path: flat needs ZeRO-0/1/2"):
+    assert not uses_flat("auto", 0, "bf16", False, uniform=False)
+    with pytest.raises(UserError, match="optimizer_path: flat needs ZeRO-0/1/2.*ZeRO-3"):
         uses_flat("flat", 3, "bf16", False)
     cfg = engine_config({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
                          "zero_optimization": {"stage": 2, "overlap_comm": False}})
