@@ -160,12 +160,13 @@ def test_the_path_choice():
 
 # ------------------------------------------------------------------ real runs
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world", [1, 2])
-def test_flat_path_follows_deepspeeds_path(tiny_base, tmp_path, world):
-    """fp32, ZeRO-0: the flat path's loss and grad-norm curves are DeepSpeed's own (clipping on,
-    weight decay on, accumulation of two micro-batches)."""
+@pytest.mark.parametrize("world,stage", [(1, 0), (2, 0), (2, 2)])
+def test_flat_path_follows_deepspeeds_path(tiny_base, tmp_path, world, stage):
+    """fp32: the flat path's loss and grad-norm curves are DeepSpeed's own (clipping on, weight
+    decay on, accumulation of two micro-batches); at ZeRO-2 on two ranks its state is sharded."""
     common = dict(train__micro_batch_size=2, train__grad_accum=2, train__max_grad_norm=0.5,
-                  train__weight_decay=0.01, eval__at_start=False, deepspeed=DS / "zero0.json")
+                  train__weight_decay=0.01, eval__at_start=False,
+                  deepspeed=DS / f"zero{stage}.json")
     ds, _ = train_ok(tiny_base, tmp_path / "ds", world=world, train__optimizer_path="deepspeed",
                      **common)
     flat, _ = train_ok(tiny_base, tmp_path / "flat", world=world, train__optimizer_path="flat",
