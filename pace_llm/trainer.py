@@ -185,7 +185,7 @@ class Trainer:
                     opt.skip_if(bad)  # decided on the device
                 else:
                     skipped = opt.skip_next = bool(bad)  # the DeepSpeed path's one host read
-            grad_norm = self._grad_norm_before_step()
+            grad_norm = None if flat else self._grad_norm_before_step()
             self.engine.step()
         if flat:
             grad_norm, skipped = opt.last_norm, opt.last_skipped
