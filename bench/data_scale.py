@@ -12,7 +12,7 @@ Task        instruct, prompt_style plain (pace_llm's default chat layout), max_l
             on_too_long drop; no eval file, so the last 200 rows are held out for evaluation.
 A start     ``--ranks`` fresh processes (2: a gloo group), each: ``build_task`` (timed), 16 random
             ``task.train[i]`` reads and ``task.lengths`` -> "data" figures; then one ``BatchPlan``
-            epoch (global batch 16: the trainer's index lists, ~46 bytes a row, the same on both
+            epoch (global batch 16: the trainer's order: one integer array, 8 bytes a row, the same on both
             paths) and the collation of its first 2 batches -> "+ epoch" figures. RSS is the
             rank's ``ru_maxrss`` (the tokenizing workers are separate processes, their peak is
             reported apart); "private" is RssAnon at that point: RSS without the pages of the
@@ -142,8 +142,8 @@ def child(spec: dict) -> None:
     data_point = {"rss_data_mb": maxrss_mb(), "private_data_mb": private_mb()}
     plan = BatchPlan(lengths, 16, seed=0)
     epoch = plan.epoch(0)
-    for batch in epoch[:2]:
-        collate_causal([task.train[i] for i in batch], tok.pad_token_id or 0)
+    for batch in epoch[:2].tolist():
+        collate_causal(task.examples(batch), tok.pad_token_id or 0)
     figures = {"rank": rank, "build_s": build_s, **data_point, "rss_mb": maxrss_mb(),
                "private_mb": private_mb(), "base_mb": base,
                "workers_mb": maxrss_mb(resource.RUSAGE_CHILDREN), "built": len(built),
@@ -307,7 +307,7 @@ def main() -> None:
             f"{time.perf_counter() - started:.0f} s in all; on top of commit {commit})\n\n"
             f"    {command.strip()}\n\n"
             "data = after build_task, 16 random task.train[i] reads and task.lengths; + epoch = "
-            "also one BatchPlan epoch (the trainer's index lists, the same on both paths) and two "
+            "also one BatchPlan epoch (the trainer's order, one integer array, the same on both paths) and two "
             "collated batches; private = RssAnon, i.e. RSS less the page cache of the memory-"
             "mapped cache files (shared by the ranks). python = build_lists: every rank tokenizes "
             "into Python lists.\n\n"

@@ -71,8 +71,11 @@ standard library) are passed through.
                    (the frozen W0 x: a ``record_function`` range this script opens around the
                    base layer of every pace_llm NoisyLoRALinear and PEFT LoRA layer)
     LoRA           pace_llm/lora.py; peft/tuners/ (PEFT's LoRA layers: A, B, scaling, add, casts)
-    noise          pace_llm/lora.py ``NoisyLoRALinear.noise`` (randn, ·σ, +1, cast) and the first
-                   aten op after a ``noise()`` call in ``forward`` (the multiply by z)
+    noise          pace_llm/noise.py (the one draw per forward: a normal_ per row, z = 1 + σ·ε,
+                   the cast); pace_llm/lora.py ``NoisyLoRALinear.noise`` (a layer's own draw
+                   outside a noise block) and the first aten op after a ``noise()`` call in
+                   ``forward`` (the multiply by z). The shared z is applied by the adapter add
+                   (``addcmul``): LoRA
     objective      pace_llm/objective.py (supervised-position gather, lm_head on those rows,
                    cross-entropy, consistency); transformers/loss (PEFT's loss)
     backward       inside an autograd node (``autograd::engine::evaluate_function``) with no
@@ -196,6 +199,8 @@ def frame_rule(path: str, func: str) -> str | None:
             return "host"
     if path == "pace_llm/lora.py":
         return "noise" if func == "noise" else "LoRA"
+    if path == "pace_llm/noise.py":
+        return "noise"
     if path == "pace_llm/objective.py":
         return "objective"
     if path == "pace_llm/trainer.py" and func == "_grad_norm_before_step":

@@ -268,7 +268,8 @@ def weights_only_loads(engine: Any, path: Path):
 FIXED_SECTIONS = ("model", "lora", "quant", "data")
 FIXED_KEYS = ("pace.mode", "train.seed", "train.micro_batch_size", "train.grad_accum",
               "train.precision", "train.optimizer_path", "deepspeed")
-SPEED_ONLY = ("data.num_proc", "data.cache_dir")  # how the tokens are made, not which
+SPEED_ONLY = ("data.num_proc", "data.cache_dir",  # how the tokens are made, not which
+              "data.pad_to_multiple_of")  # and laid out (padding: shapes, not values)
 # keys that live in the optimizer and the schedule: applied to them on resume
 OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.warmup_steps",
                   "train.max_steps", "train.epochs")
@@ -286,11 +287,16 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]
     ``key old -> new``. Refused keys change shapes or data; applied keys are optimizer and
     schedule settings (the caller applies them); every other key (evaluation and logging
     cadence, σ and λ, paths) is read live from the recipe."""
+    from pace_llm.schema import Recipe, recipe_to_dict
+
     old, new = _flat(saved), _flat(current)
+    defaults = _flat(recipe_to_dict(Recipe()))
     refused, applied = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
+        if key not in old and new.get(key) == defaults.get(key):
+            continue  # a key newer than the checkpoint, at its default: what it was then
         change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
         if key in SPEED_ONLY:
             continue

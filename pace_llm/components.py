@@ -25,7 +25,9 @@ SEEDS = {
     "model": lambda seed, rank: seed,
     # the adapters' A init: the same on every rank and at every world size
     "adapters": lambda seed, rank: seed,
-    # the PACE noise and dropout stream: one per rank; restored from checkpoints on resume
+    # the dropout stream (LoRA and base-model dropout): one per rank; restored from checkpoints
+    # on resume. PACE's z does not use it: it is keyed by (train.seed, step, position in the
+    # global batch, view), the same at any world size (pace_llm/noise.py)
     "noise": lambda seed, rank: seed + 1 + rank,
 }
 
@@ -121,13 +123,21 @@ def size_ds_buckets(ds_config: dict, model: nn.Module) -> None:
 
 
 def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchPlan, int]:
-    """The global-batch order and the number of optimizer steps."""
+    """The global-batch order (a permutation per epoch; a weighted mixture; this rank's share
+    of a stream) and the number of optimizer steps."""
     from pace_llm import distributed as D
-    from pace_llm.data import BatchPlan
+    from pace_llm.data import BatchPlan, MixturePlan
+    from pace_llm.tasks.stream import stream_plan
 
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum * D.world_size()
-    plan = BatchPlan(task.lengths, global_batch, t.seed)
+    if task.streaming:
+        return stream_plan(task, recipe, D.world_size(), D.rank()), t.max_steps
+    if task.mixture is not None:
+        m = task.mixture
+        plan = MixturePlan(m.names, task.train.part_lengths(), m.weights, global_batch, t.seed)
+    else:
+        plan = BatchPlan(task.lengths, global_batch, t.seed)
     return plan, t.max_steps or max(1, int(t.epochs * plan.steps_per_epoch))
 
 

@@ -28,6 +28,8 @@ from pace_llm.families import PRESET_NAMES
 from pace_llm.preflight import before_run, fast_mode_estimate, resource_problems
 from pace_llm.schema import (SECTIONS, DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs,
                              PaceArgs, QuantArgs, Recipe, TrainArgs, dump_recipe, recipe_to_dict)
+from pace_llm.tasks.checks import data_problems
+from pace_llm.tasks.mix import PATH_KEYS as MIX_PATH_KEYS
 from pace_llm.tasks.sources import read_text
 
 __all__ = ["SECTIONS", "Command", "DataArgs", "EvalArgs", "ExportArgs", "LoraArgs", "ModelArgs",
@@ -152,14 +154,6 @@ def validate(recipe: Recipe) -> list[str]:
     if pc.mode == "fast" and recipe.is_causal_lm:
         p.append(f"pace.mode: 'fast' needs a classification/regression task but data.task is "
                  f"'{d.task}' (a causal LM); {fast_mode_estimate(d)}. Use pace.mode: full or lazy")
-    need(d.max_length >= 8, f"data.max_length: {d.max_length} must be >= 8")
-    if d.task == "glue":
-        from pace_llm.tasks.glue import GLUE_TASKS
-
-        need(d.glue_task in GLUE_TASKS,
-             f"data.glue_task: {d.glue_task!r} is not allowed; expected one of {', '.join(GLUE_TASKS)}")
-    need(d.num_examples > 0, f"data.num_examples: {d.num_examples} must be > 0")
-    need(d.limit is None or d.limit > 0, f"data.limit: {d.limit} must be > 0 or null")
     need(t.max_steps >= 0, f"train.max_steps: {t.max_steps} must be >= 0")
     need(t.max_steps > 0 or t.epochs > 0, "train: set max_steps > 0 or epochs > 0")
     need(t.micro_batch_size >= 1, f"train.micro_batch_size: {t.micro_batch_size} must be >= 1")
@@ -183,7 +177,7 @@ def validate(recipe: Recipe) -> list[str]:
     need(e.limit is None or e.limit > 0, f"eval.limit: {e.limit} must be > 0 or null")
     need(e.batch_size >= 1, f"eval.batch_size: {e.batch_size} must be >= 1")
     need(e.max_new_tokens >= 1, f"eval.max_new_tokens: {e.max_new_tokens} must be >= 1")
-    return p + resource_problems(recipe)  # the DS JSON, model.build, attention backend
+    return p + data_problems(recipe) + resource_problems(recipe)  # data; DS JSON, model.build
 
 
 # --- Parsing
@@ -320,10 +314,13 @@ def load_recipe(argv: list[str] | None = None) -> Recipe:
 # recipe keys that hold input paths; "always" ones are never hub ids
 PATH_KEYS = {("deepspeed", None): "always", ("model", "name_or_path"): "if it exists",
              ("data", "path"): "if it exists", ("data", "eval_path"): "if it exists",
-             ("data", "chat_template"): "if it exists"}
+             ("data", "chat_template"): "if it exists", ("data", "mix"): "if it exists"}
 
 
 def _resolve(value: Any, base: Path, always: bool) -> Any:
+    if isinstance(value, list):  # data.mix: each source's paths
+        return [{k: _resolve(v, base, False) if k in MIX_PATH_KEYS else v for k, v in item.items()}
+                if isinstance(item, dict) else item for item in value]
     if not isinstance(value, str) or not value or os.path.isabs(value):
         return value
     candidate = base / value

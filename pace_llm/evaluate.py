@@ -92,8 +92,7 @@ class Evaluator:
         clip = (lambda rows: rows[:limit]) if limit else (lambda rows: rows)  # noqa: E731
         self.examples = clip(ctx.task.eval)
         self.extra = {name: clip(rows) for name, rows in ctx.task.extra_eval.items()}
-        train = ctx.task.train
-        self.grad_rows = [train[i] for i in range(min(probes.GRAD_ROWS, len(train)))]
+        self.grad_rows = ctx.task.probe_rows(probes.GRAD_ROWS)
         self.fp_rows = self.grad_rows[:probes.FP_ROWS]
 
     def run(self) -> dict[str, Any]:
@@ -116,7 +115,7 @@ class Evaluator:
         if loss is not None:
             record["eval_loss"] = loss
         if extra:
-            record["extra"] = {name: self._score(self.extra[name], p)["metrics"]
+            record["extra"] = {name: self._score(self.extra[name], p, name)["metrics"]
                                for name, p in extra.items()}
         return record
 
@@ -182,11 +181,14 @@ class Evaluator:
             count += int((batch["labels"][:, 1:] != IGNORE).sum())
         return total / max(count, 1)
 
-    def _score(self, examples: list[dict], predictions: list[Any]) -> dict[str, Any]:
+    def _score(self, examples: list[dict], predictions: list[Any],
+               extra: str | None = None) -> dict[str, Any]:
+        """Metrics of a set: the task's, or an extra set's own (a mixture source's task)."""
         ctx = self.ctx
+        metric, main = ctx.task.extra_metrics.get(extra, (ctx.task.metric, ctx.task.main_metric))
         refs = [e["reference"] if ctx.causal else e["label"] for e in examples]
-        metrics = ctx.task.metric(predictions, refs) if predictions else {}
-        primary = metrics.get(ctx.task.main_metric, next(iter(metrics.values()), None))
+        metrics = metric(predictions, refs) if predictions else {}
+        primary = metrics.get(main, next(iter(metrics.values()), None))
         record: dict[str, Any] = {"metrics": metrics, "metric": primary,
                                   "examples": len(predictions)}
         if ctx.causal:

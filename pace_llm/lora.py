@@ -5,9 +5,18 @@
     h(x) = W0 x + b0                           disabled (the base model)
 
 A ∈ R^{r×d_in} (Kaiming-uniform, as PEFT), B ∈ R^{d_out×r} (zeros), s = α/r (α/√r with
-rsLoRA). z ~ N(1, σ²) has shape [rows, 1, d_out]: one value per (sequence, output channel),
-shared by every token of the sequence, redrawn at each forward, drawn in fp32 under no_grad
-and cast to the activation dtype. Noise multiplies the adapter output only, never W0 x.
+rsLoRA). z = 1 + σ·ε, ε ~ N(0, 1), has shape [rows, 1, d_out]: one value per (sequence, output
+channel), shared by every token of the sequence, new at each forward, drawn in fp32 under
+no_grad and cast to the activation dtype. Noise multiplies the adapter output only, never W0 x.
+
+Where z comes from: inside a ``pace_llm.noise`` block (``NoiseBank.draw``, which the PACE
+objective opens around every forward, or ``pace_noise``) one draw serves every adapted layer:
+the block hands each layer a ``SharedNoise`` (which holds Z = s·z, the scaling folded in) and
+its column offset, and the layer scales, multiplies and adds in one kernel,
+``addcmul(W0 x + b0, B A drop(x), Z[:, offset:offset + d_out])``. The layer keeps that state
+after the block for the recompute of gradient checkpointing (which runs inside backward);
+a forward outside any block, not in a backward, drops it. A layer used on its own (outside any
+block) draws its own z from the torch RNG, as ``noise()``.
 
 The two PACE views are the two halves of a doubled batch ([x1..xB, x1..xB]). Inside
 ``shared_views(model, 2)`` the layers draw their LoRA-dropout mask for the first half and repeat
@@ -50,6 +59,30 @@ class ViewSharedDropout(nn.Dropout):
         return x * _first_view_mask(x, self.p, self.views)
 
 
+class SharedNoise:
+    """One forward's Z = s·z for every adapted layer: [rows, D] (D = Σ d_out of the noised
+    layers; s the layer's scaling), cast to each activation dtype once. ``open`` while its ``pace_noise`` block runs; after
+    the block it serves only recomputes inside backward (gradient checkpointing)."""
+
+    def __init__(self, z: torch.Tensor, casts: dict[torch.dtype, torch.Tensor] | None = None):
+        self._by_dtype = {z.dtype: z, **(casts or {})}
+        self.rows = z.shape[0]
+        self.open = True
+
+    def columns(self, offset: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Z[:, offset:offset + width] in ``dtype`` (a view of the one cast per dtype)."""
+        z = self._by_dtype.get(dtype)
+        if z is None:
+            z = self._by_dtype[dtype] = self._by_dtype[torch.float32].to(dtype)
+        return z[:, offset:offset + width]
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (where gradient checkpointing recomputes)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is None or task() != -1
+
+
 class NoisyLoRALinear(nn.Module):
     """A frozen linear layer plus a LoRA adapter whose output is multiplied by N(1, σ²) noise.
 
@@ -62,7 +95,8 @@ class NoisyLoRALinear(nn.Module):
         rslora: rank-stabilised scaling.
 
     State: ``scaling``, ``sigma``, ``merged`` (s·BA folded into W0), ``disabled`` (adapter
-    bypassed: the base model), ``views`` (set only by ``shared_views``).
+    bypassed: the base model), ``views`` (set only by ``shared_views``), ``shared_noise``
+    ((SharedNoise, column offset), set only by ``pace_llm.noise.pace_noise``).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
@@ -82,6 +116,7 @@ class NoisyLoRALinear(nn.Module):
         self.merged = False
         self.disabled = False
         self.views = 1
+        self.shared_noise: tuple[SharedNoise, int] | None = None
         for p in self.base.parameters():
             p.requires_grad_(False)
         dtype = _adapter_dtype(base)
@@ -99,7 +134,8 @@ class NoisyLoRALinear(nn.Module):
                 f"scaling={self.scaling:.4g}, sigma={self.sigma:.4g}, dropout={self.dropout}")
 
     def noise(self, rows: int, ndim: int, like: torch.Tensor) -> torch.Tensor:
-        """z ~ N(1, σ²) of shape [rows, 1, …, d_out]: fp32 draw, cast to ``like``'s dtype."""
+        """z ~ N(1, σ²) of shape [rows, 1, …, d_out] from the torch RNG: fp32 draw, cast to
+        ``like``'s dtype (a layer used outside a ``pace_noise`` block)."""
         shape = (rows,) + (1,) * (ndim - 2) + (self.out_features,)
         with torch.no_grad():
             z = torch.randn(shape, device=like.device, dtype=torch.float32).mul_(self.sigma).add_(1.0)
@@ -118,10 +154,29 @@ class NoisyLoRALinear(nn.Module):
         h = x.to(self.lora_A.dtype)
         if self.training and self.dropout > 0:
             h = h * _first_view_mask(h, self.dropout, self.views)
-        delta = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        delta = F.linear(F.linear(h, self.lora_A), self.lora_B)
         if self.training and self.sigma > 0:
-            delta = delta * self.noise(delta.shape[0], delta.dim(), delta)
+            z = self._shared_z(delta, out.dtype)
+            if z is not None:  # out + BA drop(x) ⊙ (s·z) in one kernel
+                return torch.addcmul(out, delta.to(out.dtype), z)
+            delta = delta * self.scaling * self.noise(delta.shape[0], delta.dim(), delta)
+        else:
+            delta = delta * self.scaling
         return out + delta.to(out.dtype)
+
+    def _shared_z(self, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """This layer's columns of the block's Z = s·z, shaped [rows, 1, …, d_out], or None."""
+        if self.shared_noise is None:
+            return None
+        noise, offset = self.shared_noise
+        if not noise.open and not _in_backward():  # a forward after the block: not its noise
+            self.shared_noise = None
+            return None
+        if noise.rows != delta.shape[0]:
+            raise ValueError(f"PACE noise was drawn for {noise.rows} rows but a layer got a batch "
+                             f"of {delta.shape[0]}")
+        z = noise.columns(offset, self.out_features, dtype)
+        return z.view(z.shape[0], *([1] * (delta.dim() - 2)), z.shape[1])
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in fp32, shape [d_out, d_in]."""

@@ -19,9 +19,14 @@ Causal LM: let S be the supervised positions (labels ≠ −100 after the shift)
     Σ_consistency = Σ_{s∈S} ‖ℓ¹_s − ℓ²_s‖²₂      (summed over the vocabulary)
 or, with consistency_on=hidden, ‖h¹_s − h²_s‖²₂ over the final hidden states. lm_head runs on
 the supervised positions only, in chunks (recomputed in backward when there is more than one),
-so full-vocabulary logits for a whole batch never exist. N = supervised tokens in the
-accumulation window on all ranks, so the loss is a token mean over the window, not a mean of
-micro-batch means.
+so full-vocabulary logits for a whole batch never exist. S arrives as flat indices computed on
+the CPU batch (``data.supervised_index``, passed as ``supervised``) and is gathered with
+``index_select``, so the device never syncs on a boolean mask (without them it is computed on
+the device). N = supervised tokens in the accumulation window on all ranks, so the loss is a
+token mean over the window, not a mean of micro-batch means.
+
+The PACE noise of every adapted layer is drawn once per forward (pace_llm/noise.py), keyed by
+the rows' ``noise_keys`` when the trainer passes them.
 
 Classification / regression: Σ_task = Σ_b CE(ℓ¹_b, y_b) (MSE for one output), Σ_consistency =
 Σ_b ‖ℓ¹_b − ℓ²_b‖²₂, N = examples in the window: the paper's "sum over classes, mean over batch".
@@ -40,8 +45,9 @@ from torch.utils.checkpoint import checkpoint
 
 from pace_llm import distributed as D
 from pace_llm.config import PaceArgs
-from pace_llm.data import IGNORE
+from pace_llm.data import supervised_index
 from pace_llm.lora import shared_views
+from pace_llm.noise import NoiseBank, RowKeys
 
 
 @dataclass(frozen=True)
@@ -114,19 +120,25 @@ class PaceObjective(nn.Module):
         vocab = model.get_output_embeddings().out_features if causal else 1
         self.chunk = max(256, 2 ** 26 // max(vocab, 1))  # rows of lm_head per chunk (~256 MB fp32)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.noise = NoiseBank(model)  # PACE's z: one draw per forward (pace_llm/noise.py)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 views: int = 1, lam: float = 0.0, scale: float = 1.0,
-                history: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                history: torch.Tensor | None = None, noise_keys: RowKeys | None = None,
+                supervised: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One forward over ``views`` stacked copies of a micro-batch.
 
         ``scale`` multiplies the summed terms (the engine passes ranks·accum/N so that DeepSpeed's
         averaging yields Σ/N). ``history`` (fast mode) holds last epoch's logits per row, NaN
-        where unseen.
+        where unseen. ``noise_keys``: the rows' keys of the PACE noise stream (None: the torch
+        RNG). ``supervised`` (causal LM): ``data.supervised_index(labels, views)``, computed
+        on the host; None: computed here.
         """
-        with shared_views(self.model, views):
+        rows = input_ids.shape[0]
+        with shared_views(self.model, views), \
+                self.noise.draw(rows, input_ids.device, noise_keys, views):
             if self.causal:
-                ce, cons = self._causal_terms(input_ids, attention_mask, labels, views)
+                ce, cons = self._causal_terms(input_ids, attention_mask, labels, views, supervised)
                 out = {}
             else:
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
@@ -136,16 +148,18 @@ class PaceObjective(nn.Module):
         return {"loss": loss, "ce": ce.detach(), "cons": cons.detach(), **out}
 
     # ---------------------------------------------------------------- causal LM
-    def _causal_terms(self, input_ids, attention_mask, labels, views):
+    def _causal_terms(self, input_ids, attention_mask, labels, views, supervised=None):
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                           use_cache=False).last_hidden_state
-        b = input_ids.shape[0] // views
-        sel = labels[:b, 1:] != IGNORE                       # [B, T-1] supervised next tokens
-        targets = labels[:b, 1:][sel]                        # [N]
-        h = hidden[:, :-1]
-        h1 = h[:b][sel]                                      # [N, H] view 1
-        h2 = h[b:2 * b][sel] if views == 2 else None         # [N, H] view 2, same positions
+        if supervised is None:
+            supervised = supervised_index(labels, views)     # [views·N] (syncs on a device)
+        n = supervised.numel() // views
+        flat = hidden.reshape(-1, hidden.shape[-1])          # [rows·T, H], a view
+        hs = flat.index_select(0, supervised)                # [views·N, H], view-major
+        targets = labels.reshape(-1)[1:].index_select(0, supervised[:n])  # [N] next tokens
+        h1 = hs[:n]                                          # [N, H] view 1
+        h2 = hs[n:] if views == 2 else None                  # [N, H] view 2, same positions
         both = views == 2 and self.task_loss_on == "both"
         want_logit_cons = views == 2 and self.consistency_on == "logits"
         zero = hidden.new_zeros((), dtype=torch.float32)

@@ -38,7 +38,29 @@ class Window:
                                          if s["clean_grad_norm"] is not None), None),
                 "lr": self.steps[-1]["lr"], "tokens_per_s": tokens / elapsed if elapsed else None,
                 "step_time_s": elapsed / n, "peak_memory_mb": _peak_memory_mb(),
-                "skipped_steps": sum(1 for s in self.steps if s["skipped"])}
+                "skipped_steps": sum(1 for s in self.steps if s["skipped"]),
+                **self._by_source()}
+
+    def _by_source(self) -> dict[str, Any]:
+        """``data.mix``: the window's training examples per source."""
+        counts: dict[str, int] = {}
+        for s in self.steps:
+            for name, n in (s.get("sources") or {}).items():
+                counts[name] = counts.get(name, 0) + n
+        return {"examples_by_source": counts} if counts else {}
+
+
+def reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
+    """(a step's [ce, cons, loss] sums over every rank, the tokens trained on): one device
+    collective across ranks (no host read); on one rank the sums and the host count as given."""
+    if world == 1:
+        return sums, tokens
+    from pace_llm.distributed import all_reduce_tensor
+
+    vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
+                                                 device=sums.device)])
+    all_reduce_tensor(vec)
+    return vec[:3], vec[3]
 
 
 def settle(steps: list[dict[str, Any]]) -> None:

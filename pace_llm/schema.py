@@ -115,6 +115,24 @@ class DataArgs:
     """Processes that tokenize the data (once, on rank 0); None = min(8, CPU count)."""
     cache_dir: str | None = None
     """Where tokenized datasets are cached; None = $PACE_LLM_CACHE or ~/.cache/pace_llm."""
+    columns: dict[str, str] | None = None
+    """Rename the data's fields to the task's: {task_field: field_in_your_data}, e.g.
+    {question: prompt, answer: response} (gsm8k) or {instruction: query, output: reply}."""
+    streaming: bool = False
+    """Read and tokenize the training rows as they are consumed (no cache, nothing held): for
+    corpora larger than memory. Needs train.max_steps; each rank tokenizes its own share."""
+    shuffle_buffer: int = 10000
+    """Streaming: rows in the shuffle buffer (a seeded random slot is emitted and refilled from
+    the file; a new order each epoch); 1 = file order."""
+    mix: list[dict[str, Any]] | None = None
+    """A mixture of sources instead of data.path: a list of {path, weight, name, task,
+    eval_path, hub_config, prompt_style, chat_template, limit, glue_task, columns}; each
+    position of a global batch draws its source by weight. The first source is the eval set
+    that ranks checkpoints; the others are scored under extra.<name>. The other data keys
+    (task, max_length, prompt_style…) apply to every source that does not set its own."""
+    pad_to_multiple_of: int = 8
+    """Pad each batch to a multiple of this many tokens (stable shapes for GPU kernels);
+    1 = to the longest row."""
 
 
 @dataclass

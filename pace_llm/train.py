@@ -167,7 +167,8 @@ class Run:
         from pace_llm.data import collator
 
         return collator(self.causal, self.tokenizer.pad_token_id,
-                        regression=self.task.num_labels == 1)
+                        regression=self.task.num_labels == 1,
+                        multiple=self.recipe.data.pad_to_multiple_of)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, whole (gathered under ZeRO-3), on CPU (every rank calls)."""

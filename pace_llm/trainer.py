@@ -21,12 +21,13 @@ import torch
 
 from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
-from pace_llm.data import Cursor, rank_micro_batches, supervised_count
+from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
 from pace_llm.errors import UserError
 from pace_llm.flat_optim import FlatAdamW
+from pace_llm.noise import RowKeys
 from pace_llm.objective import StepPlan, doubled, step_plan
 from pace_llm.probes import clean_grad_norm
-from pace_llm.records import Window
+from pace_llm.records import Window, reduce_window
 
 if TYPE_CHECKING:
     from pace_llm.evaluate import Evaluator
@@ -108,6 +109,7 @@ class Trainer:
             clean = self.maybe_clean_grad_norm(global_batch)
             stats = self.train_step(global_batch)
             stats["clean_grad_norm"] = clean
+            stats["sources"] = self.run.batches.source_counts(global_batch)
             self.cursor = cursor
             self.step += 1
             self.window.add(stats)
@@ -151,12 +153,9 @@ class Trainer:
         return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
-        """One optimizer step: this rank's micro-batches, token-normalised over the window.
-
-        Host reads: none on the flat optimizer path. The loss sums, the non-finite flag and the
-        grad norm stay device tensors in the stats until a logging step (``Window.settle``); N
-        comes from the CPU batch (a host collective across ranks), the sums take one device
-        collective across ranks. DeepSpeed's optimizer path reads the skip flag: one read."""
+        """One optimizer step: this rank's micro-batches, token-normalised over the window. No
+        host read on the flat optimizer path (loss sums, skip flag, grad norm: device tensors
+        until a logging step, ``Window.settle``); DeepSpeed's path reads the skip flag once."""
         t, started = self.recipe.train, time.perf_counter()
         plan = self.plan()
         micro = self.micro_batches(global_batch, plan)
@@ -170,7 +169,7 @@ class Trainer:
         flat = isinstance(opt, FlatAdamW)
         sums = None  # device: [ce, cons, loss] summed over the window (a non-finite loss stays so)
         for idx, batch in zip(micro, batches):
-            out = self._forward(batch, plan, scale, idx)
+            out = self._forward(batch, plan, scale, idx, global_batch)
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
             if flat:
                 opt.accumulate()  # this micro-batch's grads into the flat fp32 gradient
@@ -179,7 +178,7 @@ class Trainer:
             if self.history is not None:
                 self.history.update(idx, out["logits"][: len(idx)])
             if self.engine.is_gradient_accumulation_boundary():  # one collective per step
-                totals, tokens = self._reduce_window(sums, batches)
+                totals, tokens = reduce_window(sums, self._tokens(batches), self.world)
                 bad = ~torch.isfinite(totals[2])
                 if flat:
                     opt.skip_if(bad)  # decided on the device
@@ -196,27 +195,23 @@ class Trainer:
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
                 "paired": plan.paired, "skipped": skipped}
 
-    def _reduce_window(self, sums: torch.Tensor, batches) -> tuple[torch.Tensor, Any]:
-        """(the window's [ce, cons, loss] sums over every rank, the tokens trained on): one
-        device collective across ranks; on one rank the sums themselves and the host count."""
-        tokens = self._tokens(batches)
-        if self.world == 1:
-            return sums, tokens
-        vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
-                                                     device=sums.device)])
-        D.all_reduce_tensor(vec)
-        return vec[:3], vec[3]
-
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
-        return self.run.collate([self.run.task.train[i] for i in ids])
+        return self.run.collate(self.run.task.examples(ids))
 
-    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int]):
+    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int],
+                 global_batch: list[int]):
+        """One micro-batch through the engine. On the host: the doubled batch, the supervised
+        positions' flat indices (causal LM), and the noise keys (seed, step, each row's position
+        in the global batch: the same at every world size; pace_llm/noise.py)."""
         dev = self.engine.device
-        if plan.views == 2:
-            batch = doubled(batch)
+        batch = doubled(batch) if plan.views == 2 else dict(batch)
+        if self.run.causal:
+            batch["supervised"] = supervised_index(batch["labels"], plan.views)
+        where = {example: pos for pos, example in enumerate(global_batch)}
+        keys = RowKeys(self.recipe.train.seed, self.step, tuple(where[i] for i in idx))
         history = self.history.lookup(idx, dev) if self.history is not None else None
         return self.engine(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
-                           lam=plan.lam, scale=scale, history=history)
+                           lam=plan.lam, scale=scale, history=history, noise_keys=keys)
 
     def _tokens(self, batches) -> int:
         """Non-padding tokens this rank trained on (each example counted once)."""
@@ -240,14 +235,12 @@ class Trainer:
         if not grads:
             return 0.0
         # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
-        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU;
-        # a device tensor, read at logging
+        # too; per-tensor norms cost 2 launches per tensor); a device tensor, read at logging
         return torch.linalg.vector_norm(torch.stack(
             torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
     def _settle(self) -> None:
-        """Read the pending steps' device statistics (one host read) and count their bad
-        steps: at logging steps and before a checkpoint, so max_bad_steps is checked there."""
+        """Read the pending steps' statistics (one host read) and count their bad steps."""
         self.window.settle()
         pending, self._unsettled = self._unsettled, []
         for step, stats in pending:
@@ -301,8 +294,8 @@ class Trainer:
         from pace_llm.config import recipe_to_dict
 
         self._settle()  # the bad-step counts of the steps so far
-
-        state = {"step": self.step, "cursor": [self.cursor.epoch, self.cursor.batch],
+        cursors = D.all_gather_objects([self.cursor.epoch, self.cursor.batch])
+        state = {"step": self.step, "cursor": cursors[0], "cursors": cursors,
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
                  "best_metric": self.best_metric, "best_step": self.best_step,
                  "evals_without_gain": self.evals_without_gain,
@@ -342,7 +335,7 @@ class Trainer:
                 raise UserError(f"checkpoint {path}: DeepSpeed restored {name} differently from "
                                 "trainable.safetensors; the checkpoint is inconsistent")
         self.step = state["step"]
-        self.cursor = Cursor(*state["cursor"])
+        self.cursor = self._resumed_cursor(state)
         self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
         self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
         self.evals_without_gain = state.get("evals_without_gain", 0)
@@ -354,6 +347,13 @@ class Trainer:
                      "schedule updated)")
         self._drop_metrics_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _resumed_cursor(self, state: dict[str, Any]) -> Cursor:
+        """The data cursor to go on from: the run's, or (streaming) this rank's own place in
+        the stream (a checkpoint resumes with its own number of ranks: checked at load)."""
+        if self.run.task.streaming:
+            return Cursor(*state["cursors"][self.rank])
+        return Cursor(*state["cursor"])
 
     def _apply_schedule(self) -> None:
         """The recipe's lr, weight decay and schedule on the restored optimizer and scheduler

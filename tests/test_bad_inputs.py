@@ -96,6 +96,10 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
         "ds_optimizer.json": json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1}}}),
         "ds_not_json.json": "{\"zero_optimization\": {\"stage\": 2},}",
         "a_file.txt": "not a directory",
+        # chat templates, trackers
+        "bad.jinja": "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}",
+        "no_wandb/wandb/__init__.py": "raise ModuleNotFoundError(\"No module named 'wandb'\", "
+                                      "name='wandb')\n",
     }
     for name, body in files.items():
         path = w / name
@@ -272,6 +276,24 @@ CASES = [
      "--dtype"),
     ("export-step-missing", ["export", "--run", "{run}", "--step", "99", "--out", "{w}/x"],
      "step-99/adapter does not exist"),
+    # chat templates and mixtures
+    ("template-unknown", train(*gsm8k("{gsm8k}/train.jsonl"), "--data.prompt_style", "chat",
+                               "--data.chat_template", "llama3", synthetic=False),
+     "data.chat_template: unknown template 'llama3' (did you mean 'llama-3'?)"),
+    ("template-bad-jinja", train(*gsm8k("{gsm8k}/train.jsonl"), "--data.prompt_style", "chat",
+                                 "--data.chat_template", "{w}/bad.jinja", synthetic=False),
+     "data.chat_template: '{w}/bad.jinja' line 2: the Jinja template does not parse"),
+    ("mix-weight-zero", train("--data.task", "gsm8k", "--data.mix",
+                              '[{{"path": "{gsm8k}/train.jsonl", "weight": 0}}]', synthetic=False),
+     "data.mix[0].weight: 0 must be a number > 0"),
+    ("mix-fields-do-not-fit", train("--data.task", "gsm8k", "--data.mix",
+                                    '[{{"path": "{w}/instruct_missing.jsonl", "eval_path": '
+                                    '"{gsm8k}/test.jsonl"}}]', synthetic=False),
+     "data.mix[0] (instruct_missing): {w}/instruct_missing.jsonl row 1: missing field "
+     "'question'"),
+    ("streaming-without-max-steps", train(*gsm8k("{gsm8k}/train.jsonl"), "--data.streaming",
+                                          "true", "--train.max_steps", "0", synthetic=False),
+     "data.streaming needs train.max_steps > 0"),
     # data-check
     ("datacheck-example-range", check(*gsm8k("{gsm8k}/train.jsonl", "{gsm8k}/test.jsonl"),
                                       "--data.limit", "5", "--example", "99"),
@@ -312,6 +334,16 @@ def test_bad_input_is_one_message_and_exit_2(world, args, needle, multi):
         assert len(rest) >= 2 and all(line.startswith("  - ") for line in rest), res.stderr
     else:
         assert not rest, res.stderr
+
+
+def test_a_tracker_that_is_not_installed(world):
+    res = subprocess.run([sys.executable, "-m", "pace_llm.cli", *[a.format(**world) for a in train(
+        "--train.report_to", "[wandb]")]], capture_output=True, check=False, text=True,
+        cwd=world["w"] / "cwd", timeout=180,
+        env={**ENV, "PYTHONPATH": f"{world['w'] / 'no_wandb'}:{ROOT}"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: train.report_to: wandb is not installed; pip install 'pace-llm[wandb]'")
 
 
 def test_keys_without_effect_are_warnings(world):

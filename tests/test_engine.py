@@ -88,6 +88,22 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
 
 
 @pytest.mark.multiproc
+def test_pace_noise_does_not_depend_on_the_world_size(tiny_base, tmp_path):
+    """PACE full with noise and a consistency term: one process at ZeRO-0 and two at ZeRO-2 train
+    the same curve, since an example's noise is keyed by (seed, step, position in the global
+    batch, view) and not drawn from a per-rank stream (pace_llm/noise.py)."""
+    common = dict(pace__mode="full", pace__sigma=0.5, pace__consistency_weight=0.5,
+                  train__max_steps=4, lora__dropout=0.0, eval__at_start=False, eval__limit=2)
+    one, _ = train_ok(tiny_base, tmp_path / "one", **common)
+    two, _ = train_ok(tiny_base, tmp_path / "two", world=2, train__micro_batch_size=2,
+                      deepspeed=DS / "zero2.json", **common)
+    for key in ("task_loss", "consistency_loss", "grad_norm"):
+        a, b = [r[key] for r in one], [r[key] for r in two]
+        assert len(a) == 4 and rel_close(a, b), (key, a, b)
+    assert all(r["consistency_loss"] > 0 for r in one[1:])  # B = 0 at step 1 only
+
+
+@pytest.mark.multiproc
 @pytest.mark.parametrize("mode", ["full", "lazy"])
 def test_pace_modes_train_and_consistency_falls(tiny_base, tmp_path, mode):
     rows, evals = train_ok(tiny_base, tmp_path / mode, pace__mode=mode, train__max_steps=24,

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
+from pace_llm.data import supervised_index
+from pace_llm.lora import lora_layers, shared_views
+from pace_llm.noise import RowKeys, pace_noise
 from pace_llm.objective import PaceObjective, doubled
-from pace_llm.lora import lora_layers
 from tests.conftest import tiny_llama
 
 
@@ -33,16 +35,14 @@ def test_chunked_terms_equal_naive(chunk, task_loss_on):
     objective = PaceObjective(model, causal=True, task_loss_on=task_loss_on)
     objective.chunk = chunk
     b = doubled(batch())
-    torch.manual_seed(7)
-    out = objective(**b, views=2, lam=0.3, scale=0.5)
+    keys = RowKeys(seed=0, step=3, positions=(5, 1, 2))
+    out = objective(**b, views=2, lam=0.3, scale=0.5, noise_keys=keys,
+                    supervised=supervised_index(b["labels"], 2))
     out["loss"].backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
-    torch.manual_seed(7)  # same noise draws
-    from pace_llm.lora import shared_views
-
-    with shared_views(model, 2):
+    with shared_views(model, 2), pace_noise(model, 6, keys, views=2):  # the same noise
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     sel = b["labels"][:3, 1:] != -100
     l1, l2 = logits[:3, :-1][sel], logits[3:, :-1][sel]
@@ -67,12 +67,10 @@ def test_hidden_consistency_and_classification_terms():
     model.train()
     obj = PaceObjective(model, causal=True, consistency_on="hidden")
     b = doubled(batch())
-    torch.manual_seed(1)
+    torch.manual_seed(1)  # no keys: one draw from the torch RNG, supervised positions found here
     out = obj(**b, views=2, lam=1.0)
     torch.manual_seed(1)
-    from pace_llm.lora import shared_views
-
-    with shared_views(model, 2):
+    with shared_views(model, 2), pace_noise(model, 6, views=2):
         h = model.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
     sel = b["labels"][:3, 1:] != -100
     expected = ((h[:3, :-1][sel] - h[3:, :-1][sel]) ** 2).sum()
@@ -85,3 +83,17 @@ def test_hidden_consistency_and_classification_terms():
     ce, cons = cls._cls_terms(logits, torch.tensor([1, 0]), 1, history)
     assert cons.item() == pytest.approx(1.0)
     assert ce.item() == pytest.approx(F.cross_entropy(logits, torch.tensor([1, 0]), reduction="sum").item())
+
+
+def test_supervised_index_matches_the_boolean_mask():
+    b = doubled(batch())
+    labels = b["labels"]
+    flat = supervised_index(labels, 2)
+    sel = labels[:3, 1:] != -100
+    hidden = torch.arange(6 * 10).reshape(6, 10, 1)
+    n = flat.numel() // 2
+    assert n == int(sel.sum()) == 15
+    assert torch.equal(hidden.reshape(-1)[flat[:n]], hidden[:3, :-1][sel][:, 0])
+    assert torch.equal(hidden.reshape(-1)[flat[n:]], hidden[3:, :-1][sel][:, 0])
+    assert torch.equal(labels.reshape(-1)[1:][flat[:n]], labels[:3, 1:][sel])
+    assert torch.equal(supervised_index(labels[:3], 1), flat[:n])

@@ -211,3 +211,20 @@ def test_no_room_for_a_checkpoint_is_refused_before_training(tmp_path, monkeypat
     RunDir(tmp_path / "run").check_space(trainable=40, save_every=5)  # 960 bytes fit
     with pytest.raises(UserError, match="needs about 2400 bytes, but .* has 1000 bytes free"):
         RunDir(tmp_path / "run").check_space(trainable=100, save_every=5)
+
+
+def test_recipe_changes_on_resume_classify_keys():
+    from pace_llm.checkpoint import recipe_changes
+    from pace_llm.schema import Recipe, recipe_to_dict
+
+    saved = recipe_to_dict(Recipe())
+    del saved["data"]["streaming"]  # a checkpoint older than the key: it was off then
+    now = recipe_to_dict(Recipe())
+    assert recipe_changes(saved, now) == ([], [])
+    now["data"]["streaming"] = True
+    now["data"]["pad_to_multiple_of"] = 64  # layout only
+    now["train"]["lr"] = 1e-3
+    now["data"]["mix"] = [{"path": "x.jsonl"}]
+    refused, applied = recipe_changes(saved, now)
+    assert refused == ["data.mix None -> [{'path': 'x.jsonl'}]", "data.streaming None -> True"]
+    assert applied == ["train.lr 0.0002 -> 0.001"]

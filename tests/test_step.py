@@ -22,12 +22,13 @@ from pace_llm.records import settle
 from tests.test_engine import argv
 
 # (task_loss, consistency, grad_norm) of steps 1 and 2, per mode; step 1 reproduced by the
-# code before the architecture change (same seed, data, model)
+# code before the architecture change (same seed, data, model). "full" re-pinned from a run of
+# the keyed noise stream (pace_llm/noise.py, issue #14): its noise values changed, "off" did not
 PINNED = {
     "off": (6.357508939855239, 0.0, 0.7830625772476196, 6.281492078626478, 0.0,
             0.8178516030311584),
-    "full": (6.357508939855239, 0.0, 0.7714921236038208, 6.282490085911107, 0.0241967359104672,
-             1.3841021060943604),
+    "full": (6.357508939855239, 0.0, 0.8361867070198059, 6.284631677576013, 0.021861324439177644,
+             1.1033508777618408),
 }
 
 

@@ -55,21 +55,38 @@ class TaskData:
     """The key of ``metric``'s result that ranks checkpoints (eval.save_best)."""
     extra_eval: dict[str, list[dict]] = field(default_factory=dict)
     """Further evaluation sets in the form of ``eval``, by name (MNLI: mismatched)."""
+    extra_metrics: dict[str, tuple[Callable[[list, list], dict[str, float]], str]] = field(
+        default_factory=dict)
+    """(metric, main metric) of an extra set scored unlike ``eval`` (a mixture's sources)."""
+    mixture: Any = None
+    """``data.mix``: the :class:`pace_llm.tasks.mix.Mixture` (names, weights, sizes)."""
+    streaming: bool = False
+    """``data.streaming``: ``train`` is a :class:`pace_llm.tasks.stream.StreamExamples`."""
 
     @property
     def lengths(self) -> Sequence[int]:
         """Tokens of each training example: from the cache's length column (no row is read) as
         a compact ``array('i')``, else a list."""
-        if isinstance(self.train, ArrowExamples):
-            return self.train.lengths
-        return [len(e["input_ids"]) for e in self.train]
+        given = getattr(self.train, "lengths", None)
+        return given if given is not None else [len(e["input_ids"]) for e in self.train]
 
     @property
     def max_train_id(self) -> int:
-        """The largest input id of any training example (-1 if none)."""
-        if isinstance(self.train, ArrowExamples):
-            return self.train.max_token_id
+        """The largest input id of any training example (-1 if none; streaming: of the first
+        examples only)."""
+        given = getattr(self.train, "max_token_id", None)
+        if given is not None:
+            return given
         return max((max(e["input_ids"], default=-1) for e in self.train), default=-1)
+
+    def examples(self, ids: list[int]) -> list[dict]:
+        """The training examples with these indices (streaming: of the current global batch)."""
+        lookup = getattr(self.train, "lookup", None)
+        return lookup(ids) if lookup is not None else [self.train[i] for i in ids]
+
+    def probe_rows(self, n: int) -> list[dict]:
+        """The first ``n`` training examples (fixed rows for the evaluation probes)."""
+        return [self.train[i] for i in range(min(n, len(self.train)))]
 
 
 class ArrowExamples(Sequence):
@@ -160,10 +177,11 @@ class Plan:
         return ("input_ids", "labels") if self.kind == "causal_lm" else ("input_ids", "label")
 
     def task(self, train: Sequence[dict], evals: list[dict], stats: dict[str, int],
-             extra: dict[str, list[dict]]) -> TaskData:
+             extra: dict[str, list[dict]], streaming: bool = False) -> TaskData:
         return TaskData(kind=self.kind, train=train, eval=evals, num_labels=self.num_labels,
                         stats={**stats, "eval_rows": len(evals)}, metric=self.metric,
-                        name=self.name, main_metric=self.main_metric, extra_eval=extra)
+                        name=self.name, main_metric=self.main_metric, extra_eval=extra,
+                        streaming=streaming)
 
 
 def split_records(splits: Splits, records: Sequence[dict]) -> tuple[Sequence[dict], list[dict]]:
@@ -182,10 +200,16 @@ def _module(task: str):
 
 def build_task(data: DataArgs, tokenizer: Any) -> TaskData:
     """Read, tokenize and check the task's data through the task cache (tokenized once, then
-    memory-mapped by every rank); bad data raises UserError naming file and row."""
-    from pace_llm.tasks import cache
+    memory-mapped by every rank), or as a stream (``data.streaming``), or each source of a
+    mixture (``data.mix``); bad data raises UserError naming file and row."""
+    from pace_llm.tasks import cache, mix, stream
 
-    return cache.build(_module(data.task).plan(data, tokenizer), data, tokenizer)
+    if data.mix:
+        return mix.build(data, tokenizer, build_task)
+    plan = _module(data.task).plan(data, tokenizer)
+    if data.streaming:
+        return stream.build(plan, data, tokenizer)
+    return cache.build(plan, data, tokenizer)
 
 
 def build_lists(data: DataArgs, tokenizer: Any) -> TaskData:
@@ -206,6 +230,10 @@ def build_lists(data: DataArgs, tokenizer: Any) -> TaskData:
 
 def task_texts(data: DataArgs) -> list[str]:
     """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
+    if data.mix:
+        from pace_llm.tasks import mix
+
+        return [text for source in mix.source_args(data) for text in task_texts(source)]
     return _module(data.task).texts(data)
 
 

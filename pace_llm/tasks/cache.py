@@ -30,7 +30,7 @@ from typing import Any
 from pace_llm.errors import UserError
 from pace_llm.tasks import ArrowExamples, Plan, TaskData
 from pace_llm.tasks.examples import LengthPolicy
-from pace_llm.tasks.sources import data_files
+from pace_llm.tasks.files import data_files
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ PROBE = "Hello world!\n\n  Naïve café, 123 + 4.5 = ?\t<s></s> ### User:\n"
 TOKENIZER_SETTINGS = ("truncation_side", "add_bos_token", "add_eos_token", "add_prefix_space",
                       "clean_up_tokenization_spaces", "legacy", "do_lower_case")
 KEY_FIELDS = ("task", "path", "eval_path", "hub_config", "max_length", "on_too_long",
-              "prompt_style", "chat_template", "limit", "glue_task", "num_examples", "seed")
+              "prompt_style", "chat_template", "limit", "glue_task", "num_examples", "seed",
+              "columns")
 
 
 # ------------------------------------------------------------------------------ the key

@@ -252,7 +252,8 @@ def load_glue(data: DataArgs, task: str
         return train, evals, extra
     config = data.hub_config or task
     train, evals = load_splits(data.path, data.eval_path, config, spec.eval_split, _reader(task),
-                               eval_names=(spec.eval_split, "validation", "dev", "dev_matched"))
+                               eval_names=(spec.eval_split, "validation", "dev", "dev_matched"),
+                               columns=data.columns, streaming=data.streaming)
     if evals is None:
         raise UserError(f"data.path {data.path!r}: no evaluation split found; set data.eval_path")
     extra = {}

@@ -144,7 +144,8 @@ def plan_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, tok: A
 
 
 def _splits(data: DataArgs) -> tuple[Rows, Rows]:
-    train, evals = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test")
+    train, evals = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test",
+                               columns=data.columns, streaming=data.streaming)
     if evals is None:
         raise UserError(f"data.path {data.path!r}: no evaluation split found (looked for a "
                         "test/validation/dev file beside it); set data.eval_path")
@@ -172,7 +173,8 @@ def render_text(question: str, answer: str, prompt_style: str) -> str:
 
 def texts(data: DataArgs) -> list[str]:
     """Rendered training problems (for training an offline base's tokenizer)."""
-    train, _ = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test")
+    train, _ = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test",
+                           columns=data.columns)
     return [render_text(r["question"], r["answer"], data.prompt_style)
             for r in records(train, data.limit)]
 

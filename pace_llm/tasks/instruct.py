@@ -104,7 +104,8 @@ RECORD = {"where": "string", "messages": "messages"}
 def _read(data: DataArgs) -> Splits:
     """Training conversations (streamed) and evaluation ones: data.eval_path, a test/validation
     file beside the data, or the last 5% of the training rows (at least 1, at most 200)."""
-    train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, None)
+    train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, None,
+                                        columns=data.columns, streaming=data.streaming)
     train = ({"where": w, "messages": m} for w, m in each_conversation(train_rows))
     if eval_rows is not None:
         return Splits(train, data.path, lambda: [{"where": w, "messages": m}

@@ -8,7 +8,6 @@ read as they are used, never all held at once."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -88,6 +87,24 @@ class Rows:
             if empty:
                 raise UserError(f"{self.source}: the dataset is empty (no rows); check the path")
         return self._like(stream=stream)
+
+    def renamed(self, columns: dict[str, str] | None) -> Rows:
+        """These rows with fields renamed to the task's (``data.columns``: {task field: data
+        field}); a row without a mapped field is named with the mapping."""
+        if not columns:
+            return self
+
+        def rename(n: int, row: dict[str, Any]) -> dict[str, Any]:
+            out = {k: v for k, v in row.items() if k not in columns.values()}
+            for task_field, field in columns.items():
+                if field not in row:
+                    have = ", ".join(sorted(map(str, row))) or "nothing"
+                    raise UserError(f"{self.where(n)}: missing field '{field}' (data.columns maps "
+                                    f"it to the task's '{task_field}'; the row has: {have})")
+                out[task_field] = row[field]
+            return out
+
+        return self._like(stream=lambda: ((n, rename(n, row)) for n, row in self))
 
     def head(self, limit: int | None) -> Rows:
         if limit is None:
@@ -284,19 +301,23 @@ def _read_json(path: Path) -> Rows:
     return rows
 
 
-def read_hub(name: str, config: str | None, split: str) -> Rows:
-    """One split of a hub dataset via ``datasets.load_dataset`` (memory-mapped; streamed rows)."""
+def read_hub(name: str, config: str | None, split: str, streaming: bool = False) -> Rows:
+    """One split of a hub dataset via ``datasets.load_dataset`` (memory-mapped, or with
+    ``streaming`` read over the network as iterated: nothing downloaded first)."""
     import datasets
 
     label = f"{name}" + (f" ({config})" if config else "") + f" split '{split}'"
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
     except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split name
         raise UserError(f"data.path: cannot load hub dataset {label}: {first_line(exc)}. There "
                         f"is no local file or directory {name!r} here either: for local data give "
                         "its path (./x.jsonl or /abs/dir); offline, HF_HUB_OFFLINE=1 skips the "
                         "network retries") from None
-    log.info("loaded %d rows from hub dataset %s", len(ds), label)
+    if streaming:
+        log.info("streaming hub dataset %s", label)
+    else:
+        log.info("loaded %d rows from hub dataset %s", len(ds), label)
     return Rows(f"hub:{name}[{split}]", stream=lambda: enumerate(ds, start=1))
 
 
@@ -318,8 +339,18 @@ def find_in_dir(directory: Path, names: tuple[str, ...],
 
 
 def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str | None,
-                reader=read_local, eval_names: tuple[str, ...] = EVAL_NAMES
+                reader=read_local, eval_names: tuple[str, ...] = EVAL_NAMES,
+                columns: dict[str, str] | None = None, streaming: bool = False
                 ) -> tuple[Rows, Rows | None]:
+    """Train rows and (if found) eval rows, fields renamed by ``columns`` (``data.columns``)."""
+    train, evals = _load_splits(path, eval_path, config, eval_split, reader, eval_names,
+                                streaming)
+    return train.renamed(columns), evals.renamed(columns) if evals is not None else None
+
+
+def _load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str | None,
+                 reader, eval_names: tuple[str, ...], streaming: bool
+                 ) -> tuple[Rows, Rows | None]:
     """Train rows and (if found) eval rows for a hub id, a local directory or a local file.
 
     Local directory: ``train.*`` and the first of ``eval_names`` (``test.* / validation.* /
@@ -333,7 +364,7 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
     if eval_path is not None and looks_local(eval_path):
         eval_rows = reader(Path(eval_path).expanduser())
     if not looks_local(path):
-        train = read_hub(path, config, "train")
+        train = read_hub(path, config, "train", streaming)
         if eval_rows is None and (eval_path or eval_split):
             eval_rows = read_hub(path, config, eval_path or eval_split)
         return train, eval_rows
@@ -357,35 +388,3 @@ def load_splits(path: str, eval_path: str | None, config: str | None, eval_split
     if eval_rows is None and eval_file is not None:
         eval_rows = reader(eval_file)
     return train, eval_rows
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def data_files(paths: tuple[str | None, ...]) -> dict[str, str]:
-    """SHA-256 of each local file that :func:`load_splits` (or GLUE's layouts) may read for
-    these paths: a file and its test/validation/dev siblings, or a directory's data files.
-    Hub ids have none; a missing or unreadable file is noted as such."""
-    files: set[Path] = set()
-    for given in filter(None, paths):
-        path = Path(given).expanduser().resolve()
-        if not looks_local(given):
-            continue
-        if path.is_dir():
-            files |= {p for p in path.iterdir() if p.suffix.lower() in LOCAL_EXTS}
-        elif path.stem == "train" and path.parent.is_dir():
-            files |= {p for p in path.parent.iterdir() if p.suffix == path.suffix and p.stem in
-                      (*EVAL_NAMES, "train", "validation_matched", "dev_matched")}
-        files.add(path)
-    out = {}
-    for path in sorted(files):
-        try:
-            out[str(path)] = file_sha256(path) if path.is_file() else "missing"
-        except OSError as exc:  # unreadable: reading it reports that
-            out[str(path)] = f"unreadable: {exc.strerror}"
-    return out
