@@ -18,6 +18,8 @@ The skip is decided on the device: torch's fused AdamW (``fused=True``) applies 
 ``found_inf`` tensor is 1 and undoes its step-counter increment, and divides the gradient by its
 ``grad_scale`` tensor (here 1/c); no value is read by the host. The non-finite flag and the norm
 stay device tensors (``last_skipped``, ``last_norm``) for the trainer to read at logging time.
+A skipped step still advances the lr schedule (DeepSpeed steps the scheduler after every
+optimizer step; the same as DeepSpeed's path with ``GuardedAdamW.skip_next``).
 
 Gradients: autograd leaves each micro-batch's gradient on ``p.grad`` (its own tensor, as without
 this optimizer); ``accumulate()`` after each backward adds them into the flat fp32 gradient in
@@ -38,8 +40,8 @@ on every rank (4 bytes per adapter element). On one rank the shard is the whole 
 DeepSpeed 0.19.8 switches relied on (see :func:`engine_config` and :func:`prepare_engine`):
   - the engine is handed the config with ``bf16.enabled = false``, ``gradient_clipping = 0``
     and ``zero_optimization.stage = 0``: ``DeepSpeedEngine._do_optimizer_sanity_check`` then
-    returns no wrapper (model
-    dtype = grad-accum dtype = fp32 as far as it knows), so ``engine.optimizer`` is this object
+    returns no wrapper (model dtype = grad-accum dtype = fp32 as far as it knows), so
+    ``engine.optimizer`` is this object
     (no FP16_Optimizer per-tensor overflow checks, norms, clipping or fp32 copies), the engine
     does not cast the (already bf16) module, and ``_take_model_step`` neither clips
     (``clip_fp32_gradients``) nor reads an ``overflow`` attribute (this class has none) before
