@@ -158,6 +158,20 @@ def test_the_path_choice():
                    "zero_optimization": {"stage": 0, "overlap_comm": False}}
 
 
+def test_a_checkpoint_from_before_the_flat_path_resumes_on_deepspeeds_path():
+    from pace_llm.checkpoint import recipe_changes
+    from pace_llm.config import recipe_to_dict
+    from pace_llm.schema import Recipe
+
+    saved = recipe_to_dict(Recipe())
+    del saved["train"]["optimizer_path"]  # written before the key existed
+    now = recipe_to_dict(Recipe())
+    refused, _ = recipe_changes(saved, now)
+    assert refused == ["train.optimizer_path 'deepspeed' -> 'auto'"]
+    now["train"]["optimizer_path"] = "deepspeed"
+    assert recipe_changes(saved, now) == ([], [])
+
+
 # ------------------------------------------------------------------ real runs
 @pytest.mark.multiproc
 @pytest.mark.parametrize("world,stage", [(1, 0), (2, 0), (2, 2)])
