@@ -90,10 +90,11 @@ standard library) are passed through.
     norm           DeepSpeed functions with "norm" in the name (not "clip"); torch.norm
                    (torch/functional.py) anywhere, also inside a clip function; torch/nn/utils/
                    clip_grad.py outside clip_grads_with_norm_; pace_llm/trainer.py
-                   _grad_norm_before_step
+                   _grad_norm_before_step; pace_llm/flat_optim.py _global_norm
     clip           DeepSpeed functions with "clip" in the name; torch/nn/utils/clip_grad.py
-                   clip_grads_with_norm_
-    optimizer      torch/optim (the step, the scheduler); everything else in DeepSpeed's
+                   clip_grads_with_norm_; pace_llm/flat_optim.py _clip_scale
+    optimizer      torch/optim (the step, the scheduler); pace_llm/flat_optim.py (the flat
+                   path: gradient folds, skip flag, fused step, copy back); everything else in DeepSpeed's
                    runtime/fp16, runtime/bf16_optimizer, runtime/zero (the wrapper: fp32
                    master copies, flattening, the copy back to the bf16 weights, loss scaling)
     glue           everything else: pace_llm's trainer and distributed helpers (its scalar
@@ -204,6 +205,8 @@ def frame_rule(path: str, func: str) -> str | None:
         return "objective"
     if path == "pace_llm/trainer.py" and func == "_grad_norm_before_step":
         return "norm"
+    if path == "pace_llm/flat_optim.py":  # the flat path's norm, clip scale, step and folds
+        return {"_global_norm": "norm", "_clip_scale": "clip"}.get(func, "optimizer")
     if path.startswith("pace_llm/"):
         return "glue"
     if path.startswith("peft/tuners/"):

@@ -265,7 +265,8 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
         sup = sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for m in ex for e in m)
         padded = sum(len(m) * max(len(e["input_ids"]) for e in m) for m in ex)
         assert int(stats["tokens"]) == tokens, (stats["tokens"], tokens)
-        rec.step(tokens, sup, padded, stats["views"], stats["time"], stats["task_loss"])
+        loss = float(stats["task_loss"])  # a device tensor: the Recorder syncs each step anyway
+        rec.step(tokens, sup, padded, stats["views"], stats["time"], loss)
         if trainer.step == cfg["total_steps"]:  # the last step: record and leave
             rec.dump(out, {"n_train": len(trainer.run.task.train)})
             sys.stdout.flush()

@@ -267,9 +267,11 @@ def weights_only_loads(engine: Any, path: Path):
 # what a step is (the ones listed by section cover the whole section)
 FIXED_SECTIONS = ("model", "lora", "quant", "data")
 FIXED_KEYS = ("pace.mode", "train.seed", "train.micro_batch_size", "train.grad_accum",
-              "train.precision", "deepspeed")
+              "train.precision", "train.optimizer_path", "deepspeed")
 SPEED_ONLY = ("data.num_proc", "data.cache_dir",  # how the tokens are made, not which
               "data.pad_to_multiple_of")  # and laid out (padding: shapes, not values)
+# keys newer than some checkpoints whose behaviour then was not today's default: their value then
+WAS = {"train.optimizer_path": "deepspeed"}  # before pace_llm/flat_optim.py
 # keys that live in the optimizer and the schedule: applied to them on resume
 OPTIMIZER_KEYS = ("train.lr", "train.weight_decay", "train.schedule", "train.warmup_steps",
                   "train.max_steps", "train.epochs")
@@ -289,7 +291,7 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]
     cadence, σ and λ, paths) is read live from the recipe."""
     from pace_llm.schema import Recipe, recipe_to_dict
 
-    old, new = _flat(saved), _flat(current)
+    old, new = {**WAS, **_flat(saved)}, _flat(current)
     defaults = _flat(recipe_to_dict(Recipe()))
     refused, applied = [], []
     for key in sorted(set(old) | set(new)):

@@ -98,11 +98,20 @@ def barrier() -> None:
 
 
 def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Reduce a few scalars across ranks in one collective (fp64, on the comm device)."""
+    """Reduce a few host scalars across ranks in one collective (fp64, on the comm device); on
+    one rank the values themselves (no tensor, no copy)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    if dist.is_initialized() and world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor across ranks in place (no host read); on one rank ``t`` itself."""
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pace_llm.config import TrainArgs
-from pace_llm.dsconfig import offloads_optimizer
+from pace_llm.dsconfig import offloads_optimizer, zero_stage
 
 
 class SkipNextStep:
@@ -35,9 +35,17 @@ class GuardedAdamW(SkipNextStep, torch.optim.AdamW):
     """torch AdamW with SkipNextStep."""
 
 
-def build_optimizer(params: list[nn.Parameter], train: TrainArgs,
-                    ds_config: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW over the adapter (DeepSpeed's CPU Adam when the config offloads the optimizer)."""
+def build_optimizer(params: list[nn.Parameter], train: TrainArgs, ds_config: dict[str, Any],
+                    flat: bool = False, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW over the adapter: the flat path's FlatAdamW (pace_llm/flat_optim.py; clips by
+    train.max_grad_norm itself), DeepSpeed's CPU Adam when the config offloads the optimizer,
+    else torch AdamW that DeepSpeed's wrappers step."""
+    if flat:
+        from pace_llm.flat_optim import FlatAdamW
+
+        return FlatAdamW(params, lr=train.lr, weight_decay=train.weight_decay,
+                         max_grad_norm=train.max_grad_norm, world_size=world_size,
+                         partition=zero_stage(ds_config) in (1, 2))
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -66,3 +74,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainArgs,
                     max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(train.schedule, train.warmup_steps, max_steps))
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                   train: TrainArgs, max_steps: int) -> None:
+    """The recipe's lr, weight decay and schedule on a restored optimizer and scheduler (they
+    hold the checkpoint's): the lr of the coming step follows the new settings."""
+    f = lr_lambda(train.schedule, train.warmup_steps, max_steps)
+    groups = optimizer.param_groups
+    scheduler.base_lrs = [train.lr] * len(groups)
+    scheduler.lr_lambdas = [f] * len(groups)
+    for group in groups:
+        group["initial_lr"], group["weight_decay"] = train.lr, train.weight_decay
+        group["lr"] = train.lr * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]

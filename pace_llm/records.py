@@ -8,7 +8,8 @@ import torch
 
 
 class Window:
-    """Accumulates step stats between two log lines."""
+    """Accumulates step stats between two log lines. A step's values may be device tensors
+    (the trainer does not read them per step): :meth:`settle` reads them all at once."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
@@ -16,7 +17,14 @@ class Window:
     def add(self, stats: dict[str, Any]) -> None:
         self.steps.append(stats)
 
+    def settle(self) -> None:
+        """Every tensor value of the window's steps becomes a Python float (a bool for bool
+        tensors), in place: one stack and one ``.tolist()`` per device."""
+        settle(self.steps)
+
     def record(self, step: int) -> dict[str, Any]:
+        """The metrics.jsonl record of the window (settled first)."""
+        self.settle()
         n = len(self.steps)
         mean = lambda k: sum(s[k] for s in self.steps) / n  # noqa: E731
         paired = [s for s in self.steps if s["paired"]]
@@ -40,6 +48,33 @@ class Window:
             for name, n in (s.get("sources") or {}).items():
                 counts[name] = counts.get(name, 0) + n
         return {"examples_by_source": counts} if counts else {}
+
+
+def reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
+    """(a step's [ce, cons, loss] sums over every rank, the tokens trained on): one device
+    collective across ranks (no host read); on one rank the sums and the host count as given."""
+    if world == 1:
+        return sums, tokens
+    from pace_llm.distributed import all_reduce_tensor
+
+    vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
+                                                 device=sums.device)])
+    all_reduce_tensor(vec)
+    return vec[:3], vec[3]
+
+
+def settle(steps: list[dict[str, Any]]) -> None:
+    """Replace the tensor values of ``steps`` (dicts) by Python numbers: one host read per
+    device for all of them."""
+    slots: dict[torch.device, list[tuple[dict[str, Any], str]]] = {}
+    for s in steps:
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                slots.setdefault(v.device, []).append((s, k))
+    for items in slots.values():
+        values = torch.stack([s[k].detach().reshape(()).double() for s, k in items]).tolist()
+        for (s, k), value in zip(items, values):
+            s[k] = bool(value) if s[k].dtype == torch.bool else value
 
 
 def as_float(x) -> float | None:

@@ -179,7 +179,13 @@ class TrainArgs:
     overwrite: bool = False
     """Allow writing into a non-empty output_dir (deletes what is there)."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive non-finite losses (each such step is skipped)."""
+    """Stop after this many consecutive non-finite losses (each such step is skipped; counted
+    when the trainer reads its statistics: at logging steps and checkpoints)."""
+    optimizer_path: Literal["auto", "flat", "deepspeed"] = "auto"
+    """auto = flat at ZeRO-0/1/2 in bf16/fp32 without CPU offload, else DeepSpeed's. flat: one
+    fp32 master of the adapter (sharded across ranks at ZeRO-1/2), fused AdamW, skip and clip on
+    the device (pace_llm/flat_optim.py); deepspeed: DeepSpeed's optimizer wrappers (always at
+    ZeRO-3, fp16 and CPU offload)."""
 
 
 @dataclass

@@ -143,7 +143,7 @@ class Run:
     engine: Any
     """DeepSpeed's engine around the PaceObjective."""
     optimizer: torch.optim.Optimizer
-    """Ours (it can skip a step); DeepSpeed steps it."""
+    """Ours (it can skip a step); DeepSpeed steps it. FlatAdamW on the flat path."""
     scheduler: Any
     batches: BatchPlan
     max_steps: int
@@ -202,7 +202,9 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     import deepspeed
 
     from pace_llm import distributed as D
-    from pace_llm.dsconfig import fill_ds_config, resolve_precision
+    from pace_llm.dsconfig import (fill_ds_config, offloads_optimizer, resolve_precision,
+                                   zero_stage)
+    from pace_llm.flat_optim import engine_config, prepare_engine, uses_flat
     from pace_llm.inject import adapter_parameters
     from pace_llm.model import base_model_dir, load_tokenizer
     from pace_llm.objective import PaceObjective
@@ -225,10 +227,16 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     batches, max_steps = C.plan_batches(recipe, task)
     objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
                               recipe.pace.task_loss_on, regression=task.num_labels == 1)
-    optimizer = build_optimizer(adapter_parameters(model), recipe.train, ds_config)
+    params = adapter_parameters(model)
+    flat = uses_flat(recipe.train.optimizer_path, zero_stage(ds_config), precision,
+                     offloads_optimizer(ds_config), len({(p.dtype, p.device) for p in params}) == 1)
+    optimizer = build_optimizer(params, recipe.train, ds_config, flat, D.world_size())
     scheduler = build_scheduler(optimizer, recipe.train, max_steps)
-    engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
-                                                   lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=objective, optimizer=optimizer, lr_scheduler=scheduler,
+        config=engine_config(ds_config) if flat else ds_config)
+    if flat:
+        prepare_engine(engine)
     if rundir.plan.mode != "resume":  # a resumed run records its recipe once resume accepts it
         C.record_recipe(recipe, ds_config, rundir.path)
     rundir.commit()
@@ -249,7 +257,8 @@ def make_trainer(run: Run, checkpoint: str | None = None) -> Trainer:
     trainer = Trainer(run, C.evaluator(run))
     trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
                 f"{run.batches.global_batch} examples; precision {run.precision}, "
-                f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s)")
+                f"ZeRO-{run.zero_stage}, {D.world_size()} rank(s); optimizer "
+                f"{type(run.optimizer).__name__}")
     if checkpoint is not None:
         trainer.resume(Path(checkpoint))
         C.record_recipe(run.recipe, run.ds_config, run.out)

@@ -23,10 +23,12 @@ from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
 from pace_llm.errors import UserError
+from pace_llm.flat_optim import FlatAdamW
 from pace_llm.noise import RowKeys
 from pace_llm.objective import StepPlan, doubled, step_plan
+from pace_llm.optim import apply_schedule
 from pace_llm.probes import clean_grad_norm
-from pace_llm.records import Window, as_float
+from pace_llm.records import Window, reduce_window
 
 if TYPE_CHECKING:
     from pace_llm.evaluate import Evaluator
@@ -56,6 +58,8 @@ class Trainer:
         self.evals_without_gain = 0
         self.early_stopped = False
         self.stop_requested = False
+        self.window = Window()  # the steps since the last log line
+        self._unsettled: list[tuple[int, dict[str, Any]]] = []  # steps whose skip is unread
         self.metrics_file = run.out / "metrics.jsonl"
         self.tracker: Tracker | None = None  # train.report_to's backends (rank 0)
         self.on_step_start: list[StepHook] = []
@@ -98,7 +102,6 @@ class Trainer:
 
     def _loop(self, bar) -> None:
         stream = self.run.batches.batches_from(self.cursor)
-        window = Window()
         self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
         while self.step < self.max_steps:
             cursor, global_batch = next(stream)
@@ -110,15 +113,19 @@ class Trainer:
             stats["sources"] = self.run.batches.source_counts(global_batch)
             self.cursor = cursor
             self.step += 1
-            window.add(stats)
+            self.window.add(stats)
+            self._unsettled.append((self.step, stats))
             for hook in self.on_step_end:
                 hook(self, global_batch, stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['task_loss']:.4f}", cons=f"{stats['consistency']:.4g}",
-                            lr=f"{stats['lr']:.2e}", tok_s=f"{stats['tokens'] / stats['time']:.0f}")
             if self.step % self.recipe.train.log_every == 0 or self.step == self.max_steps:
-                self.write_metrics(window.record(self.step))
-                window = Window()
+                self._settle()  # the one host read of the window's statistics
+                record = self.window.record(self.step)
+                bar.set_postfix(loss=f"{record['task_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                cons=f"{record['consistency_loss']:.4g}",
+                                tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                self.write_metrics(record)
+                self.window = Window()
             self.maybe_evaluate(force=self.step == self.max_steps)
             if self.early_stopped:
                 return
@@ -147,7 +154,9 @@ class Trainer:
         return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
-        """One optimizer step: this rank's micro-batches, token-normalised over the window."""
+        """One optimizer step: this rank's micro-batches, token-normalised over the window. No
+        host read on the flat optimizer path (loss sums, skip flag, grad norm: device tensors
+        until a logging step, ``Window.settle``); DeepSpeed's path reads the skip flag once."""
         t, started = self.recipe.train, time.perf_counter()
         plan = self.plan()
         micro = self.micro_batches(global_batch, plan)
@@ -157,32 +166,35 @@ class Trainer:
         if n_total == 0:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
-        ce_sum = cons_sum = 0.0
-        local_finite = True
+        opt = self.run.optimizer
+        flat = isinstance(opt, FlatAdamW)
+        sums = None  # device: [ce, cons, loss] summed over the window (a non-finite loss stays so)
         for a, (idx, batch) in enumerate(zip(micro, batches)):
             out = self._forward(batch, plan, scale, idx, self.positions(a, len(idx)))
             self.engine.backward(out["loss"])  # a bad window's update is skipped below
-            # one host sync per micro-batch, after backward has been queued (on a GPU a sync
-            # between forward and backward would idle the device while the host launches)
-            finite, ce, cons = torch.stack([torch.isfinite(out["loss"]).float(),
-                                            out["ce"].detach().float(),
-                                            out["cons"].detach().float()]).tolist()
-            local_finite &= finite == 1.0
-            ce_sum, cons_sum = ce_sum + ce, cons_sum + cons
+            if flat:
+                opt.accumulate()  # this micro-batch's grads into the flat fp32 gradient
+            terms = torch.stack([out[k].detach().float() for k in ("ce", "cons", "loss")])
+            sums = terms if sums is None else sums + terms
             if self.history is not None:
                 self.history.update(idx, out["logits"][: len(idx)])
             if self.engine.is_gradient_accumulation_boundary():  # one collective per step
-                losses_finite = D.all_reduce([0.0 if local_finite else 1.0], op="max")[0] == 0.0
-                self.run.optimizer.skip_next = not losses_finite
-            grad_norm = self._grad_norm_before_step()
+                totals, tokens = reduce_window(sums, self._tokens(batches), self.world)
+                bad = ~torch.isfinite(totals[2])
+                if flat:
+                    opt.skip_if(bad)  # decided on the device
+                else:
+                    skipped = opt.skip_next = bool(bad)  # the DeepSpeed path's one host read
+            grad_norm = None if flat else self._grad_norm_before_step()
             self.engine.step()
-        ce_tot, cons_tot, tokens = D.all_reduce([ce_sum, cons_sum, float(self._tokens(batches))])
-        self._count_bad(losses_finite)
-        grad_norm = grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
-        return {"task_loss": ce_tot / n_total, "consistency": cons_tot / n_total,
-                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": as_float(grad_norm),
+        if flat:
+            grad_norm, skipped = opt.last_norm, opt.last_skipped
+        elif grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()  # ZeRO >= 1: a tensor, read at logging
+        return {"task_loss": totals[0] / n_total, "consistency": totals[1] / n_total,
+                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
-                "paired": plan.paired, "skipped": not losses_finite}
+                "paired": plan.paired, "skipped": skipped}
 
     def _collate(self, ids: list[int]) -> dict[str, torch.Tensor]:
         return self.run.collate(self.run.task.examples(ids))
@@ -220,7 +232,7 @@ class Trainer:
         batches = [self._collate(ids) for ids in self.micro_batches(global_batch)]
         return clean_grad_norm(self.engine.module, batches, self.engine.device, self.run.causal)
 
-    def _grad_norm_before_step(self) -> float | None:
+    def _grad_norm_before_step(self) -> torch.Tensor | float | None:
         """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
         if self.run.zero_stage > 0 or not self.engine.is_gradient_accumulation_boundary():
             return None
@@ -229,19 +241,27 @@ class Trainer:
         if not grads:
             return 0.0
         # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
-        # too): per-tensor norms cost two launches per adapter tensor, which is host time on GPU
-        return float(torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(grads, 2, dtype=torch.float32))))
+        # too; per-tensor norms cost 2 launches per tensor); a device tensor, read at logging
+        return torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
-    def _count_bad(self, finite: bool) -> None:
+    def _settle(self) -> None:
+        """Read the pending steps' statistics (one host read) and count their bad steps."""
+        self.window.settle()
+        pending, self._unsettled = self._unsettled, []
+        for step, stats in pending:
+            self._count_bad(step, not stats["skipped"])
+
+    def _count_bad(self, step: int, finite: bool) -> None:
+        """Step ``step`` was applied (finite) or skipped; max_bad_steps skips in a row stop."""
         if finite:
             self.bad_in_a_row = 0
             return
         self.bad_in_a_row += 1
         self.bad_total += 1
-        self.log(f"step {self.step + 1}: non-finite loss, update skipped "
+        self.log(f"step {step}: non-finite loss or gradient, update skipped "
                  f"({self.bad_in_a_row} in a row, {self.bad_total} in total)")
-        self.write_metrics({"step": self.step + 1, "skipped_step": True, "bad_in_a_row":
+        self.write_metrics({"step": step, "skipped_step": True, "bad_in_a_row":
                             self.bad_in_a_row})
         if self.bad_in_a_row >= self.recipe.train.max_bad_steps:
             raise UserError(f"{self.bad_in_a_row} consecutive steps had a NaN/inf loss "
@@ -279,6 +299,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         from pace_llm.config import recipe_to_dict
 
+        self._settle()  # the bad-step counts of the steps so far
         cursors = D.all_gather_objects([self.cursor.epoch, self.cursor.batch])
         state = {"step": self.step, "cursor": cursors[0], "cursors": cursors,
                  "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
@@ -327,7 +348,8 @@ class Trainer:
         if history is not None:
             self.history.values = history
         if applied:
-            self._apply_schedule()
+            apply_schedule(self.run.optimizer, self.run.scheduler, self.recipe.train,
+                           self.max_steps)
             self.log(f"resume: applied {'; '.join(applied)} (optimizer param groups and "
                      "schedule updated)")
         self._drop_metrics_after(self.step)
@@ -339,21 +361,6 @@ class Trainer:
         if self.run.task.streaming:
             return Cursor(*state["cursors"][self.rank])
         return Cursor(*state["cursor"])
-
-    def _apply_schedule(self) -> None:
-        """The recipe's lr, weight decay and schedule on the restored optimizer and scheduler
-        (they hold the checkpoint's): the lr of the coming step follows the new settings."""
-        from pace_llm.optim import lr_lambda
-
-        t, scheduler = self.recipe.train, self.run.scheduler
-        f = lr_lambda(t.schedule, t.warmup_steps, self.max_steps)
-        groups = self.run.optimizer.param_groups
-        scheduler.base_lrs = [t.lr] * len(groups)
-        scheduler.lr_lambdas = [f] * len(groups)
-        for group in groups:
-            group["initial_lr"], group["weight_decay"] = t.lr, t.weight_decay
-            group["lr"] = t.lr * f(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in groups]
 
     def _drop_metrics_after(self, step: int) -> None:
         """metrics.jsonl keeps each step once: records past the resumed step are redone."""

@@ -316,8 +316,10 @@ def test_generation_eval_equals_hf_generate(tiny_base, tmp_path, stage, world):
 @pytest.mark.multiproc
 def test_bf16_training_follows_fp32(tiny_base, tmp_path):
     """bf16 (ZeRO-2, DeepSpeed's bf16 path, as on a GPU) tracks the fp32 curve within bf16's
-    precision and exports bf16 tensors by default (export.dtype auto)."""
-    common = dict(pace__mode="full", train__max_steps=4, deepspeed=DS / "zero2.json")
+    precision and exports bf16 tensors by default (export.dtype auto). The flat path's bf16:
+    tests/test_flat_optim.py."""
+    common = dict(pace__mode="full", train__max_steps=4, deepspeed=DS / "zero2.json",
+                  train__optimizer_path="deepspeed")
     ref, _ = train_ok(tiny_base, tmp_path / "fp32", **common)
     got, _ = train_ok(tiny_base, tmp_path / "bf16", train__precision="bf16", **common)
     for a, b in zip([r["task_loss"] for r in ref], [r["task_loss"] for r in got], strict=True):

@@ -18,6 +18,7 @@ import pytest
 from pace_llm import train as T
 from pace_llm.config import load_recipe
 from pace_llm.distributed import free_port
+from pace_llm.records import settle
 from tests.test_engine import argv
 
 # (task_loss, consistency, grad_norm) of steps 1 and 2, per mode; step 1 reproduced by the
@@ -40,6 +41,7 @@ def one_run(base, out, mode: str, results) -> None:
         first = trainer.train_step(next(stream)[1])
         trainer.step += 1
         second = trainer.train_step(next(stream)[1])
+    settle([first, second])  # device values to floats, as the logging step does
     results.send((first, second))  # a pipe: sent before the exit below, unlike a Queue
     sys.stdout.flush()
     os._exit(0)
