@@ -166,10 +166,11 @@ def run_suite(a, s: dict, work: Path, deadline: float) -> None:
         f"({b.get('min_tokens')}-{b.get('max_tokens')}, {b.get('distinct_lengths')} lengths), "
         f"tokenizer {b.get('tokenizer_pieces')} pieces")
     fields = (prepared or {}).get("fields", {})
-    pads = [1, 8, 64] if fields.get("data.pad_to_multiple_of") else [1]
+    pads = [int(m) for m in a.pads.split(",")] if fields.get("data.pad_to_multiple_of") else [1]
     s["axes"] = {"cuDNN SDPA": "on/off windows in every process",
-                 "data.pad_to_multiple_of": "1, 8, 64 (pace_llm off and PEFT, micro 16)" if len(
-                     pads) > 1 else "skipped: the recipe has no data.pad_to_multiple_of",
+                 "data.pad_to_multiple_of": f"{a.pads} (pace_llm off and PEFT, micro 16)" if len(
+                     pads) > 1 else "skipped: the recipe has no data.pad_to_multiple_of"
+                 if not fields.get("data.pad_to_multiple_of") else f"{a.pads} only (--pads)",
                  "train.compile": "pace_llm off, micro 16" if fields.get("train.compile")
                  else "skipped: the recipe has no train.compile"}
     for k, v in s["axes"].items():
@@ -224,6 +225,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shapes", default="16,64", help="micro-batch roles: 16 and/or 64")
     ap.add_argument("--window-steps", default="5,4", help="steps per window at micro 16,64")
     ap.add_argument("--warmup", type=int, default=2, help="steps before the windows")
+    ap.add_argument("--pads", default="1,8,64", help="data.pad_to_multiple_of values measured "
+                    "(pace_llm off and PEFT, micro 16; every other job pads to 1)")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--heads", type=int, default=32)

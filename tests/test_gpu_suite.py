@@ -30,7 +30,7 @@ def test_dry_run_writes_everything_and_records_a_failing_job(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out),
          "--workdir", str(tmp_path / "work"), "--contenders", "off,peft", "--shapes", "16",
-         "--counter-contenders", "off", "--fail", "peft-mb16", "--threads", "1",
+         "--counter-contenders", "off", "--fail", "peft-mb16", "--threads", "1", "--pads", "1",
          "--wheels", str(tmp_path / "no-wheels")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
