@@ -249,7 +249,7 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
     step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
     from pace_llm import train as T
     from pace_llm.config import load_recipe
-    from pace_llm.data import IGNORE
+    from pace_llm.data import IGNORE, padded_width
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])
     recipe = load_recipe(pace_argv(cfg, mode))
@@ -263,7 +263,8 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
         ex = [[trainer.run.task.train[i] for i in m] for m in micro]
         tokens = sum(len(e["input_ids"]) for m in ex for e in m)
         sup = sum(sum(1 for y in e["labels"][1:] if y != IGNORE) for m in ex for e in m)
-        padded = sum(len(m) * max(len(e["input_ids"]) for e in m) for m in ex)
+        padded = sum(len(m) * padded_width(max(len(e["input_ids"]) for e in m),
+                                           trainer.run.pad_multiple) for m in ex)
         assert int(stats["tokens"]) == tokens, (stats["tokens"], tokens)
         loss = float(stats["task_loss"])  # a device tensor: the Recorder syncs each step anyway
         rec.step(tokens, sup, padded, stats["views"], stats["time"], loss)
@@ -697,9 +698,12 @@ def render(a, cfg, results, counts, vocab, total_params, mm, peak, command, date
         rows.append(f"| {name} | {mean:.2f} | {', '.join(f'{p:.2f}' for p in per)} | "
                     f"{better} {target} | {'met' if ok else 'missed'} |")
 
+    # issue #14's targets: on a GPU off >= 1.3x PEFT and full/off <= 1.8 (host-bound steps
+    # made lean); on a CPU, compute-bound, off >= 1.0x grouped PEFT and full/off <= 2.05
+    # (a doubled batch is 2x the FLOPs)
     ratio("(a)/(b) tokens/s", "a", "b", "tokens_per_s", 1.3, ">=")
-    ratio("(a)/(b-grouped) tokens/s", "a", "b-grouped", "tokens_per_s", 1.3, ">=")
-    ratio("(c)/(a) step time", "c", "a", "step_s", 1.9, "<=")
+    ratio("(a)/(b-grouped) tokens/s", "a", "b-grouped", "tokens_per_s", 1.3 if gpu else 1.0, ">=")
+    ratio("(c)/(a) step time", "c", "a", "step_s", 1.8 if gpu else 2.05, "<=")
     ratio("(d)/(a) step time", "d", "a", "step_s", 1.1, "<=")
     if gpu:
         ratio("(c)/(a) GPU peak memory", "c", "a", "gpu_peak_mb", 1.7, "<=")

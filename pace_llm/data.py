@@ -27,7 +27,7 @@ import torch
 from pace_llm.errors import UserError
 
 IGNORE = -100
-GROUP_CHUNK = 32  # global batches per length-sorting window
+GROUP_CHUNK = 64  # global batches per length-sorting window
 DRAW_CHUNK = 1 << 20  # mixture source draws generated at a time
 
 

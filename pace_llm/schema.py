@@ -130,9 +130,9 @@ class DataArgs:
     position of a global batch draws its source by weight. The first source is the eval set
     that ranks checkpoints; the others are scored under extra.<name>. The other data keys
     (task, max_length, prompt_style…) apply to every source that does not set its own."""
-    pad_to_multiple_of: int = 8
+    pad_to_multiple_of: int | None = None
     """Pad each batch to a multiple of this many tokens (stable shapes for GPU kernels);
-    1 = to the longest row."""
+    1 = to the longest row; None = 8 on a GPU, 1 on a CPU (where padding is only extra work)."""
 
 
 @dataclass

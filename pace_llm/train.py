@@ -168,7 +168,13 @@ class Run:
 
         return collator(self.causal, self.tokenizer.pad_token_id,
                         regression=self.task.num_labels == 1,
-                        multiple=self.recipe.data.pad_to_multiple_of)
+                        multiple=self.pad_multiple)
+
+    @property
+    def pad_multiple(self) -> int:
+        """data.pad_to_multiple_of, or 8 on a GPU and 1 on a CPU."""
+        given = self.recipe.data.pad_to_multiple_of
+        return given if given is not None else 8 if self.engine.device.type == "cuda" else 1
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor, whole (gathered under ZeRO-3), on CPU (every rank calls)."""
