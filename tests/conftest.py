@@ -30,6 +30,26 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(cfg).float().eval()
 
 
+def noisy_llama(checkpointing: bool) -> tuple[torch.nn.Module, list[int]]:
+    """A tiny Llama in training mode with noisy LoRA (σ 1, B ≠ 0, so the noise reaches the
+    output), gradient checkpointing on or off, and a list that counts block 0's q_proj
+    forwards (a recompute shows as a second call)."""
+    from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
+    from pace_llm.lora import lora_layers
+
+    model = tiny_llama(seed=3)
+    inject_noisy_lora(model, LoraArgs(r=4), PaceArgs(sigma=1.0))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+    calls: list[int] = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, calls
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _task_cache(tmp_path_factory):
     """Tokenized task caches go to a temporary directory, not the user's ~/.cache."""

@@ -99,3 +99,30 @@ def run(argv: list[str], world: int, logdir: Path, timeout: float = 300) -> tupl
     ranks = Ranks(argv, world, logdir)
     codes = ranks.wait(timeout)
     return codes, ranks.output()
+
+
+def one_rank(target: Callable[..., None], *args, wait: float = 240,
+             exitcode: int = 0) -> object:
+    """``target(*args, pipe)`` in one forked rank (rank 0 of 1, a fresh rendezvous port) that
+    sends one object through ``pipe``; returns that object once the child has exited with
+    ``exitcode``. The environment of this process is left as it was."""
+    ctx = mp.get_context("fork")
+    receive, pipe = ctx.Pipe(duplex=False)  # sent before the child exits, unlike a Queue
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), HF_DEACTIVATE_ASYNC_LOAD="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        child = ctx.Process(target=target, args=(*args, pipe))
+        child.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    assert receive.poll(wait), "the child rank sent nothing"
+    got = receive.recv()
+    child.join(60)
+    assert child.exitcode == exitcode, child.exitcode
+    return got

@@ -7,7 +7,7 @@ import transformers as tf
 from pace_llm import LoraArgs, NoisyLoRALinear, PaceArgs, UserError, inject_noisy_lora
 from pace_llm.inject import adapter_parameters, block_relative
 from pace_llm.lora import lora_layers, shared_views
-from tests.conftest import SMALL, tiny_llama
+from tests.conftest import SMALL, noisy_llama, tiny_llama
 
 DEC = dict(SMALL, num_hidden_layers=3)
 ENC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -104,17 +104,7 @@ def test_every_adapter_gets_gradient_after_one_step(llama):
 
 
 def _one_step_grads(checkpointing: bool):
-    model = tiny_llama(seed=3)
-    inject_noisy_lora(model, LoraArgs(r=4), PaceArgs(sigma=1.0))
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.normal_(std=0.1)
-    calls = []
-    q = model.model.layers[0].self_attn.q_proj
-    q.register_forward_hook(lambda *a: calls.append(1))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model, calls = noisy_llama(checkpointing)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
     with shared_views(model, 2):

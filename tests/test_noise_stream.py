@@ -9,7 +9,7 @@ from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
 from pace_llm.inject import block_relative
 from pace_llm.lora import NoisyLoRALinear, lora_layers, shared_views
 from pace_llm.noise import NoiseBank, RowKeys, pace_noise, row_seed
-from tests.conftest import tiny_llama
+from tests.conftest import noisy_llama, tiny_llama
 
 
 def constant_layers(sigmas, d=8):
@@ -128,16 +128,7 @@ def test_keys_must_match_the_rows():
 
 
 def _step_grads(checkpointing: bool, keys: RowKeys):
-    model = tiny_llama(seed=3)
-    inject_noisy_lora(model, LoraArgs(r=4), PaceArgs(sigma=1.0))
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.lora_B.normal_(std=0.1)
-    calls = []
-    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model, calls = noisy_llama(checkpointing)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with shared_views(model, 2), pace_noise(model, 4, keys, views=2):
         loss = model(input_ids=torch.cat([ids, ids]), labels=torch.cat([ids, ids])).loss

@@ -9,7 +9,6 @@ behind in pytest's process for the tests that fork ranks later.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 
@@ -17,8 +16,8 @@ import pytest
 
 from pace_llm import train as T
 from pace_llm.config import load_recipe
-from pace_llm.distributed import free_port
 from pace_llm.records import settle
+from tests.launch import one_rank
 from tests.test_engine import argv
 
 # (task_loss, consistency, grad_norm) of steps 1 and 2, per mode; step 1 reproduced by the
@@ -48,26 +47,7 @@ def one_run(base, out, mode: str, results) -> None:
 
 
 def steps_in_a_child(base, out, mode: str):
-    ctx = mp.get_context("fork")
-    receive, results = ctx.Pipe(duplex=False)
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), HF_DEACTIVATE_ASYNC_LOAD="1")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        child = ctx.Process(target=one_run, args=(base, out, mode, results))
-        child.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-    assert receive.poll(120), "the step child sent nothing"
-    got = receive.recv()
-    child.join(30)
-    assert child.exitcode == 0
-    return got
+    return one_rank(one_run, base, out, mode, wait=120)
 
 
 @pytest.mark.parametrize("mode", ["off", "full"])

@@ -3,7 +3,6 @@ and resumed mid-epoch that consumes exactly the examples of an uninterrupted run
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -16,8 +15,8 @@ from conftest import DATA
 from pace_llm import train as T
 from pace_llm.config import load_recipe
 from pace_llm.data import Cursor
-from pace_llm.distributed import free_port
 from pace_llm.tasks.stream import StreamExamples, StreamPlan, shuffled
+from tests.launch import one_rank
 from tests.test_engine import argv
 
 GSM8K = DATA / "gsm8k"
@@ -128,23 +127,8 @@ def _child(argv_: list[str], stop_after: int | None, pipe) -> None:
 def consumed(argv_: list[str], stop_after: int | None = None) -> list[list[int]]:
     """The example ids of each step of a one-rank run in a forked child (hooks on the trainer);
     ``stop_after``: the child kills itself after that step."""
-    ctx = mp.get_context("fork")
-    receive, pipe = ctx.Pipe(duplex=False)
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), HF_DEACTIVATE_ASYNC_LOAD="1")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        child = ctx.Process(target=_child, args=(argv_, stop_after, pipe))
-        child.start()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    assert receive.poll(240), "the run sent nothing"
-    got = receive.recv()
-    child.join(60)
-    assert child.exitcode == (-signal.SIGKILL if stop_after is not None else 0)
-    return got
+    return one_rank(_child, argv_, stop_after,
+                    exitcode=-signal.SIGKILL if stop_after is not None else 0)
 
 
 def stream_argv(base: Path, out: Path, **overrides) -> list[str]:

@@ -89,7 +89,23 @@ class TaskData:
         return [self.train[i] for i in range(min(n, len(self.train)))]
 
 
-class ArrowExamples(Sequence):
+class ExampleSequence(Sequence):
+    """A read-only sequence of examples: ``[i]`` (negative too), slices, ``len``; a subclass
+    gives ``__len__`` and ``row(j)`` for 0 <= j < len."""
+
+    def row(self, j: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        j = i + len(self) if i < 0 else i
+        if not 0 <= j < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        return self.row(j)
+
+
+class ArrowExamples(ExampleSequence):
     """Training examples in a memory-mapped Arrow dataset, read as today's dicts of Python
     lists and ints (``examples[i]``); :attr:`lengths` comes from its ``length`` column."""
 
@@ -101,12 +117,7 @@ class ArrowExamples(Sequence):
     def __len__(self) -> int:
         return self.rows.num_rows
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        j = i + len(self) if i < 0 else i
-        if not 0 <= j < len(self):
-            raise IndexError(f"example {i} of {len(self)}")
+    def row(self, j: int) -> dict:
         return self.rows[j]
 
     def __iter__(self) -> Iterator[dict]:
@@ -237,5 +248,5 @@ def task_texts(data: DataArgs) -> list[str]:
     return _module(data.task).texts(data)
 
 
-__all__ = ["TASKS", "ArrowExamples", "Plan", "Splits", "TaskData", "build_lists", "build_task",
+__all__ = ["TASKS", "ArrowExamples", "ExampleSequence", "Plan", "Splits", "TaskData", "build_lists", "build_task",
            "task_texts"]

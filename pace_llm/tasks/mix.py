@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pace_llm.errors import UserError
-from pace_llm.tasks import TASKS, TaskData
+from pace_llm.tasks import TASKS, ExampleSequence, TaskData
 
 OVERRIDES = ("task", "eval_path", "hub_config", "prompt_style", "chat_template", "limit",
              "glue_task", "columns")
@@ -180,7 +180,7 @@ def build(data: Any, tok: Any, build_one: Callable[[Any, Any], TaskData]) -> Tas
                     mixture=Mixture(names, weights, [len(t.train) for t in tasks]))
 
 
-class ConcatExamples(Sequence):
+class ConcatExamples(ExampleSequence):
     """The training examples of several sources, numbered one source after another."""
 
     def __init__(self, parts: list[Sequence[dict]]):
@@ -190,12 +190,7 @@ class ConcatExamples(Sequence):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        j = i + len(self) if i < 0 else i
-        if not 0 <= j < len(self):
-            raise IndexError(f"example {i} of {len(self)}")
+    def row(self, j: int) -> dict:
         s = bisect_right(self.starts, j) - 1
         return self.parts[s][j - self.starts[s]]
 
