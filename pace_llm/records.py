@@ -77,12 +77,6 @@ def settle(steps: list[dict[str, Any]]) -> None:
             s[k] = bool(value) if s[k].dtype == torch.bool else value
 
 
-def as_float(x) -> float | None:
-    if x is None:
-        return None
-    return float(x.item() if hasattr(x, "item") else x)
-
-
 def _peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2 ** 20
