@@ -188,6 +188,14 @@ H2D = {"pace_llm/trainer.py:_forward", "pace_llm/distributed.py:all_reduce",
 H2D_CALLS = re.compile(r"^<built-in method (to|tensor) of ")
 
 
+# frame_rule's last word: the first of these prefixes of the path decides, whatever the function
+PREFIX_RULES = (("pace_llm/noise.py", "noise"), ("pace_llm/objective.py", "objective"),
+                ("pace_llm/", "glue"), ("peft/tuners/", "LoRA"), ("peft/", "forward"),
+                ("transformers/loss/", "objective"), ("transformers/trainer", "glue"),
+                ("transformers/", "forward"), ("accelerate/", "glue"),
+                ("torch/optim/", "optimizer"), ("torch/distributed/", "reduction"))
+
+
 def frame_rule(path: str, func: str) -> str | None:
     """The category a Python frame decides, or None (the frame is passed through). ``func`` is
     the function, or ``outer/<genexpr>`` for a comprehension."""
@@ -199,41 +207,19 @@ def frame_rule(path: str, func: str) -> str | None:
             return "host"
     if path == "pace_llm/lora.py":
         return "noise" if func == "noise" else "LoRA"
-    if path == "pace_llm/noise.py":
-        return "noise"
-    if path == "pace_llm/objective.py":
-        return "objective"
     if path == "pace_llm/trainer.py" and func == "_grad_norm_before_step":
         return "norm"
     if path == "pace_llm/flat_optim.py":  # the flat path's norm, clip scale, step and folds
         return {"_global_norm": "norm", "_clip_scale": "clip"}.get(func, "optimizer")
-    if path.startswith("pace_llm/"):
-        return "glue"
-    if path.startswith("peft/tuners/"):
-        return "LoRA"
-    if path.startswith("peft/"):
-        return "forward"
-    if path.startswith("transformers/loss/"):
-        return "objective"
-    if path.startswith("transformers/trainer"):
-        return "glue"
-    if path.startswith("transformers/"):
-        return "forward"
-    if path.startswith("accelerate/"):
-        return "glue"
     if path.startswith("torch/nn/utils/clip_grad.py"):
         return "clip" if "clip_grads_with_norm" in func else "norm"
     if path == "torch/functional.py" and func == "norm":
         return "norm"  # torch.norm inside a clip function
-    if path.startswith("torch/optim/"):
-        return "optimizer"
-    if path.startswith("torch/distributed/"):
-        return "reduction"
     if path.startswith("torch/autograd/") and not path.startswith("torch/autograd/profiler"):
         return "backward"  # the gradient seed (ones_like) of loss.backward()
     if path.startswith("deepspeed/"):
         return deepspeed_rule(path, func)
-    return None
+    return next((category for prefix, category in PREFIX_RULES if path.startswith(prefix)), None)
 
 
 def deepspeed_rule(path: str, func: str) -> str | None:

@@ -78,12 +78,15 @@ class NoiseBank:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self._adapted: list[NoisyLoRALinear] | None = None  # found once: injection is done
         self._vectors: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def layers(self) -> list[NoisyLoRALinear]:
         """The layers that multiply by z in the coming forward, in model order."""
-        return [m for _, m in lora_layers(self.model) if m.training and m.sigma > 0]
+        if self._adapted is None:
+            self._adapted = [m for _, m in lora_layers(self.model)]
+        return [m for m in self._adapted if m.training and m.sigma > 0]
 
     def vectors(self, layers: list[NoisyLoRALinear], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -19,8 +20,13 @@ class Window:
 
     def settle(self) -> None:
         """Every tensor value of the window's steps becomes a Python float (a bool for bool
-        tensors), in place: one stack and one ``.tolist()`` per device."""
+        tensors), in place: one stack and one ``.tolist()`` per device. The read waits for the
+        device work the host queued; that wait belongs to the last step's time (a step's
+        ``time`` is host time: without it an asynchronous device would look faster)."""
+        started = time.perf_counter()
         settle(self.steps)
+        if self.steps:
+            self.steps[-1]["time"] += time.perf_counter() - started
 
     def record(self, step: int) -> dict[str, Any]:
         """The metrics.jsonl record of the window (settled first)."""

@@ -30,6 +30,18 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(cfg).float().eval()
 
 
+def runs(tok, example: dict) -> list[tuple[bool, str]]:
+    """(supervised, decoded text) for each maximal run of a causal-LM example's labels."""
+    out, cur, sup = [], [], None
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if sup is not None and (label != -100) != sup:
+            out.append((sup, tok.decode(cur)))
+            cur = []
+        sup = label != -100
+        cur.append(token)
+    return out + [(sup, tok.decode(cur))]
+
+
 def noisy_llama(checkpointing: bool) -> tuple[torch.nn.Module, list[int]]:
     """A tiny Llama in training mode with noisy LoRA (σ 1, B ≠ 0, so the noise reaches the
     output), gradient checkpointing on or off, and a list that counts block 0's q_proj

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import DATA, save_fixture_tokenizer
+from conftest import DATA, runs, save_fixture_tokenizer
 
 from pace_llm import datacheck
 from pace_llm.config import DataArgs
@@ -33,17 +33,6 @@ SPECIAL = {"llama-3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_
 # for the conversation up to the second user turn).
 REFERENCE = {
     "chatml": (
-        ("<|im_start|>system\nBe brief.<|im_end|>\n"
-         "<|im_start|>user\nHi there<|im_end|>\n"
-         "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
-         "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
-         "<|im_start|>assistant\n2 + 3 = 5<|im_end|>\n"),
-        ("<|im_start|>system\nBe brief.<|im_end|>\n"
-         "<|im_start|>user\nHi there<|im_end|>\n"
-         "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
-         "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
-         "<|im_start|>assistant\n")),
-    "qwen": (  # a system message given: exactly ChatML
         ("<|im_start|>system\nBe brief.<|im_end|>\n"
          "<|im_start|>user\nHi there<|im_end|>\n"
          "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
@@ -91,6 +80,7 @@ REFERENCE = {
          "<start_of_turn>user\nAdd 2 and 3.<end_of_turn>\n"
          "<start_of_turn>model\n")),
 }
+REFERENCE["qwen"] = REFERENCE["chatml"]  # a system message given: exactly ChatML
 
 # What closes an assistant turn in each layout: the text the template puts after the reply. With
 # a tokenizer whose EOS is not that marker, the whole closing text is supervised (the template's
@@ -121,18 +111,6 @@ def render(tok, name: str, messages: list[dict], generation: bool = False) -> st
     return tok.apply_chat_template(messages, chat_template=templates.resolve(name, tok),
                                    tokenize=False, add_generation_prompt=generation,
                                    **SPECIAL.get(name, {}))
-
-
-def runs(tok, example: dict) -> list[tuple[bool, str]]:
-    """(supervised, decoded text) for each maximal run of the example."""
-    out, cur, sup = [], [], None
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if sup is not None and (label != -100) != sup:
-            out.append((sup, tok.decode(cur)))
-            cur = []
-        sup = label != -100
-        cur.append(token)
-    return out + [(sup, tok.decode(cur))]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

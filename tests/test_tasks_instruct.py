@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, runs
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
@@ -34,18 +34,6 @@ def tok(tmp_path):
     t = tokenizer_from_sentencepiece(SPM, tmp_path / "tok")
     t.chat_template = CHATML
     return t
-
-
-def runs(tok, example: dict) -> list[tuple[bool, str]]:
-    """(supervised, decoded text) for each maximal run of the example."""
-    out, cur, sup = [], [], None
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if sup is not None and (label != -100) != sup:
-            out.append((sup, tok.decode(cur)))
-            cur = []
-        sup = label != -100
-        cur.append(token)
-    return out + [(sup, tok.decode(cur))]
 
 
 def supervised_runs(tok, example: dict) -> list[str]:

@@ -65,19 +65,14 @@ class TaskData:
 
     @property
     def lengths(self) -> Sequence[int]:
-        """Tokens of each training example: from the cache's length column (no row is read) as
-        a compact ``array('i')``, else a list."""
-        given = getattr(self.train, "lengths", None)
-        return given if given is not None else [len(e["input_ids"]) for e in self.train]
+        """Tokens of each training example (:func:`example_lengths`)."""
+        return example_lengths(self.train)
 
     @property
     def max_train_id(self) -> int:
-        """The largest input id of any training example (-1 if none; streaming: of the first
-        examples only)."""
-        given = getattr(self.train, "max_token_id", None)
-        if given is not None:
-            return given
-        return max((max(e["input_ids"], default=-1) for e in self.train), default=-1)
+        """The largest input id of any training example (:func:`max_input_id`; streaming: of
+        the first examples only)."""
+        return max_input_id(self.train)
 
     def examples(self, ids: list[int]) -> list[dict]:
         """The training examples with these indices (streaming: of the current global batch)."""
@@ -87,6 +82,22 @@ class TaskData:
     def probe_rows(self, n: int) -> list[dict]:
         """The first ``n`` training examples (fixed rows for the evaluation probes)."""
         return [self.train[i] for i in range(min(n, len(self.train)))]
+
+
+def example_lengths(examples: Sequence[dict]) -> Sequence[int]:
+    """Tokens of each example: the view's own ``lengths`` (the cache's length column as a
+    compact ``array('i')``: no row is read), else counted from a list."""
+    given = getattr(examples, "lengths", None)
+    return given if given is not None else [len(e["input_ids"]) for e in examples]
+
+
+def max_input_id(examples: Sequence[dict]) -> int:
+    """The largest input id of the examples (-1 if none): the view's own ``max_token_id``,
+    else read from every example."""
+    given = getattr(examples, "max_token_id", None)
+    if given is not None:
+        return given
+    return max((max(e["input_ids"], default=-1) for e in examples), default=-1)
 
 
 class ExampleSequence(Sequence):
@@ -248,5 +259,5 @@ def task_texts(data: DataArgs) -> list[str]:
     return _module(data.task).texts(data)
 
 
-__all__ = ["TASKS", "ArrowExamples", "ExampleSequence", "Plan", "Splits", "TaskData", "build_lists", "build_task",
-           "task_texts"]
+__all__ = ["TASKS", "ArrowExamples", "ExampleSequence", "Plan", "Splits", "TaskData",
+           "build_lists", "build_task", "example_lengths", "max_input_id", "task_texts"]

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from pace_llm.errors import UserError
-from pace_llm.tasks import TASKS, ExampleSequence, TaskData
+from pace_llm.tasks import (TASKS, ExampleSequence, TaskData, example_lengths,
+                            max_input_id)
 
 OVERRIDES = ("task", "eval_path", "hub_config", "prompt_style", "chat_template", "limit",
              "glue_task", "columns")
@@ -196,8 +197,7 @@ class ConcatExamples(ExampleSequence):
 
     def part_lengths(self) -> list[Sequence[int]]:
         """Each source's example lengths (the cache's length column, no row read)."""
-        return [getattr(p, "lengths", None) or [len(e["input_ids"]) for e in p]
-                for p in self.parts]
+        return [example_lengths(p) for p in self.parts]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -205,6 +205,4 @@ class ConcatExamples(ExampleSequence):
 
     @property
     def max_token_id(self) -> int:
-        return max(getattr(p, "max_token_id", None) if hasattr(p, "max_token_id") else
-                   max((max(e["input_ids"], default=-1) for e in p), default=-1)
-                   for p in self.parts)
+        return max(max_input_id(p) for p in self.parts)
