@@ -450,15 +450,15 @@ def gpu_defaults() -> None:
 
 def worker_pace(cfg: dict, mode: str, out: str) -> None:
     """pace_llm's own story (train.started -> trainer.train) with throughput.py's recipe."""
-    from pace_llm import train as T
+    from pace_llm import setup as S
     from pace_llm.config import load_recipe
     from pace_llm.lora import lora_layers
 
     gpu_defaults()
     counter = Counter(cfg, out)
     recipe = load_recipe(TP.pace_argv(cfg, mode))
-    with T.started(recipe) as trainer:
-        n = mark_base_layers(m.base for _, m in lora_layers(trainer.engine.module))
+    with S.started(recipe) as trainer:
+        n = mark_base_layers(m.base for _, m in lora_layers(trainer.stepper.module))
         print(f"[launch_count] {n} adapted layers, {2 * n} adapter tensors", flush=True)
         trainer.on_step_end.append(lambda tr, batch, stats: counter.step_done(tr.step))
         trainer.train()

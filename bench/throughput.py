@@ -247,7 +247,7 @@ def worker_matmul(out: str) -> None:
 def worker_pace(cfg: dict, mode: str, out: str) -> None:
     """pace_llm's own story (train.started -> trainer.train), observed through the trainer's
     step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
-    from pace_llm import train as T
+    from pace_llm import setup as S
     from pace_llm.config import load_recipe
     from pace_llm.data import IGNORE, padded_width
 
@@ -273,7 +273,7 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
             sys.stdout.flush()
             os._exit(0)
 
-    with T.started(recipe) as trainer:
+    with S.started(recipe) as trainer:
         trainer.on_step_start.append(start)
         trainer.on_step_end.append(end)
         trainer.train()

@@ -1,9 +1,12 @@
-"""Crash-safe checkpoints: DeepSpeed state plus ours, written aside and renamed into place.
+"""Crash-safe checkpoints: the engine's state plus ours, written aside and renamed into place.
 
 Layout of ``<output_dir>/checkpoints/step-N/``::
 
-    ds/                       DeepSpeed: adapter params, optimizer, scheduler (frozen base excluded)
-    trainable.safetensors     every trainable tensor, gathered (resume checks DeepSpeed against it)
+    optimizer-rank<r>.safetensors, schedule.json
+                              the flat engine: AdamW master and moments (per shard), schedule
+    ds/                       or DeepSpeed's engine: adapter params, optimizer, scheduler (the
+                              frozen base excluded; pace_llm/ds_engine.py reads it weights-only)
+    trainable.safetensors     every trainable tensor, gathered (resume checks the engine against it)
     rng-rank<r>.safetensors   each rank's torch RNG streams (CPU, and the accelerator's) → same noise
     history.safetensors       the ``fast``-mode output buffer (when used)
     state.json                step, data cursor, consecutive bad steps, world size, the recipe
@@ -11,9 +14,9 @@ Layout of ``<output_dir>/checkpoints/step-N/``::
 
 A checkpoint is first written to ``.tmp-step-N`` and renamed when complete; ``latest`` is
 updated after the rename. Resume trusts a directory only if every file matches its manifest
-entry (size and SHA-256) and no other file is there, and it never unpickles code: DeepSpeed's
-``.pt`` files are read with ``torch.load(weights_only=True)``, allowing exactly the DeepSpeed
-types its ZeRO states hold (:data:`DEEPSPEED_TYPES`).
+entry (size and SHA-256) and no other file is there, and it never unpickles code: the flat
+engine's files are safetensors and JSON, DeepSpeed's ``.pt`` files are read with
+``torch.load(weights_only=True)`` allowing only DeepSpeed's own state types.
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ import errno
 import hashlib
 import json
 import os
-import pickle
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pace_llm import distributed as D
+from pace_llm.atomic import atomic_write
 from pace_llm.errors import UserError
+from pace_llm.schema import Recipe, recipe_to_dict
+
+if TYPE_CHECKING:
+    from pace_llm.stepper import Stepper
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 2  # 2: size and sha256 per file
@@ -68,14 +74,7 @@ def _write_manifest(path: Path) -> None:
     os.replace(tmp, path / MANIFEST)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write text to path through a temporary file renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save(engine: Any, root: Path, step: int, state: dict[str, Any],
+def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],
          trainable: dict[str, torch.Tensor], history: torch.Tensor | None,
          keep_last: int, extra_writer=None) -> Path:
     """Write checkpoint ``step`` (collective: every rank calls it) and prune old ones.
@@ -91,8 +90,7 @@ def save(engine: Any, root: Path, step: int, state: dict[str, Any],
     D.barrier()
     failure = None
     try:
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False,
-                               exclude_frozen_parameters=True)
+        stepper.save(tmp)
         save_file(_rng_state(), str(tmp / f"rng-rank{D.rank()}.safetensors"))
         if extra_writer is not None:
             extra_writer(tmp)
@@ -207,60 +205,19 @@ def find_resumable(root: Path, log) -> Path | None:
     return None
 
 
-def load(engine: Any, path: Path) -> tuple[dict[str, Any], torch.Tensor | None,
-                                             dict[str, torch.Tensor]]:
-    """Restore DeepSpeed state and this rank's RNG; return (state, history, trainable)."""
+def load(stepper: Stepper, path: Path) -> tuple[dict[str, Any], torch.Tensor | None,
+                                                 dict[str, torch.Tensor]]:
+    """Restore the engine's state and this rank's RNG; return (state, history, trainable)."""
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] != D.world_size():
         raise UserError(f"checkpoint {path} was written by {state['world_size']} ranks; resume it "
                         f"with the same number (this run has {D.world_size()})")
-    # frozen base weights are not in the checkpoint (exclude_frozen_parameters); the trainable
-    # ones are checked against trainable.safetensors by the caller
-    with weights_only_loads(engine, path):
-        load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-    if load_path is None:
-        raise UserError(f"DeepSpeed could not load the checkpoint in {path / 'ds'}")
+    stepper.load(path)  # the trainable tensors are checked against trainable.safetensors after
     _set_rng_state(load_file(str(path / f"rng-rank{D.rank()}.safetensors")))
     hist_file = path / "history.safetensors"
     history = load_file(str(hist_file))["history"] if hist_file.is_file() else None
     trainable = load_file(str(path / "trainable.safetensors"))
     return state, history, trainable
-
-
-def deepspeed_types() -> list[type]:
-    """The non-tensor types DeepSpeed 0.19's checkpoints hold (ZeRO 0-3, fp32/bf16/fp16): the
-    allow-list of the weights-only unpickler."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextmanager
-def weights_only_loads(engine: Any, path: Path):
-    """DeepSpeed's checkpoint loads inside the block use ``torch.load(weights_only=True)``
-    with :func:`deepspeed_types` allowed; anything else in a file is refused (UserError)."""
-    original = engine.checkpoint_engine
-    allowed = deepspeed_types()
-
-    def load(file: str, map_location=None):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(file, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"checkpoint {path}: {file} holds objects other than tensors and "
-                            f"DeepSpeed's own state, refused without running it ({reason[:200]})"
-                            ) from None
-
-    original.load = load  # an instance attribute over the engine's method, for the block
-    try:
-        yield
-    finally:
-        del original.load
 
 
 # recipe keys a checkpoint cannot continue under another value: they change shapes, data or
@@ -289,8 +246,6 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any]
     ``key old -> new``. Refused keys change shapes or data; applied keys are optimizer and
     schedule settings (the caller applies them); every other key (evaluation and logging
     cadence, σ and λ, paths) is read live from the recipe."""
-    from pace_llm.schema import Recipe, recipe_to_dict
-
     old, new = {**WAS, **_flat(saved)}, _flat(current)
     defaults = _flat(recipe_to_dict(Recipe()))
     refused, applied = [], []

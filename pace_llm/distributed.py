@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pace_llm.errors import UserError
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -138,7 +140,7 @@ def _comm_device() -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------
-# ZeRO-3 gathers and rank-0 writes (export, merge, the engine's trainable state)
+# ZeRO-3 gathers and rank-0 work (export, merge, the trainable state, trackers)
 # --------------------------------------------------------------------------------------------
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -160,38 +162,16 @@ def gathered(params: Iterable[nn.Parameter]) -> AbstractContextManager[Any]:
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def on_rank0(fn: Callable[[], None]) -> None:
-    """Run fn on rank 0; a UserError there is raised on every rank (no rank left waiting)."""
-    error = None
+def on_rank0(fn: Callable[[], T]) -> T | None:
+    """fn() on rank 0, its result returned there (None on the other ranks); a UserError there is
+    raised on every rank (no rank left waiting)."""
+    error, result = None, None
     if rank() == 0:
         try:
-            fn()
+            result = fn()
         except UserError as exc:
             error = str(exc)
     error = broadcast_object(error)
     if error is not None:
         raise UserError(error)
-
-
-@contextmanager
-def full_weights(engine: Any) -> Iterator[None]:
-    """Whole, local weights for the block (evaluation, generation): under ZeRO-3 every
-    parameter is gathered once and DeepSpeed's per-module fetch hooks are removed, then
-    restored afterwards; otherwise nothing to do."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    if offload is None:
-        yield
-        return
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        for p in params:
-            p.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload._register_deepspeed_module(offload.module)
+    return result

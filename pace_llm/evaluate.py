@@ -3,7 +3,7 @@ PACE's mechanism quantities (pace_llm.probes), all at the un-noised weights.
 
 Each rank evaluates a shard (example i goes to rank i mod world) and the results are gathered.
 Under ZeRO-3 the whole model is gathered once per evaluation pass and DeepSpeed's per-module
-fetch hooks are lifted for the pass (``distributed.full_weights``), so generation does not
+fetch hooks are lifted for the pass (the engine's ``whole_weights``), so generation does not
 all-gather weights per token.
 """
 

@@ -16,22 +16,20 @@ put in place.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from pace_llm.atomic import atomic_dir, refuse_nonempty
 from pace_llm.distributed import on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES, PRECISION_DTYPES
 from pace_llm.errors import UserError, run_command
 from pace_llm.lora import NoisyLoRALinear, lora_layers
+from pace_llm.merge import merge_adapter_dir
 from pace_llm.peft_format import (
     adapter_config,
     adapter_tensors,
@@ -47,50 +45,6 @@ if TYPE_CHECKING:
     from pace_llm.config import Recipe
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic, refusing writes
-# --------------------------------------------------------------------------------------------
-
-def refuse_nonempty(out_dir: str | Path, overwrite: bool) -> None:
-    """UserError if out_dir holds anything and overwrite is off."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another directory or pass "
-                        "overwrite=True (CLI: --overwrite) to replace it")
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces out_dir when the block ends without error.
-    What it holds gets the permissions the user's umask gives new files (mkdtemp makes 0700),
-    so a server under another user can read an export."""
-    out = Path(out_dir)
-    refuse_nonempty(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _umask_permissions(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _umask_permissions(root: Path) -> None:
-    """Directories 0777 and files 0666, less the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +298,6 @@ def _command(argv: list[str] | None) -> int:
     if args.out and not args.merge:
         _reexport(src, args.out, _export_dtype(args, recipe), base, args.overwrite)
     if args.merge:
-        from pace_llm.merge import merge_adapter_dir  # merge imports this module's atomic_dir
-
         merge_adapter_dir(src, args.out, base=base, recipe=recipe,
                           dtype=_export_dtype(args, recipe), overwrite=args.overwrite)
         print(f"merged model written to {args.out}")

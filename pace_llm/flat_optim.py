@@ -1,4 +1,4 @@
-"""The adapter's flat optimizer path at ZeRO-0/1/2 (bf16, fp32): one fp32 master, one fused AdamW.
+"""The adapter's flat optimizer (ZeRO-0/1/2, bf16/fp32): one fp32 master, one fused AdamW.
 
 The adapter's trainable params become views of one flat buffer in the model dtype; the optimizer
 holds one flat fp32 master of it (the buffer itself in fp32) and one flat fp32 gradient. Per
@@ -18,89 +18,35 @@ The skip is decided on the device: torch's fused AdamW (``fused=True``) applies 
 ``found_inf`` tensor is 1 and undoes its step-counter increment, and divides the gradient by its
 ``grad_scale`` tensor (here 1/c); no value is read by the host. The non-finite flag and the norm
 stay device tensors (``last_skipped``, ``last_norm``) for the trainer to read at logging time.
-A skipped step still advances the lr schedule (DeepSpeed steps the scheduler after every
-optimizer step; the same as DeepSpeed's path with ``GuardedAdamW.skip_next``).
+A skipped step still advances the lr schedule (the engine steps the schedule after every
+optimizer step, as DeepSpeed's engine does on its path, where ``GuardedAdamW.skip_next`` skips).
 
 Gradients: autograd leaves each micro-batch's gradient on ``p.grad`` (its own tensor, as without
 this optimizer); ``accumulate()`` after each backward adds them into the flat fp32 gradient in
 one multi-tensor op (``_foreach_copy_`` / ``_foreach_add_``: fp32 accumulation also for a bf16
 model) and clears ``p.grad``; ``step()`` folds any gradient left on the params first.
 
-ZeRO-1/2 (``partition``): the master and the AdamW moments are split in ``world_size``
-contiguous shards, one per rank (ZeRO-1's optimizer-state partitioning); per step the flat fp32
-gradient is all-reduced whole (one collective; the adapter's gradient is small, and every rank
-then computes the exact global norm without a second one), each rank updates its shard, and
-one all-gather of the flat model-dtype buffer brings every rank the new params. The frozen
-base weights are not partitioned at ZeRO-1/2 in DeepSpeed either, so DeepSpeed is handed
-stage 0; its ZeRO-1/2 optimizer would otherwise wrap the adapter with per-tensor overflow
-checks, norms and bucket copies (bench/launch_count.py: ~3,100 launches per step more on a
-280-tensor adapter). Unlike DeepSpeed's ZeRO-2 the fp32 gradient-accumulation buffer is whole
-on every rank (4 bytes per adapter element). On one rank the shard is the whole adapter.
+Sharding (``partition``, the run's ZeRO-1/2): the master and the AdamW moments are split in
+``world_size`` contiguous shards, one per rank (ZeRO-1's optimizer-state partitioning); per step
+the flat fp32 gradient is all-reduced whole (one collective; the adapter's gradient is small,
+and every rank then computes the exact global norm without a second one), each rank updates its
+shard, and one all-gather of the flat model-dtype buffer brings every rank the new params. Unlike
+DeepSpeed's ZeRO-2 the fp32 gradient is whole on every rank (4 bytes per adapter element). On
+one rank the shard is the whole adapter. A checkpoint holds each shard as written by its rank
+(:meth:`FlatAdamW.shard_state`): saving is no collective.
 
-DeepSpeed 0.19.8 switches relied on (see :func:`engine_config` and :func:`prepare_engine`):
-  - the engine is handed the config with ``bf16.enabled = false``, ``gradient_clipping = 0``
-    and ``zero_optimization.stage = 0``: ``DeepSpeedEngine._do_optimizer_sanity_check`` then
-    returns no wrapper (model dtype = grad-accum dtype = fp32 as far as it knows), so
-    ``engine.optimizer`` is this object
-    (no FP16_Optimizer per-tensor overflow checks, norms, clipping or fp32 copies), the engine
-    does not cast the (already bf16) module, and ``_take_model_step`` neither clips
-    (``clip_fp32_gradients``) nor reads an ``overflow`` attribute (this class has none) before
-    stepping the lr scheduler; its ``zero_grad`` only sets ``p.grad = None``;
-  - ``engine.enable_backward_allreduce = False`` (as DeepSpeed's own PipelineEngine does): no
-    bucketed per-tensor gradient all-reduce in ``_backward_epilogue`` (it runs even on one
-    process); this optimizer all-reduces the flat gradient itself, once per step, when there is
-    more than one rank;
-  - checkpoints: at stage 0 the engine saves ``optimizer.state_dict()`` (called on every rank
-    in ``_common_checkpoint_state``; rank 0 writes it) and every rank restores it with
-    ``optimizer.load_state_dict`` (fp32 mode: no ``load_optimizer_states`` argument); the state
-    is unpartitioned and holds the fp32 master (``flat_master``), so a resume is bit-identical
-    in bf16 too; partitioned, both are collectives (all-gather of the shards).
-The path is not used at ZeRO-3 (DeepSpeed partitions the frozen base too), with fp16 (loss
-scaling stays in DeepSpeed's FP16_Optimizer) or with CPU offload (DeepSpeedCPUAdam).
+The engine around it (no DeepSpeed): pace_llm/flat_engine.py.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pace_llm.errors import UserError
-
-
-def uses_flat(optimizer_path: str, zero_stage: int, precision: str, offload: bool,
-              uniform: bool = True) -> bool:
-    """Whether the run takes the flat path: ``auto`` = at ZeRO-0/1/2 in bf16/fp32 without
-    offload, when every trainable param has one dtype and device (``uniform``); ``flat`` there
-    too, refused elsewhere; ``deepspeed`` = never."""
-    fits = zero_stage in (0, 1, 2) and precision in ("bf16", "fp32") and not offload and uniform
-    if optimizer_path == "flat" and not fits:
-        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32, no CPU "
-                        f"offload and one dtype for every trainable param (this run: "
-                        f"ZeRO-{zero_stage}, {precision}{', offload' if offload else ''}"
-                        f"{'' if uniform else ', mixed dtypes'}); use auto or deepspeed")
-    return fits and optimizer_path in ("auto", "flat")
-
-
-def engine_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """The config handed to ``deepspeed.initialize`` on the flat path: stage 0, fp32 mode (no
-    DeepSpeed optimizer wrapper) and no DeepSpeed clipping; the run's own config is recorded
-    unchanged (FlatAdamW partitions its state at ZeRO-1/2)."""
-    cfg = copy.deepcopy(ds_config)
-    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": False}
-    cfg["gradient_clipping"] = 0.0
-    cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 0}
-    return cfg
-
-
-def prepare_engine(engine: Any) -> None:
-    """No DeepSpeed gradient all-reduce after backward (the flat optimizer reduces its one flat
-    gradient)."""
-    engine.enable_backward_allreduce = False
 
 
 class FlatAdamW(torch.optim.AdamW):
@@ -201,8 +147,6 @@ class FlatAdamW(torch.optim.AdamW):
         g.zero_()
         self._folded, self._bad = 0, None
         self.last_norm, self.last_skipped = norm, bad
-        self._global_grad_norm = norm  # DeepSpeed's engine.get_global_grad_norm() reads it
-        return None
 
     def _global_norm(self, g: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(g)
@@ -218,46 +162,37 @@ class FlatAdamW(torch.optim.AdamW):
         for p in self.params:
             p.grad = None
 
-    def _whole(self, shard: torch.Tensor) -> torch.Tensor:
-        """The unpartitioned flat tensor of a per-rank shard (a collective when partitioned),
-        without the padding."""
-        if self.shards == 1:
-            return shard.detach()[:self.numel]
-        out = torch.empty(self.flat.numel(), dtype=shard.dtype, device=shard.device)
-        dist.all_gather_into_tensor(out, shard.detach().contiguous())
-        return out[:self.numel]
+    @torch.no_grad()
+    def broadcast_params(self) -> None:
+        """Every rank takes rank 0's params (and master): one broadcast of the flat buffer."""
+        dist.broadcast(self.flat, src=0)
+        if self._lp:
+            self.master.copy_(self.flat[self._shard])
 
-    def _own(self, whole: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of an unpartitioned flat tensor (padded)."""
-        padded = whole.new_zeros(self.flat.numel())
-        padded[:self.numel] = whole
-        return padded[self._shard]
+    def shard_state(self) -> dict[str, torch.Tensor]:
+        """This rank's shard of the optimizer state: the fp32 master, the AdamW moments and the
+        step count (fp32 tensors, on the CPU). No collective."""
+        state = self.state.get(self.master, {})
+        zeros = torch.zeros_like(self.master)
+        return {"master": self.master.detach().float().cpu().clone(),
+                "exp_avg": state.get("exp_avg", zeros).detach().cpu().clone(),
+                "exp_avg_sq": state.get("exp_avg_sq", zeros).detach().cpu().clone(),
+                "step": torch.as_tensor(state.get("step", 0.0), dtype=torch.float32).reshape(1)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's AdamW state, unpartitioned (``flat_master``, ``exp_avg``, ``exp_avg_sq`` over
-        the whole adapter, as at ZeRO-0). Partitioned, a collective: DeepSpeed 0.19.8 calls
-        ``optimizer.state_dict()`` on every rank in ``save_checkpoint``
-        (``_common_checkpoint_state``), rank 0 writes it."""
-        sd = super().state_dict()
-        sd["state"] = {k: {n: self._whole(v) if n in ("exp_avg", "exp_avg_sq") else v
-                           for n, v in st.items()} for k, st in sd["state"].items()}
-        sd["flat_master"] = self._whole(self.master)
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the AdamW state and the master (this rank's shard of them); the model
-        params follow the master."""
-        sd = dict(state_dict)
-        if "flat_master" not in sd:
-            raise UserError("optimizer state without 'flat_master': the checkpoint was written "
-                            "by DeepSpeed's optimizer path (train.optimizer_path: deepspeed)")
-        master = sd.pop("flat_master")
-        sd["state"] = {k: {n: self._own(v) if n in ("exp_avg", "exp_avg_sq") else v
-                           for n, v in st.items()} for k, st in sd["state"].items()}
-        super().load_state_dict(sd)
-        with torch.no_grad():
-            self.master.copy_(self._own(master))
-            if self._lp:
-                self.flat[self._shard].copy_(self.master)
-            if self.shards > 1:
-                dist.all_gather_into_tensor(self.flat, self.flat[self._shard])
+    @torch.no_grad()
+    def load_shard_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore this rank's shard (:meth:`shard_state`); the model params follow the master
+        (one all-gather when sharded)."""
+        if tensors["master"].shape != self.master.shape:
+            raise UserError(f"the checkpoint's optimizer shard holds {tensors['master'].numel()} "
+                            f"elements, this adapter's shard {self.master.numel()}")
+        self.master.copy_(tensors["master"])
+        device = self.master.device
+        self.state[self.master] = {
+            "step": tensors["step"].reshape(()).to(device=device, dtype=torch.float32),
+            "exp_avg": tensors["exp_avg"].to(device),
+            "exp_avg_sq": tensors["exp_avg_sq"].to(device)}
+        if self._lp:
+            self.flat[self._shard].copy_(self.master)
+        if self.shards > 1:
+            dist.all_gather_into_tensor(self.flat, self.flat[self._shard])

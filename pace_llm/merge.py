@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pace_llm.atomic import atomic_dir, refuse_nonempty
 from pace_llm.distributed import gathered, on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
-from pace_llm.export import atomic_dir, refuse_nonempty
 from pace_llm.lora import NoisyLoRALinear, lora_layers
 from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
 from pace_llm.quant import is_quantized_linear

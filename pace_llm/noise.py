@@ -26,7 +26,7 @@ The values are torch's own normal sampler on that device's generator (Philox on 
 on the CPU, which keeps only the seed's low 32 bits, so two of a CPU run's row keys share their
 noise with probability 2⁻³² per pair), so a CPU run and a GPU run do not share values. Without keys (tests, a caller of the objective that passes none)
 ε is one ``torch.randn`` from the torch RNG. Dropout (LoRA and the base model's) still draws
-from the torch RNG, whose seed is per rank (components.SEEDS["noise"]): with dropout > 0 a run
+from the torch RNG, whose seed is per rank (setup.SEEDS["noise"]): with dropout > 0 a run
 is not world-size free.
 """
 

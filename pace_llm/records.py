@@ -56,19 +56,6 @@ class Window:
         return {"examples_by_source": counts} if counts else {}
 
 
-def reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
-    """(a step's [ce, cons, loss] sums over every rank, the tokens trained on): one device
-    collective across ranks (no host read); on one rank the sums and the host count as given."""
-    if world == 1:
-        return sums, tokens
-    from pace_llm.distributed import all_reduce_tensor
-
-    vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
-                                                 device=sums.device)])
-    all_reduce_tensor(vec)
-    return vec[:3], vec[3]
-
-
 def settle(steps: list[dict[str, Any]]) -> None:
     """Replace the tensor values of ``steps`` (dicts) by Python numbers: one host read per
     device for all of them."""

@@ -37,7 +37,7 @@ class RunFinished(Exception):
 
 
 @dataclass
-class Plan:
+class Start:
     """What this start does with the directory (rank 0 decides; every rank gets the same)."""
 
     mode: str
@@ -54,33 +54,30 @@ class RunDir:
         self.out = out
         self.staging = out.parent / f".{out.name}.new"
         self.lock_file = out.parent / f".{out.name}.lock"
-        self.plan = Plan("new")
+        self.start = Start("new")
         self._lock: IO[str] | None = None
 
     @property
     def path(self) -> Path:
         """Where the run writes now: a new run's staging directory until ``commit``."""
-        return self.staging if self.plan.mode in ("new", "replace") else self.out
+        return self.staging if self.start.mode in ("new", "replace") else self.out
 
     # ------------------------------------------------------------------ opening
-    def open(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Plan:
+    def open(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Start:
         """Lock and decide (every rank calls; rank 0 decides). Raises UserError (exit 2) or
         RunFinished."""
-        box: list = [None, None]  # (plan, message of a RunFinished)
-
-        def decide() -> None:
+        def decide() -> tuple[Start | None, str | None]:  # (start, message of a RunFinished)
             self._acquire()
             try:
-                box[0] = self._decide(resume, overwrite, max_steps, log)
+                return self._decide(resume, overwrite, max_steps, log), None
             except RunFinished as done:
-                box[1] = str(done)
+                return None, str(done)
 
-        D.on_rank0(decide)
-        plan, finished = D.broadcast_object((box[0], box[1]))
+        start, finished = D.broadcast_object(D.on_rank0(decide))
         if finished is not None:
             raise RunFinished(finished)
-        self.plan = plan
-        return plan
+        self.start = start
+        return start
 
     def _acquire(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -108,7 +105,7 @@ class RunDir:
         handle.flush()
         self._lock = handle
 
-    def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Plan:
+    def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Start:
         from pace_llm.checkpoint import find_resumable, step_of, verify
 
         if self.staging.exists():  # left by a start that was killed before its commit
@@ -119,7 +116,7 @@ class RunDir:
                 raise UserError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         has_files = self.out.is_dir() and any(self.out.iterdir())
         if not has_files:
-            return Plan("resume", resume) if resume and resume != "auto" else Plan("new")
+            return Start("resume", resume) if resume and resume != "auto" else Start("new")
         if resume:
             finished = (self.out / "adapter" / "adapter_config.json").is_file()
             found = (find_resumable(self.out / "checkpoints", log) if resume == "auto"
@@ -131,13 +128,13 @@ class RunDir:
                                   "again, use another train.output_dir or --train.overwrite true")
             if resume == "auto":
                 if found is not None:
-                    return Plan("resume", str(found))
+                    return Start("resume", str(found))
                 log(f"train.resume auto: {self.out} has no complete checkpoint; the run starts "
                     "again from step 0 and replaces it once its data and model have loaded")
-                return Plan("replace")
-            return Plan("resume", resume)
+                return Start("replace")
+            return Start("resume", resume)
         if overwrite:
-            return Plan("replace")
+            return Start("replace")
         raise UserError(f"train.output_dir: {self.out} is not empty; nothing was changed. Pass "
                         "--train.resume auto to continue that run, --train.overwrite true to "
                         "replace it, or choose another directory")
@@ -162,7 +159,7 @@ class RunDir:
     # ------------------------------------------------------------------ closing
     def commit(self) -> None:
         """Put the staged run in the directory's place (every rank calls; rank 0 moves)."""
-        if self.plan.mode == "resume":
+        if self.start.mode == "resume":
             return
         D.barrier()  # every rank has loaded what it needs from the staging directory
 
@@ -177,12 +174,12 @@ class RunDir:
                 shutil.rmtree(old)
 
         D.on_rank0(move)
-        self.plan = Plan("committed")
+        self.start = Start("committed")
         D.barrier()
 
     def abandon(self) -> None:
         """After a failed start: remove what this start staged (rank 0)."""
-        if D.is_main() and self.plan.mode in ("new", "replace") and self.staging.exists():
+        if D.is_main() and self.start.mode in ("new", "replace") and self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def release(self) -> None:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pace_llm.atomic import atomic_write
 from pace_llm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -355,9 +356,7 @@ class Tracker:
         return tracker
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.run_dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / STATE_FILE)
+        atomic_write(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     @property
     def state(self) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,8 @@
-"""The training loop over a DeepSpeed engine: one optimizer step at a time, with logging,
-evaluation and checkpoints on schedule. Everything it runs is built by ``train.setup``; what a
-PACE step does is ``objective.step_plan``.
+"""The training loop: one optimizer step at a time, with logging, evaluation and checkpoints on
+schedule. Everything it runs is built by pace_llm/setup.py; what a PACE step does is
+``objective.step_plan``; the engine behind ``stepper`` is pace_llm/stepper.py's seam (the loop
+never names one); saving and resuming are pace_llm/resume.py's; what the run leaves
+(adapter, early stopping's best) is pace_llm/results.py's.
 
 Observers (benchmarks, tests) append to ``on_step_start(trainer, global_batch)`` and
 ``on_step_end(trainer, global_batch, stats)`` instead of patching methods.
@@ -14,54 +16,48 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
+from pace_llm import resume as R
 from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
 from pace_llm.errors import UserError
-from pace_llm.flat_optim import FlatAdamW
+from pace_llm.evaluate import Evaluator
 from pace_llm.noise import RowKeys
 from pace_llm.objective import StepPlan, doubled, step_plan
-from pace_llm.optim import apply_schedule
 from pace_llm.probes import clean_grad_norm
-from pace_llm.records import Window, reduce_window
-
-if TYPE_CHECKING:
-    from pace_llm.evaluate import Evaluator
-    from pace_llm.tracking import Tracker
-    from pace_llm.train import Run
+from pace_llm.records import Window
+from pace_llm.results import EarlyStopping, write_adapter
+from pace_llm.run import Run
+from pace_llm.tracking import Tracker
 
 StepHook = Callable[["Trainer", list[int]], None]
 StepEndHook = Callable[["Trainer", list[int], dict[str, Any]], None]
 
 
 class Trainer:
-    """The loop's state (step, data cursor, bad-step counts, best metric) over a built Run."""
+    """The loop's state (step, data cursor, bad-step counts, early stopping) over a built Run."""
 
-    def __init__(self, run: Run, evaluator: Evaluator):
+    def __init__(self, run: Run, evaluator: Evaluator, tracker: Tracker | None = None):
         self.run = run
         self.evaluator = evaluator
+        self.tracker = tracker  # train.report_to's backends (rank 0)
         self.recipe = run.recipe
-        self.engine = run.engine  # DeepSpeed's engine around the PaceObjective
+        self.stepper = run.stepper
         self.history = run.history
         self.world, self.rank = D.world_size(), D.rank()
         self.step = 0
         self.cursor = Cursor()
         self.bad_in_a_row = 0
         self.bad_total = 0
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.evals_without_gain = 0
-        self.early_stopped = False
+        self.stopping = EarlyStopping(self.recipe.eval.patience, self.recipe.eval.save_best)
         self.stop_requested = False
         self.window = Window()  # the steps since the last log line
         self._unsettled: list[tuple[int, dict[str, Any]]] = []  # steps whose skip is unread
         self.metrics_file = run.out / "metrics.jsonl"
-        self.tracker: Tracker | None = None  # train.report_to's backends (rank 0)
         self.on_step_start: list[StepHook] = []
         self.on_step_end: list[StepEndHook] = []
 
@@ -69,11 +65,14 @@ class Trainer:
     def max_steps(self) -> int:
         return self.run.max_steps
 
+    @property
+    def finished(self) -> bool:
+        """The run reached its last step or stopped early: its results are due."""
+        return self.step >= self.max_steps or self.stopping.stopped
+
     def log(self, message: str) -> None:
         """A line on rank 0, never on the progress bar's line."""
         if D.is_main():
-            from tqdm import tqdm
-
             tqdm.write(f"[pace_llm] {message}")
             sys.stdout.flush()
 
@@ -88,8 +87,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
         """Run from the current step to max_steps; evaluate, checkpoint and log on schedule."""
-        from tqdm import tqdm
-
         self._install_signal_handlers()
         if self.step == 0 and self.recipe.eval.at_start:
             self.maybe_evaluate(force=True)
@@ -100,9 +97,9 @@ class Trainer:
         finally:
             bar.close()  # an error message after this starts on a line of its own
 
-    def _loop(self, bar) -> None:
+    def _loop(self, bar: tqdm) -> None:
         stream = self.run.batches.batches_from(self.cursor)
-        self.engine.train()  # from_pretrained returns eval mode: no noise, no dropout
+        self.stepper.train()  # from_pretrained returns eval mode: no noise, no dropout
         while self.step < self.max_steps:
             cursor, global_batch = next(stream)
             for hook in self.on_step_start:
@@ -119,15 +116,9 @@ class Trainer:
                 hook(self, global_batch, stats)
             bar.update(1)
             if self.step % self.recipe.train.log_every == 0 or self.step == self.max_steps:
-                self._settle()  # the one host read of the window's statistics
-                record = self.window.record(self.step)
-                bar.set_postfix(loss=f"{record['task_loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                cons=f"{record['consistency_loss']:.4g}",
-                                tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                self.write_metrics(record)
-                self.window = Window()
+                self._log_window(bar)
             self.maybe_evaluate(force=self.step == self.max_steps)
-            if self.early_stopped:
+            if self.stopping.stopped:
                 return
             self.maybe_checkpoint()
             if self._stop_agreed():
@@ -138,6 +129,16 @@ class Trainer:
         if self.recipe.train.save_every or self.recipe.train.resume:
             if not (self.run.out / "checkpoints" / f"step-{self.step}").exists():
                 self.save_checkpoint()
+
+    def _log_window(self, bar: tqdm) -> None:
+        """The window's record: one host read of its statistics, then metrics.jsonl."""
+        self.settle()
+        record = self.window.record(self.step)
+        bar.set_postfix(loss=f"{record['task_loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        cons=f"{record['consistency_loss']:.4g}",
+                        tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+        self.write_metrics(record)
+        self.window = Window()
 
     def micro_batches(self, global_batch: list[int], plan: StepPlan | None = None
                       ) -> list[list[int]]:
@@ -154,9 +155,14 @@ class Trainer:
         return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
-        """One optimizer step: this rank's micro-batches, token-normalised over the window. No
-        host read on the flat optimizer path (loss sums, skip flag, grad norm: device tensors
-        until a logging step, ``Window.settle``); DeepSpeed's path reads the skip flag once."""
+        """One optimizer step: this rank's micro-batches, token-normalised over the window. The
+        loss sums, the skip flag and the gradient norm stay device values until a logging step
+        (``settle``); a window whose loss is not finite is not applied.
+
+        Loss scale: the engine averages gradients over the window's micro-batches and the ranks,
+        so each micro-batch's summed loss is multiplied by world·grad_accum / N, N the window's
+        supervised tokens (causal LM) or examples over every rank: the step's gradient is the
+        gradient of the token mean."""
         t, started = self.recipe.train, time.perf_counter()
         plan = self.plan()
         micro = self.micro_batches(global_batch, plan)
@@ -166,33 +172,18 @@ class Trainer:
         if n_total == 0:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
-        opt = self.run.optimizer
-        flat = isinstance(opt, FlatAdamW)
         sums = None  # device: [ce, cons, loss] summed over the window (a non-finite loss stays so)
         for a, (idx, batch) in enumerate(zip(micro, batches)):
             out = self._forward(batch, plan, scale, idx, self.positions(a, len(idx)))
-            self.engine.backward(out["loss"])  # a bad window's update is skipped below
-            if flat:
-                opt.accumulate()  # this micro-batch's grads into the flat fp32 gradient
+            self.stepper.backward(out["loss"])
             terms = torch.stack([out[k].detach().float() for k in ("ce", "cons", "loss")])
             sums = terms if sums is None else sums + terms
             if self.history is not None:
                 self.history.update(idx, out["logits"][: len(idx)])
-            if self.engine.is_gradient_accumulation_boundary():  # one collective per step
-                totals, tokens = reduce_window(sums, self._tokens(batches), self.world)
-                bad = ~torch.isfinite(totals[2])
-                if flat:
-                    opt.skip_if(bad)  # decided on the device
-                else:
-                    skipped = opt.skip_next = bool(bad)  # the DeepSpeed path's one host read
-            grad_norm = None if flat else self._grad_norm_before_step()
-            self.engine.step()
-        if flat:
-            grad_norm, skipped = opt.last_norm, opt.last_skipped
-        elif grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()  # ZeRO >= 1: a tensor, read at logging
+        totals, tokens = _reduce_window(sums, self._tokens(batches), self.world)
+        grad_norm, skipped = self.stepper.step(~torch.isfinite(totals[2]))
         return {"task_loss": totals[0] / n_total, "consistency": totals[1] / n_total,
-                "lr": self.run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "lr": self.stepper.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                 "tokens": tokens, "time": time.perf_counter() - started, "views": plan.views,
                 "paired": plan.paired, "skipped": skipped}
 
@@ -205,21 +196,21 @@ class Trainer:
         start = (a * self.world + self.rank) * self.recipe.train.micro_batch_size
         return tuple(range(start, start + rows))
 
-    def _forward(self, batch, plan: StepPlan, scale: float, idx: list[int],
-                 positions: tuple[int, ...]):
+    def _forward(self, batch: dict[str, torch.Tensor], plan: StepPlan, scale: float,
+                 idx: list[int], positions: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """One micro-batch through the engine. On the host: the doubled batch, the supervised
         positions' flat indices (causal LM), and the noise keys (seed, step, each row's position
         in the global batch: the same at every world size; pace_llm/noise.py)."""
-        dev = self.engine.device
+        dev = self.stepper.device
         batch = doubled(batch) if plan.views == 2 else dict(batch)
         if self.run.causal:
             batch["supervised"] = supervised_index(batch["labels"], plan.views)
         keys = RowKeys(self.recipe.train.seed, self.step, positions)
         history = self.history.lookup(idx, dev) if self.history is not None else None
-        return self.engine(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
-                           lam=plan.lam, scale=scale, history=history, noise_keys=keys)
+        return self.stepper.forward(**{k: v.to(dev) for k, v in batch.items()}, views=plan.views,
+                                    lam=plan.lam, scale=scale, history=history, noise_keys=keys)
 
-    def _tokens(self, batches) -> int:
+    def _tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
         """Non-padding tokens this rank trained on (each example counted once)."""
         return int(sum(int(b["attention_mask"].sum()) for b in batches))
 
@@ -230,22 +221,11 @@ class Trainer:
         if not every or (self.step + 1) % every:
             return None
         batches = [self._collate(ids) for ids in self.micro_batches(global_batch)]
-        return clean_grad_norm(self.engine.module, batches, self.engine.device, self.run.causal)
+        return clean_grad_norm(self.stepper.module, batches, self.stepper.device,
+                               self.run.causal)
 
-    def _grad_norm_before_step(self) -> torch.Tensor | float | None:
-        """ZeRO-0 keeps whole grads on the params; DeepSpeed reports the norm for ZeRO ≥ 1."""
-        if self.run.zero_stage > 0 or not self.engine.is_gradient_accumulation_boundary():
-            return None
-        grads = [p.grad for p in self.engine.module.parameters()
-                 if p.requires_grad and p.grad is not None]
-        if not grads:
-            return 0.0
-        # one multi-tensor kernel per dtype/device group, accumulated in fp32 (bf16/fp16 grads
-        # too; per-tensor norms cost 2 launches per tensor); a device tensor, read at logging
-        return torch.linalg.vector_norm(torch.stack(
-            torch._foreach_norm(grads, 2, dtype=torch.float32)))
-
-    def _settle(self) -> None:
+    # ------------------------------------------------------------------ bad steps
+    def settle(self) -> None:
         """Read the pending steps' statistics (one host read) and count their bad steps."""
         self.window.settle()
         pending, self._unsettled = self._unsettled, []
@@ -270,105 +250,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval and checkpoints
     def maybe_evaluate(self, force: bool = False) -> None:
+        """The eval record on schedule; early stopping sees its metric (results.EarlyStopping)."""
         every = self.recipe.eval.every
         if not force and not (every and self.step % every == 0):
             return
         record = self.evaluator.run()
         self.write_metrics({"step": self.step, "eval": record})
         self.log(f"eval at step {self.step}: {json.dumps(record.get('metrics', {}))}")
-        metric, patience = record.get("metric"), self.recipe.eval.patience
-        if metric is None or self.step == 0:
+        if self.step == 0:
             return
-        if self.best_metric is None or metric > self.best_metric:
-            self.best_metric, self.best_step, self.evals_without_gain = metric, self.step, 0
-            if self.recipe.eval.save_best or patience:
-                self.run.export_adapter(self.run.out / "adapter-best", overwrite=True)
-            return
-        self.evals_without_gain += 1
-        if patience and self.evals_without_gain >= patience and self.step < self.max_steps:
-            self.early_stopped = True
-            self.log(f"early stop at step {self.step}: the task metric has not improved in "
-                     f"{patience} evaluation(s) (eval.patience); best {self.best_metric:.4g} at "
-                     f"step {self.best_step}, whose adapter becomes {self.run.out / 'adapter'}")
+        verdict = self.stopping.observe(self.step, record.get("metric"),
+                                        last=self.step >= self.max_steps)
+        if verdict == "best" and self.stopping.keeps_best:
+            write_adapter(self.run, self.stopping.best_dir(self.run.out), overwrite=True)
+        elif verdict == "stop":
+            self.log(self.stopping.stop_message(self.step, self.run.out))
 
     def maybe_checkpoint(self) -> None:
         every = self.recipe.train.save_every
         if every and self.step % every == 0 and self.step < self.max_steps:
             self.save_checkpoint()
 
-    def save_checkpoint(self) -> Path:
-        from pace_llm.config import recipe_to_dict
-
-        self._settle()  # the bad-step counts of the steps so far
-        cursors = D.all_gather_objects([self.cursor.epoch, self.cursor.batch])
-        state = {"step": self.step, "cursor": cursors[0], "cursors": cursors,
-                 "bad_in_a_row": self.bad_in_a_row, "bad_total": self.bad_total,
-                 "best_metric": self.best_metric, "best_step": self.best_step,
-                 "evals_without_gain": self.evals_without_gain,
-                 "recipe": recipe_to_dict(self.recipe)}
-        history = self.history.values if self.history is not None else None
-        path = ckpt.save(self.engine, self.run.out / "checkpoints", self.step, state,
-                         self.run.trainable_state(), history, self.recipe.train.keep_last,
-                         extra_writer=lambda d: self.run.export_adapter(d / "adapter",
-                                                                        quiet=True))
+    def save_checkpoint(self) -> None:
+        path = R.save_checkpoint(self)
         self.log(f"checkpoint written: {path}")
-        return path
-
-    def resume(self, path: Path) -> None:
-        """Continue from a verified checkpoint: refuse recipe changes it cannot continue under,
-        apply optimizer and schedule changes for real, and drop the log past its step."""
-        from pace_llm.config import recipe_to_dict
-
-        saved = ckpt.read_state(path).get("recipe")
-        if saved is None:
-            raise UserError(f"checkpoint {path} records no recipe (written by an older "
-                            "pace_llm); it cannot be checked against this one: start a new run")
-        refused, applied = ckpt.recipe_changes(saved, recipe_to_dict(self.recipe))
-        if refused:
-            raise UserError(f"train.resume: checkpoint {path} was trained with other settings "
-                            "that change shapes, data or what a step is; nothing was changed. "
-                            "Resume with the checkpoint's values or start a new run (another "
-                            "train.output_dir or --train.overwrite true):\n"
-                            + "\n".join(f"  - {c}" for c in refused))
-        state, history, trainable = ckpt.load(self.engine, path)
-        current = self.run.trainable_state()
-        missing = sorted(set(trainable) ^ set(current))
-        if missing:
-            raise UserError(f"checkpoint {path} does not match this model's trainable params: "
-                            f"{missing[:5]}")
-        for name, value in trainable.items():
-            if not torch.equal(current[name], value):
-                raise UserError(f"checkpoint {path}: DeepSpeed restored {name} differently from "
-                                "trainable.safetensors; the checkpoint is inconsistent")
-        self.step = state["step"]
-        self.cursor = self._resumed_cursor(state)
-        self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
-        self.best_metric, self.best_step = state.get("best_metric"), state.get("best_step")
-        self.evals_without_gain = state.get("evals_without_gain", 0)
-        if history is not None:
-            self.history.values = history
-        if applied:
-            apply_schedule(self.run.optimizer, self.run.scheduler, self.recipe.train,
-                           self.max_steps)
-            self.log(f"resume: applied {'; '.join(applied)} (optimizer param groups and "
-                     "schedule updated)")
-        self._drop_metrics_after(self.step)
-        self.log(f"resumed from {path} at step {self.step}")
-
-    def _resumed_cursor(self, state: dict[str, Any]) -> Cursor:
-        """The data cursor to go on from: the run's, or (streaming) this rank's own place in
-        the stream (a checkpoint resumes with its own number of ranks: checked at load)."""
-        if self.run.task.streaming:
-            return Cursor(*state["cursors"][self.rank])
-        return Cursor(*state["cursor"])
-
-    def _drop_metrics_after(self, step: int) -> None:
-        """metrics.jsonl keeps each step once: records past the resumed step are redone."""
-        if not D.is_main() or not self.metrics_file.is_file():
-            return
-        kept = [line for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        ckpt.atomic_write(self.metrics_file, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -390,3 +295,14 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         return D.all_reduce([1.0 if self.stop_requested else 0.0], op="max")[0] > 0
+
+
+def _reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
+    """(a step's [ce, cons, loss] sums over every rank, the tokens trained on): one device
+    collective across ranks (no host read); on one rank the sums and the host count as given."""
+    if world == 1:
+        return sums, tokens
+    vec = torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64,
+                                                 device=sums.device)])
+    D.all_reduce_tensor(vec)
+    return vec[:3], vec[3]

@@ -76,11 +76,17 @@ def test_zero_stages_and_accumulation_give_the_same_curve(tiny_base, tmp_path):
         assert rel_close(fixed, [e["eval"]["clean_grad_norm"] for e in got_eval], 1e-4), stage
         assert rel_close(out_grad, [e["eval"]["output_grad_norm"] for e in got_eval], 1e-4), stage
         assert rel_close(clean, [r["clean_grad_norm"] for r in got], 1e-4), stage
-        cfg = json.loads((out / "ds_config.json").read_text())
+        record = json.loads((out / "engine.json").read_text())
+        if stage < 3:  # fp32 at ZeRO-1/2: the flat engine, DeepSpeed not initialised (and said)
+            assert record["engine"] == "flat" and record["deepspeed_config"] is None, stage
+            assert not (out / "ds_config.json").exists()
+            continue
+        cfg = json.loads((out / "ds_config.json").read_text())  # what DeepSpeed received
+        assert record["engine"] == "deepspeed" and record["deepspeed_config"] == cfg
         # "auto" gradient buckets hold the adapter, not DeepSpeed's default 5e8 elements
         assert cfg["zero_optimization"]["reduce_bucket_size"] == adapter_numel(out), stage
-        if stage == 3:  # the tiny base really was partitioned
-            assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+        # the tiny base really was partitioned
+        assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     # full mode with sigma = 0: the task loss is plain LoRA's and the consistency term is 0
     zero_noise, _ = train_ok(tiny_base, tmp_path / "full0", pace__mode="full", pace__sigma=0.0)
     assert rel_close(curve, [r["task_loss"] for r in zero_noise])

@@ -1,15 +1,16 @@
 """The flat optimizer (pace_llm/flat_optim.py) against torch.optim.AdamW on separate tensors,
-and the flat path against DeepSpeed's own path in real runs (fp32 on 1 and 2 ranks, bf16)."""
+the engine choice (pace_llm/stepper.py), and the flat engine against DeepSpeed's own engine in
+real runs (fp32 on 1 and 2 ranks at ZeRO-0, 1 and 2; bf16)."""
 
 from __future__ import annotations
 
-import copy
-
+import json
 import pytest
 import torch
 
 from pace_llm.errors import UserError
-from pace_llm.flat_optim import FlatAdamW, engine_config, uses_flat
+from pace_llm.flat_optim import FlatAdamW
+from pace_llm.stepper import engine_for
 from tests.test_engine import DS, rel_close, train_ok
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
@@ -116,12 +117,12 @@ def test_bf16_params_keep_an_fp32_master_and_state_round_trips():
         flat.step()
     assert torch.equal(flat.flat, flat.master.to(torch.bfloat16))
     assert not torch.equal(flat.master, flat.master.to(torch.bfloat16).float())  # fp32 bits kept
-    sd = copy.deepcopy(flat.state_dict())  # as saved to disk: no shared tensors
+    shard = {k: v.clone() for k, v in flat.shard_state().items()}  # as saved to disk
     saved = {k: v.clone() for k, v in flat.state[flat.master].items()}
     master = flat.master.clone()
     other_ps = params(torch.bfloat16, seed=1)
     other = FlatAdamW(other_ps, lr=1e-3, weight_decay=0.0, max_grad_norm=0.0)
-    other.load_state_dict(sd)
+    other.load_shard_state(shard)
     assert torch.equal(other.master, master)
     for a, b in zip(ps, other_ps):
         assert torch.equal(a.detach(), b.detach())
@@ -144,18 +145,16 @@ def test_lambda_lr_drives_the_flat_group():
     assert flat.param_groups[0]["lr"] == pytest.approx(0.125)
 
 
-def test_the_path_choice():
-    assert uses_flat("auto", 0, "bf16", False) and uses_flat("flat", 0, "fp32", False)
-    assert uses_flat("auto", 2, "bf16", False) and not uses_flat("auto", 3, "bf16", False)
-    assert not uses_flat("auto", 0, "fp16", False) and not uses_flat("auto", 1, "fp32", True)
-    assert not uses_flat("deepspeed", 0, "bf16", False)
-    assert not uses_flat("auto", 0, "bf16", False, uniform=False)
+def test_the_engine_choice():
+    assert engine_for("auto", 0, "bf16", False) == engine_for("flat", 0, "fp32", False) == "flat"
+    assert engine_for("auto", 2, "bf16", False) == "flat"
+    assert engine_for("auto", 3, "bf16", False) == "deepspeed"
+    assert engine_for("auto", 0, "fp16", False) == engine_for("auto", 1, "fp32", True) == \
+        "deepspeed"
+    assert engine_for("deepspeed", 0, "bf16", False) == "deepspeed"
+    assert engine_for("auto", 0, "bf16", False, uniform=False) == "deepspeed"
     with pytest.raises(UserError, match="optimizer_path: flat needs ZeRO-0/1/2.*ZeRO-3"):
-        uses_flat("flat", 3, "bf16", False)
-    cfg = engine_config({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
-                         "zero_optimization": {"stage": 2, "overlap_comm": False}})
-    assert cfg == {"bf16": {"enabled": False}, "gradient_clipping": 0.0,
-                   "zero_optimization": {"stage": 0, "overlap_comm": False}}
+        engine_for("flat", 3, "bf16", False)
 
 
 def test_a_checkpoint_from_before_the_flat_path_resumes_on_deepspeeds_path():
@@ -174,10 +173,12 @@ def test_a_checkpoint_from_before_the_flat_path_resumes_on_deepspeeds_path():
 
 # ------------------------------------------------------------------ real runs
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world,stage", [(1, 0), (2, 0), (2, 2)])
+@pytest.mark.parametrize("world,stage", [(1, 0), (2, 0), (2, 1), (2, 2)])
 def test_flat_path_follows_deepspeeds_path(tiny_base, tmp_path, world, stage):
-    """fp32: the flat path's loss and grad-norm curves are DeepSpeed's own (clipping on, weight
-    decay on, accumulation of two micro-batches); at ZeRO-2 on two ranks its state is sharded."""
+    """fp32: the flat engine's loss and grad-norm curves are DeepSpeed's own engine's at the
+    same ZeRO stage (its ZeRO-1 and ZeRO-2 optimizers on two ranks; clipping on, weight decay
+    on, accumulation of two micro-batches); at ZeRO-1/2 on two ranks the flat engine shards its
+    state. Each run records, and says at its start, which engine ran."""
     common = dict(train__micro_batch_size=2, train__grad_accum=2, train__max_grad_norm=0.5,
                   train__weight_decay=0.01, eval__at_start=False,
                   deepspeed=DS / f"zero{stage}.json")
@@ -189,6 +190,22 @@ def test_flat_path_follows_deepspeeds_path(tiny_base, tmp_path, world, stage):
     assert rel_close([r["task_loss"] for r in ds], [r["task_loss"] for r in flat])
     assert rel_close([r["grad_norm"] for r in ds], [r["grad_norm"] for r in flat], 1e-4)
     assert max(r["grad_norm"] for r in flat) > 0.5  # clipping was active
+    ds_record = json.loads((tmp_path / "ds" / "engine.json").read_text())
+    received = json.loads((tmp_path / "ds" / "ds_config.json").read_text())
+    assert ds_record["engine"] == "deepspeed" and ds_record["deepspeed_config"] == received
+    assert received["zero_optimization"]["stage"] == stage and received["bf16"]["enabled"] is False
+    flat_record = json.loads((tmp_path / "flat" / "engine.json").read_text())
+    assert flat_record["engine"] == "flat" and flat_record["deepspeed_config"] is None
+    assert not (tmp_path / "flat" / "ds_config.json").exists()
+    sharded = world if stage in (1, 2) else 1
+    assert flat_record["adapter_optimizer"]["state_sharded_over"] == sharded
+    assert flat_record["requested"]["zero_stage"] == stage
+    assert flat_record["versions"]["deepspeed"] and flat_record["versions"]["torch"]
+    log = (tmp_path / "flat-logs" / "rank0.log").read_text()
+    assert f"engine flat (torch.distributed; DeepSpeed not initialized) for ZeRO-{stage}" in log
+    assert ("AdamW state sharded over 2 ranks" in log) == (sharded == 2)
+    assert f"engine DeepSpeed (ZeRO-{stage}, fp32" in (tmp_path / "ds-logs" / "rank0.log"
+                                                       ).read_text()
 
 
 @pytest.mark.multiproc

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pace_llm.checkpoint import MANIFEST, sha256
-from pace_llm.optim import lr_lambda
+from pace_llm.schedule import lr_lambda
 from tests.launch import Ranks, run
 from tests.test_engine import _ckpt_exists, argv, train_ok
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from pace_llm import train as T
+from pace_llm import setup as S
 from pace_llm.config import load_recipe
 from pace_llm.records import settle
 from tests.launch import one_rank
@@ -34,8 +34,8 @@ PINNED = {
 def one_run(base, out, mode: str, results) -> None:
     recipe = load_recipe(argv(base, out, pace__mode=mode, pace__sigma=1.0,
                               pace__consistency_weight=0.5, eval__at_start=False))
-    with T.started(recipe) as trainer:
-        trainer.engine.train()
+    with S.started(recipe) as trainer:
+        trainer.stepper.train()
         stream = trainer.run.batches.batches_from(trainer.cursor)
         first = trainer.train_step(next(stream)[1])
         trainer.step += 1

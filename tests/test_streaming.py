@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from pace_llm import train as T
+from pace_llm import setup as S
 from pace_llm.config import load_recipe
 from pace_llm.data import Cursor
 from pace_llm.tasks.stream import StreamExamples, StreamPlan, shuffled
@@ -116,7 +116,7 @@ def _child(argv_: list[str], stop_after: int | None, pipe) -> None:
             pipe.send(seen)
             os.kill(os.getpid(), signal.SIGKILL)  # kill -9: no checkpoint, no cleanup
 
-    with T.started(load_recipe(argv_)) as trainer:
+    with S.started(load_recipe(argv_)) as trainer:
         trainer.on_step_end.append(record)
         trainer.train()
     pipe.send(seen)

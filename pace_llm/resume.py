@@ -1,0 +1,132 @@
+"""Saving the loop's place and continuing from it: what a checkpoint holds beyond the engine's
+state (pace_llm/checkpoint.py writes and verifies the files), and the checks a resume runs.
+
+A checkpoint's ``state.json`` holds the step, every rank's data cursor, the bad-step counts,
+early stopping's state, the engine that wrote it and the recipe. A resume refuses a recipe that
+changes shapes, data or what a step is, and another engine than the one that wrote it; it
+applies optimizer and schedule changes for real; it checks the engine restored exactly the
+trainable tensors of ``trainable.safetensors``; and it drops the metrics records past its step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pace_llm import checkpoint as ckpt
+from pace_llm import distributed as D
+from pace_llm.atomic import atomic_write
+from pace_llm.data import Cursor
+from pace_llm.errors import UserError
+from pace_llm.results import write_adapter
+from pace_llm.schedule import apply_schedule
+from pace_llm.schema import recipe_to_dict
+
+if TYPE_CHECKING:
+    from pace_llm.trainer import Trainer
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, whole (gathered under ZeRO-3), on CPU (every rank calls)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with D.gathered([p for _, p in named]):
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """checkpoints/step-N of the trainer's current step (collective: every rank calls)."""
+    run = trainer.run
+    trainer.settle()  # the bad-step counts of the steps so far
+    cursors = D.all_gather_objects([trainer.cursor.epoch, trainer.cursor.batch])
+    state = {"step": trainer.step, "cursor": cursors[0], "cursors": cursors,
+             "bad_in_a_row": trainer.bad_in_a_row, "bad_total": trainer.bad_total,
+             **trainer.stopping.state(), "engine": run.engine["engine"],
+             "recipe": recipe_to_dict(run.recipe)}
+    history = trainer.history.values if trainer.history is not None else None
+    return ckpt.save(run.stepper, run.out / "checkpoints", trainer.step, state,
+                     trainable_state(run.model), history, run.recipe.train.keep_last,
+                     extra_writer=lambda d: write_adapter(run, d / "adapter", quiet=True))
+
+
+def resume(trainer: Trainer, path: Path) -> None:
+    """Continue from a verified checkpoint (module docstring)."""
+    run = trainer.run
+    saved = ckpt.read_state(path)
+    if saved.get("recipe") is None:
+        raise UserError(f"checkpoint {path} records no recipe (written by an older "
+                        "pace_llm); it cannot be checked against this one: start a new run")
+    refused, applied = ckpt.recipe_changes(saved["recipe"], recipe_to_dict(run.recipe))
+    if refused:
+        raise UserError(f"train.resume: checkpoint {path} was trained with other settings "
+                        "that change shapes, data or what a step is; nothing was changed. "
+                        "Resume with the checkpoint's values or start a new run (another "
+                        "train.output_dir or --train.overwrite true):\n"
+                        + "\n".join(f"  - {c}" for c in refused))
+    _check_engine(path, saved, run.engine["engine"])
+    state, history, trainable = ckpt.load(run.stepper, path)
+    _check_trainable(path, trainable, trainable_state(run.model))
+    trainer.step = state["step"]
+    trainer.cursor = _cursor(state, run.task.streaming, trainer.rank)
+    trainer.bad_in_a_row, trainer.bad_total = state["bad_in_a_row"], state["bad_total"]
+    trainer.stopping.restore(state)
+    if history is not None:
+        trainer.history.values = history
+    if applied:
+        apply_schedule(run.stepper.optimizer, run.stepper.scheduler, run.recipe.train,
+                       run.max_steps)
+        trainer.log(f"resume: applied {'; '.join(applied)} (optimizer param groups and "
+                    "schedule updated)")
+    drop_metrics_after(trainer.metrics_file, trainer.step)
+    trainer.log(f"resumed from {path} at step {trainer.step}")
+
+
+def _check_engine(path: Path, saved: dict[str, Any], engine: str) -> None:
+    """The checkpoint's engine state is this run's engine's. A checkpoint without the record
+    predates the flat engine: DeepSpeed's format, readable only by DeepSpeed's engine and only
+    if it was written on DeepSpeed's optimizer path."""
+    written = saved.get("engine")
+    if written is None:
+        path_then = saved["recipe"].get("train", {}).get("optimizer_path", "deepspeed")
+        if path_then == "deepspeed" and engine == "deepspeed":
+            return
+        raise UserError(f"checkpoint {path} was written by a pace_llm older than its flat "
+                        "engine, in a format this version does not read; finish that run with "
+                        "the version that started it, or start a new run (another "
+                        "train.output_dir or --train.overwrite true)")
+    if written != engine:
+        raise UserError(f"checkpoint {path} holds the {written} engine's state, this run would "
+                        f"run the {engine} engine; resume with the checkpoint's "
+                        "train.optimizer_path, DeepSpeed config and train.precision")
+
+
+def _check_trainable(path: Path, saved: dict[str, torch.Tensor],
+                     current: dict[str, torch.Tensor]) -> None:
+    """The engine restored exactly the trainable tensors recorded beside its state."""
+    missing = sorted(set(saved) ^ set(current))
+    if missing:
+        raise UserError(f"checkpoint {path} does not match this model's trainable params: "
+                        f"{missing[:5]}")
+    for name, value in saved.items():
+        if not torch.equal(current[name], value):
+            raise UserError(f"checkpoint {path}: the engine restored {name} differently from "
+                            "trainable.safetensors; the checkpoint is inconsistent")
+
+
+def _cursor(state: dict[str, Any], streaming: bool, rank: int) -> Cursor:
+    """The data cursor to go on from: the run's, or (streaming) this rank's own place in the
+    stream (a checkpoint resumes with its own number of ranks: checked at load)."""
+    if streaming:
+        return Cursor(*state["cursors"][rank])
+    return Cursor(*state["cursor"])
+
+
+def drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """metrics.jsonl keeps each step once: records past the resumed step are redone (rank 0)."""
+    if not D.is_main() or not metrics_file.is_file():
+        return
+    kept = [line for line in metrics_file.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(metrics_file, "".join(line + "\n" for line in kept))

@@ -1,0 +1,56 @@
+"""The record of one training run: what pace_llm/setup.py built, read by the trainer, the
+evaluator, checkpoints and the run's results (a plain record; no behaviour)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pace_llm.schema import Recipe
+
+if TYPE_CHECKING:
+    from pace_llm.data import BatchPlan
+    from pace_llm.objective import FastHistory
+    from pace_llm.stepper import Stepper
+    from pace_llm.tasks import TaskData
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of."""
+
+    recipe: Recipe
+    out: Path
+    """The run directory (train.output_dir)."""
+    precision: str
+    """bf16, fp16 or fp32: train.precision resolved for this machine."""
+    ds_config: dict[str, Any]
+    """The DeepSpeed config with every "auto" filled (what DeepSpeed's engine receives)."""
+    engine: dict[str, Any]
+    """What runs: engine.json (pace_llm/stepper.py ``describe``)."""
+    tokenizer: Any
+    task: TaskData
+    model: nn.Module
+    """The transformers model with NoisyLoRALinear layers (inside the objective)."""
+    adapted: list[str]
+    """The adapted layers' names."""
+    stepper: Stepper
+    """The engine around the PaceObjective (pace_llm/stepper.py)."""
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]]
+    """The training batch (padding, labels) of a list of examples."""
+    batches: BatchPlan
+    """The order of global batches."""
+    max_steps: int
+    history: FastHistory | None
+    """pace.mode fast: last epoch's outputs."""
+    served_name: str
+    """What the adapter records as its base: a hub id as given, a local directory absolute."""
+
+    @property
+    def causal(self) -> bool:
+        return self.task.kind == "causal_lm"
