@@ -34,7 +34,7 @@ from pace_llm.errors import UserError
 from pace_llm.schedule import build_scheduler
 from pace_llm.schema import TrainArgs
 
-TESTED = ((0, 19, 8), (0, 20, 0))
+TESTED = ("0.19.8", "0.20")
 """DeepSpeed versions this module is tested with: from the first, up to (not including) the
 second. pyproject.toml declares the same range."""
 TAG = "ds"  # the DeepSpeed checkpoint's folder inside checkpoints/step-N/
@@ -54,14 +54,13 @@ def version_tuple(text: str) -> tuple[int, ...]:
 def check_version(installed: str, why: str) -> None:
     """Refuse a DeepSpeed outside :data:`TESTED` for a run that needs DeepSpeed's engine."""
     low, high = TESTED
-    if low <= version_tuple(installed) < high:
+    if version_tuple(low) <= version_tuple(installed) < version_tuple(high):
         return
-    tested = f"{'.'.join(map(str, low))} to below {'.'.join(map(str, high))}"
     raise UserError(
         f"deepspeed {installed} is installed; this run needs DeepSpeed's engine ({why}), which "
-        f"pace_llm has tested with deepspeed {tested} only and relies on internals of (its "
-        f"checkpoint loading and ZeRO-3 fetch hooks). Install it with pip install "
-        f"'deepspeed>={'.'.join(map(str, low))},<{'.'.join(map(str, high))}', or train at "
+        f"pace_llm has tested with deepspeed {low} to below {high} only and relies on internals "
+        f"of (its checkpoint loading and ZeRO-3 fetch hooks). Install it with pip install "
+        f"'deepspeed>={low},<{high}', or train at "
         "ZeRO-0/1/2 in bf16 or fp32 without CPU offload, which runs on pace_llm's flat engine "
         "(torch.distributed only, no DeepSpeed internals)")
 

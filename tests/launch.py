@@ -6,6 +6,7 @@ would set, calls ``pace_llm.train.main`` and exits with its return code.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -13,6 +14,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from safetensors.torch import load_file
 
 from pace_llm.distributed import free_port
 
@@ -126,3 +129,52 @@ def one_rank(target: Callable[..., None], *args, wait: float = 240,
     child.join(60)
     assert child.exitcode == exitcode, child.exitcode
     return got
+
+
+# ------------------------------------------------------------------ a tiny run and its records
+ROOT = Path(__file__).resolve().parents[1]
+DS = ROOT / "ds_configs"
+
+
+def argv(base: Path, out: Path, **overrides) -> list[str]:
+    """The command line of a tiny synthetic run on ``base`` into ``out`` (fp32, ZeRO-0, 10 steps
+    of 4 rows, LoRA r 4, PACE off), with ``section__key=value`` overrides."""
+    opts = {"model.name_or_path": str(base), "data.task": "synthetic", "data.num_examples": 160,
+            "data.max_length": 128, "train.output_dir": str(out), "train.max_steps": 10,
+            "train.micro_batch_size": 4, "train.grad_accum": 1, "train.lr": 5e-3,
+            "train.warmup_steps": 2, "train.log_every": 1, "train.precision": "fp32",
+            "eval.limit": 4, "eval.max_new_tokens": 4, "eval.batch_size": 4, "lora.r": 4,
+            "lora.alpha": 8, "pace.mode": "off", "pace.sigma": 1.0,
+            "pace.consistency_weight": 0.1, "deepspeed": str(DS / "zero0.json")}
+    opts.update({k.replace("__", "."): v for k, v in overrides.items()})
+    out_args = []
+    for k, v in opts.items():
+        text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        out_args += [f"--{k}", text]
+    return out_args
+
+
+def metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    """(training records, eval records) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "task_loss" in r], [r for r in rows if "eval" in r]
+
+
+def train_ok(base: Path, out: Path, world: int = 1, **overrides) -> tuple[list[dict], list[dict]]:
+    """A run of :func:`argv` on ``world`` forked ranks that must exit 0; its metrics."""
+    codes, log = run(argv(base, out, **overrides), world, out.parent / f"{out.name}-logs")
+    assert codes == [0] * world, log
+    return metrics(out)
+
+
+def adapter_numel(run: Path) -> int:
+    return sum(t.numel() for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
+
+
+def rel_close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
+    return all(abs(x - y) <= tol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def ckpt_exists(out: Path, step: int) -> Callable[[], bool]:
+    """Whether checkpoint ``step`` of the run in ``out`` is complete (its manifest written)."""
+    return lambda: (out / "checkpoints" / f"step-{step}" / "MANIFEST.json").exists()

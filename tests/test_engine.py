@@ -1,56 +1,18 @@
-"""The training engine on real DeepSpeed (CPU, gloo): ZeRO equivalence, PACE modes, resume,
-signals and bad input. Multi-rank runs are forked from the test process (tests/launch.py)."""
+"""Training runs on both engines (CPU, gloo): ZeRO equivalence, PACE modes, resume, signals and
+bad input. Multi-rank runs are forked from the test process (tests/launch.py, which also holds
+the tiny run's command line and record readers these tests share)."""
 
 from __future__ import annotations
 
 import json
 import random
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import Ranks, run
-
-ROOT = Path(__file__).resolve().parents[1]
-DS = ROOT / "ds_configs"
-
-
-def argv(base: Path, out: Path, **overrides) -> list[str]:
-    opts = {"model.name_or_path": str(base), "data.task": "synthetic", "data.num_examples": 160,
-            "data.max_length": 128, "train.output_dir": str(out), "train.max_steps": 10,
-            "train.micro_batch_size": 4, "train.grad_accum": 1, "train.lr": 5e-3,
-            "train.warmup_steps": 2, "train.log_every": 1, "train.precision": "fp32",
-            "eval.limit": 4, "eval.max_new_tokens": 4, "eval.batch_size": 4, "lora.r": 4,
-            "lora.alpha": 8, "pace.mode": "off", "pace.sigma": 1.0,
-            "pace.consistency_weight": 0.1, "deepspeed": str(DS / "zero0.json")}
-    opts.update({k.replace("__", "."): v for k, v in overrides.items()})
-    out_args = []
-    for k, v in opts.items():
-        text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-        out_args += [f"--{k}", text]
-    return out_args
-
-
-def metrics(out: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "task_loss" in r], [r for r in rows if "eval" in r]
-
-
-def train_ok(base, out, world=1, **overrides):
-    codes, log = run(argv(base, out, **overrides), world, out.parent / f"{out.name}-logs")
-    assert codes == [0] * world, log
-    return metrics(out)
-
-
-def adapter_numel(run: Path) -> int:
-    return sum(t.numel() for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
-
-
-def rel_close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
-    return all(abs(x - y) <= tol * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+from tests.launch import DS, Ranks, adapter_numel, argv, ckpt_exists, rel_close, run, train_ok
 
 
 @pytest.mark.multiproc
@@ -159,10 +121,6 @@ def test_mechanism_full_lowers_output_gradient_and_fp_distance(tiny_base, tmp_pa
     assert end_off["fp_distance"] > 0 and end_full["fp_distance"] < 0.5 * end_off["fp_distance"]
 
 
-def _ckpt_exists(out: Path, step: int):
-    return lambda: (out / "checkpoints" / f"step-{step}" / "MANIFEST.json").exists()
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [0, 2])
 def test_sigkill_then_resume_is_bit_identical(tiny_base, tmp_path, stage):
@@ -174,7 +132,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_base, tmp_path, stage):
     out = tmp_path / "killed"
     ranks = Ranks(argv(tiny_base, out, **common), 2, tmp_path / "killed-logs")
     kill_after = random.Random(stage).choice([3, 6])
-    ranks.kill_when(_ckpt_exists(out, kill_after))
+    ranks.kill_when(ckpt_exists(out, kill_after))
     assert not (out / "adapter").exists()
     train_ok(tiny_base, out, world=2, train__resume="auto", **common)
     a = load_file(str(ref / "adapter" / "adapter_model.safetensors"))

@@ -15,8 +15,7 @@ import torch
 from pace_llm import families as F
 from pace_llm.families import Family, Sizes, expected_shape
 from tests.conftest import save_fixture_tokenizer
-from tests.launch import run
-from tests.test_engine import argv
+from tests.launch import argv, run
 
 NEOX = Family(
     "gpt-neox", ("gpt_neox",), attn=("query_key_value", "dense"),

@@ -5,13 +5,15 @@ real runs (fp32 on 1 and 2 ranks at ZeRO-0, 1 and 2; bf16)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from pace_llm.errors import UserError
 from pace_llm.flat_optim import FlatAdamW
 from pace_llm.stepper import engine_for
-from tests.test_engine import DS, rel_close, train_ok
+from tests.launch import DS, argv, rel_close, run, train_ok
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 
@@ -215,3 +217,69 @@ def test_flat_bf16_follows_fp32(tiny_base, tmp_path):
     got, _ = train_ok(tiny_base, tmp_path / "bf16", train__precision="bf16", **common)
     for a, b in zip([r["task_loss"] for r in ref], [r["task_loss"] for r in got], strict=True):
         assert abs(a - b) / a < 0.02
+
+
+# ------------------------------------------------------------------ the DeepSpeed version
+def test_deepspeed_outside_the_tested_range_is_refused_with_the_way_out(monkeypatch):
+    from pace_llm import stepper
+
+    zero3 = {"zero_optimization": {"stage": 3}}
+    for bad in ("0.18.9", "0.16.9", "0.20.0"):
+        monkeypatch.setattr(stepper, "_version", lambda name, v=bad: v)
+        with pytest.raises(UserError) as err:
+            stepper.require_deepspeed("deepspeed", zero3, "bf16")
+        msg = str(err.value)
+        assert f"deepspeed {bad} is installed" in msg and "(ZeRO-3, bf16)" in msg
+        assert "pip install 'deepspeed>=0.19.8,<0.20'" in msg
+        assert "flat engine (torch.distributed only" in msg  # the fallback, named
+        stepper.require_deepspeed("flat", {"zero_optimization": {"stage": 2}}, "bf16")
+    for good in ("0.19.8", "0.19.12", "0.19.9+cu124"):
+        monkeypatch.setattr(stepper, "_version", lambda name, v=good: v)
+        stepper.require_deepspeed("deepspeed", zero3, "bf16")
+
+
+def test_pyproject_declares_exactly_the_tested_deepspeed_range():
+    import tomllib
+
+    from pace_llm.ds_engine import TESTED
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    low, high = TESTED
+    assert f"deepspeed>={low},<{high}" in project["project"]["dependencies"]
+
+
+@pytest.mark.multiproc
+def test_an_untested_deepspeed_stops_a_zero3_run_before_anything_is_written(
+        tiny_base, tmp_path, monkeypatch):
+    """The forked ranks inherit the patched version; ZeRO-0 (the flat engine) still runs."""
+    from pace_llm import stepper
+
+    monkeypatch.setattr(stepper, "_version", lambda name: "0.18.9")
+    codes, log = run(argv(tiny_base, tmp_path / "z3", deepspeed=DS / "zero3.json"), 1,
+                     tmp_path / "z3-logs")
+    assert codes == [2], log
+    assert "error: deepspeed 0.18.9 is installed" in log and "Traceback" not in log
+    assert not (tmp_path / "z3").exists()
+    train_ok(tiny_base, tmp_path / "z0", train__max_steps=2, eval__at_start=False)
+
+
+def test_flat_engine_params_are_views_of_its_buffer_on_the_engine_device():
+    """The engine moves the model to its device before the flat buffer exists, so every trainable
+    param is a view of that buffer there (a move afterwards would leave the optimizer stepping
+    a buffer the model no longer reads)."""
+    from pace_llm.flat_engine import FlatStepper
+    from pace_llm.schema import TrainArgs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stepper = FlatStepper(model, trainable, TrainArgs(lr=1e-2), max_steps=4,
+                          device=torch.device("cpu"), world=1, shard=False)
+    buffer = stepper.optimizer.flat.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == buffer for p in trainable)
+    assert model[0].weight.untyped_storage().data_ptr() != buffer
+    before = [p.detach().clone() for p in trainable]
+    model(torch.ones(2, 4)).sum().backward()
+    stepper.backward(torch.zeros((), requires_grad=True))  # folds the grads left on the params
+    stepper.step(torch.tensor(False))
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, trainable))

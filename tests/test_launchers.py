@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pace_llm.distributed import free_port
-from tests.test_engine import argv
+from tests.launch import argv
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from conftest import DATA
 
 from pace_llm.config import RecipeError, load_recipe
 from pace_llm.data import Cursor, MixturePlan
-from tests.test_engine import argv
+from tests.launch import argv
 from tests.test_streaming import consumed
 
 SIZES = [300, 50, 1000]

@@ -15,8 +15,7 @@ import pytest
 
 from pace_llm.checkpoint import MANIFEST, sha256
 from pace_llm.schedule import lr_lambda
-from tests.launch import Ranks, run
-from tests.test_engine import _ckpt_exists, argv, train_ok
+from tests.launch import Ranks, argv, ckpt_exists, run, train_ok
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -89,7 +88,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tiny_base, tmp_path):
 
 def _killed_at(tiny_base, out: Path, logs: Path, step: int, **common) -> None:
     ranks = Ranks(argv(tiny_base, out, **common), 1, logs)
-    ranks.kill_when(_ckpt_exists(out, step))
+    ranks.kill_when(ckpt_exists(out, step))
 
 
 def _rewrite_manifest(ckpt: Path, rel: str) -> None:

@@ -17,8 +17,7 @@ import pytest
 from pace_llm import setup as S
 from pace_llm.config import load_recipe
 from pace_llm.records import settle
-from tests.launch import one_rank
-from tests.test_engine import argv
+from tests.launch import argv, one_rank
 
 # (task_loss, consistency, grad_norm) of steps 1 and 2, per mode; step 1 reproduced by the
 # code before the architecture change (same seed, data, model). "full" re-pinned from a run of

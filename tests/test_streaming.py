@@ -16,8 +16,7 @@ from pace_llm import setup as S
 from pace_llm.config import load_recipe
 from pace_llm.data import Cursor
 from pace_llm.tasks.stream import StreamExamples, StreamPlan, shuffled
-from tests.launch import one_rank
-from tests.test_engine import argv
+from tests.launch import argv, one_rank
 
 GSM8K = DATA / "gsm8k"
 
@@ -170,8 +169,7 @@ def test_streaming_recipe_errors(tiny_base, tmp_path):
 def test_two_ranks_streamed_killed_and_resumed_match_and_need_two_ranks(tiny_base, tmp_path):
     from safetensors.torch import load_file
 
-    from tests.launch import Ranks, run
-    from tests.test_engine import _ckpt_exists, metrics
+    from tests.launch import Ranks, ckpt_exists, metrics, run
 
     def metrics_of(result, where):
         codes, log = result
@@ -184,7 +182,7 @@ def test_two_ranks_streamed_killed_and_resumed_match_and_need_two_ranks(tiny_bas
                             tmp_path / "ref-logs"), tmp_path / "ref")
     out = tmp_path / "killed"
     ranks = Ranks(stream_argv(tiny_base, out, **common), 2, tmp_path / "killed-logs")
-    ranks.kill_when(_ckpt_exists(out, 3))
+    ranks.kill_when(ckpt_exists(out, 3))
     # one rank cannot continue a two-rank stream: exit 2, nothing changed
     codes, log = run(stream_argv(tiny_base, out, train__resume="auto", **common), 1,
                      tmp_path / "one-rank-logs")
