@@ -88,7 +88,7 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
     from transformers import LlamaForCausalLM
 
     from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
-    from pace_llm.inject import adapter_parameters, inject_noisy_lora
+    from pace_llm.inject import inject_noisy_lora, trainable_parameters
     from pace_llm.lora import shared_views
     from pace_llm.quant import load_quantized
 
@@ -113,7 +113,7 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
     gc.collect()
     load_peak, after_load = _hwm_mb(), _rss_mb()
     _reset_peak()
-    params = adapter_parameters(model)
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-3)
     x = torch.randint(0, MODEL["vocab_size"], (rows, length),
                       generator=torch.Generator().manual_seed(0))

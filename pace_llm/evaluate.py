@@ -84,7 +84,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], tokenizer: Any,
 
 
 class Evaluator:
-    """The task metric and the mechanism probes for a run (every rank calls ``run``)."""
+    """The task metric and the mechanism probes for a run (every rank calls ``evaluate``)."""
 
     def __init__(self, ctx: EvalContext):
         self.ctx = ctx
@@ -95,7 +95,7 @@ class Evaluator:
         self.grad_rows = ctx.task.probe_rows(probes.GRAD_ROWS)
         self.fp_rows = self.grad_rows[:probes.FP_ROWS]
 
-    def run(self) -> dict[str, Any]:
+    def evaluate(self) -> dict[str, Any]:
         """The eval record, all at the un-noised weights: metrics (and samples) on the eval set,
         metrics on each extra set (e.g. MNLI mismatched), FP-distance, the task-loss and output
         gradient norms on fixed training rows, and the held-out loss for causal LMs."""

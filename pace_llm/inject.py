@@ -189,6 +189,6 @@ def _share_base_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every trainable parameter, in model order (adapters plus any trainable head)."""
     return [p for p in model.parameters() if p.requires_grad]

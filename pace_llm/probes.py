@@ -19,7 +19,7 @@ from torch import nn
 
 from pace_llm import distributed as D
 from pace_llm.data import IGNORE, supervised_count
-from pace_llm.inject import adapter_parameters
+from pace_llm.inject import trainable_parameters
 from pace_llm.lora import adapters_disabled, lora_layers, noise_free
 
 FP_ROWS = 8  # examples in the fixed FP-distance / output-gradient batch
@@ -64,7 +64,7 @@ def clean_grad_norm(objective: nn.Module, batches: list[Batch], device: torch.de
     micro-batches on every rank (token mean, as training; collective). Costs one extra
     forward/backward. The gradients come from torch.autograd.grad, so nothing reaches
     DeepSpeed's buffers. ``objective`` is the PaceObjective DeepSpeed wraps."""
-    params = adapter_parameters(objective)
+    params = trainable_parameters(objective)
     n_total = D.all_reduce([float(sum(supervised_count(b, causal) for b in batches))])[0]
     with noise_free(objective):
         total = [torch.zeros(tuple(getattr(p, "ds_shape", p.shape))) for p in params]

@@ -31,7 +31,7 @@ from pace_llm.dsconfig import (
 )
 from pace_llm.errors import UserError
 from pace_llm.evaluate import EvalContext, Evaluator
-from pace_llm.inject import adapter_parameters, inject_noisy_lora
+from pace_llm.inject import inject_noisy_lora, trainable_parameters
 from pace_llm.model import base_model_dir, classifier_head, load_model, load_tokenizer, weight_dtype
 from pace_llm.objective import FastHistory, PaceObjective
 from pace_llm.preflight import check_model
@@ -114,7 +114,7 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
     check_model(recipe, model, tokenizer, task)  # ids vs embedding rows, lengths vs positions
     seed(recipe, "adapters")
     adapted = inject_noisy_lora(model, recipe.lora, recipe.pace, classifier_head(model))
-    params = adapter_parameters(model)
+    params = trainable_parameters(model)
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     rundir.check_space(numel, recipe.train.save_every)
     # the flat engine needs one dtype and device for every trainable param: known only now

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_recipe(command.recipe), end="")
             return
         try:
-            run(command.recipe)
+            train(command.recipe)
         except RunFinished as done:
             if D.is_main():
                 print(f"[pace_llm] {done}", flush=True)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(body, finish=lambda ok: D.shutdown(clean=ok))
 
 
-def run(recipe: Recipe) -> Path:
+def train(recipe: Recipe) -> Path:
     """The training story. Returns the run directory."""
     with started(recipe) as trainer:
         trainer.train()

@@ -254,7 +254,7 @@ class Trainer:
         every = self.recipe.eval.every
         if not force and not (every and self.step % every == 0):
             return
-        record = self.evaluator.run()
+        record = self.evaluator.evaluate()
         self.write_metrics({"step": self.step, "eval": record})
         self.log(f"eval at step {self.step}: {json.dumps(record.get('metrics', {}))}")
         if self.step == 0:

@@ -5,7 +5,7 @@ import torch
 import transformers as tf
 
 from pace_llm import LoraArgs, NoisyLoRALinear, PaceArgs, UserError, inject_noisy_lora
-from pace_llm.inject import adapter_parameters, block_relative
+from pace_llm.inject import block_relative, trainable_parameters
 from pace_llm.lora import lora_layers, shared_views
 from tests.conftest import SMALL, noisy_llama, tiny_llama
 
@@ -91,7 +91,7 @@ def test_sigma_schedules(llama):
 def test_every_adapter_gets_gradient_after_one_step(llama):
     inject_noisy_lora(llama, LoraArgs(r=4), PaceArgs(sigma=0.5))
     llama.train()
-    params = adapter_parameters(llama)
+    params = trainable_parameters(llama)
     opt = torch.optim.AdamW(params, lr=1e-2)
     ids = torch.randint(0, 128, (2, 16))
     for _ in range(2):

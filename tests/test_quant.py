@@ -26,7 +26,7 @@ from transformers import LlamaForCausalLM
 from pace_llm import quant as Q
 from pace_llm.config import LoraArgs, PaceArgs, QuantArgs, RecipeError, load_recipe
 from pace_llm.errors import UserError
-from pace_llm.inject import adapter_parameters, inject_noisy_lora
+from pace_llm.inject import inject_noisy_lora, trainable_parameters
 from pace_llm.lora import NoisyLoRALinear, shared_views
 from tests.conftest import tiny_llama
 
@@ -209,7 +209,7 @@ def test_qlora_trains_only_adapters(base_dir, mode):
     replaced = inject_noisy_lora(q, LoraArgs(r=8, alpha=16, targets="attn+mlp"),
                                  PaceArgs(mode=mode, sigma=1.0, consistency_weight=lam))
     assert len(replaced) == TARGETS
-    params = adapter_parameters(q)
+    params = trainable_parameters(q)
     assert len(params) == 2 * TARGETS and all(p.dtype == torch.float32 for p in params)
     frozen, start = frozen_state(q), [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -250,7 +250,7 @@ def test_adapter_on_dequantized_base(base_dir, fp32_base):
     q = load4(base_dir)
     torch.manual_seed(0)
     inject_noisy_lora(q, LoraArgs(r=8, alpha=16), PaceArgs(mode="off"))
-    opt = torch.optim.AdamW(adapter_parameters(q), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_parameters(q), lr=1e-2)
     x = batch(rows=2)
     q.train()
     for _ in range(3):
@@ -285,7 +285,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
     from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
-    from pace_llm.inject import adapter_parameters, inject_noisy_lora
+    from pace_llm.inject import trainable_parameters, inject_noisy_lora
     from pace_llm.distributed import init_distributed
     from pace_llm.quant import load_quantized
     base = sys.argv[1]
@@ -303,7 +303,7 @@ ZERO3_SCRIPT = textwrap.dedent("""
         inject_noisy_lora(model, LoraArgs(r=8), PaceArgs(mode="off"))
         w = model.model.layers[0].self_attn.q_proj.base.weight
         storage = str(w.dtype)
-        eng, *_ = deepspeed.initialize(model=model, model_parameters=adapter_parameters(model),
+        eng, *_ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model),
                                        config=ds)
         losses = []
         for _ in range(3):
