@@ -12,10 +12,10 @@ from pace_llm.errors import UserError
 if TYPE_CHECKING:
     from torch import nn
 
-    from pace_llm.data import BatchPlan
+    from pace_llm.data.batches import BatchOrder
+    from pace_llm.data.examples import TaskData
     from pace_llm.evaluate import Evaluator
     from pace_llm.objective import FastHistory
-    from pace_llm.tasks import TaskData
     from pace_llm.train import Run
 
 
@@ -79,7 +79,7 @@ def ensure_base_model(recipe: Recipe, where: Path) -> str:
     if recipe.model.build is not None and not (path / "config.json").is_file():
 
         def build() -> None:
-            from pace_llm.tasks import task_texts
+            from pace_llm.data.build import task_texts
             from pace_llm.tinymodel import build_base
 
             tmp = path.with_name(path.name + ".tmp")
@@ -122,22 +122,21 @@ def size_ds_buckets(ds_config: dict, model: nn.Module) -> None:
                                 for p in adapter_parameters(model)))
 
 
-def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchPlan, int]:
+def plan_batches(recipe: Recipe, task: TaskData) -> tuple[BatchOrder, int]:
     """The global-batch order (a permutation per epoch; a weighted mixture; this rank's share
     of a stream) and the number of optimizer steps."""
     from pace_llm import distributed as D
-    from pace_llm.data import BatchPlan, MixturePlan
-    from pace_llm.tasks.stream import stream_plan
+    from pace_llm.data.batches import EpochOrder, MixtureOrder, stream_order
 
     t = recipe.train
     global_batch = t.micro_batch_size * t.grad_accum * D.world_size()
     if task.streaming:
-        return stream_plan(task, recipe, D.world_size(), D.rank()), t.max_steps
+        return stream_order(task, recipe, D.world_size(), D.rank()), t.max_steps
     if task.mixture is not None:
         m = task.mixture
-        plan = MixturePlan(m.names, task.train.part_lengths(), m.weights, global_batch, t.seed)
+        plan = MixtureOrder(m.names, task.train.part_lengths(), m.weights, global_batch, t.seed)
     else:
-        plan = BatchPlan(task.lengths, global_batch, t.seed)
+        plan = EpochOrder(task.lengths, global_batch, t.seed)
     return plan, t.max_steps or max(1, int(t.epochs * plan.steps_per_epoch))
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pace_llm.config import Recipe, parse_command
-from pace_llm.data import IGNORE
+from pace_llm.data.build import build_task, task_texts
+from pace_llm.data.examples import IGNORE, TaskData
+from pace_llm.data.templates import describe
 from pace_llm.errors import UserError, run_command
-from pace_llm.tasks import TaskData, build_task, task_texts
-from pace_llm.tasks.templates import describe
 
 SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"
 

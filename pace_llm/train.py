@@ -34,10 +34,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pace_llm.data import BatchPlan
+    from pace_llm.data.batches import BatchOrder
+    from pace_llm.data.examples import TaskData
     from pace_llm.objective import FastHistory
     from pace_llm.rundir import RunDir
-    from pace_llm.tasks import TaskData
     from pace_llm.tracking import Tracker
     from pace_llm.trainer import Trainer
 
@@ -145,7 +145,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     """Ours (it can skip a step); DeepSpeed steps it. FlatAdamW on the flat path."""
     scheduler: Any
-    batches: BatchPlan
+    batches: BatchOrder
     max_steps: int
     history: FastHistory | None
     served_name: str
@@ -164,7 +164,7 @@ class Run:
     @cached_property
     def collate(self) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         """The training batch (padding, labels) of a list of examples: the task's collator."""
-        from pace_llm.data import collator
+        from pace_llm.data.collate import collator
 
         return collator(self.causal, self.tokenizer.pad_token_id,
                         regression=self.task.num_labels == 1,
@@ -216,7 +216,7 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
     from pace_llm.objective import PaceObjective
     from pace_llm.optim import build_optimizer, build_scheduler
     from pace_llm.preflight import check_model
-    from pace_llm.tasks import build_task
+    from pace_llm.data.build import build_task
 
     precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
     ds_config = fill_ds_config(recipe, D.world_size(), precision)

@@ -1,34 +1,41 @@
-"""Batches: a deterministic, resumable, length-grouped order of global batches, and collation.
+"""The order of global batches: deterministic, resumable, length-grouped; and their layout.
 
 One optimizer step consumes one *global batch* of ``micro × accum × world`` examples. Within a
 global batch the examples are sorted by length, so each micro-batch pads little. Rank r's
-a-th micro-batch is the slice ``[(a·world + r)·micro, … + micro)``; the same global batch is
-therefore trained whatever the split into ranks and accumulation steps, which is what makes
-runs comparable across ZeRO stages and world sizes.
+a-th micro-batch is the slice ``[(a·world + r)·micro, … + micro)`` (:func:`micro_batch_slice`,
+the one statement of this layout); the same global batch is therefore trained whatever the
+split into ranks and accumulation steps, which is what makes runs comparable across ZeRO stages
+and world sizes.
 
-Orders (each ``batches_from(cursor)`` yields ``(cursor after, global batch)`` forever):
+Orders (:class:`BatchOrder`: each ``batches_from(cursor)`` yields ``(cursor after, global
+batch)`` forever):
 
-- :class:`BatchPlan`: every epoch a permutation of the training set, a pure function of
+- :class:`EpochOrder`: every epoch a permutation of the training set, a pure function of
   (seed, epoch), held as one integer array (8 bytes an example, no Python objects);
-- :class:`MixturePlan` (``data.mix``): each position of a global batch draws its source by the
+- :class:`MixtureOrder` (``data.mix``): each position of a global batch draws its source by the
   mixture weights, then that source's next example in its own reshuffled cycle;
-- ``pace_llm.tasks.stream.StreamPlan`` (``data.streaming``): read as consumed.
+- :class:`StreamOrder` (``data.streaming``): the records as read, through a shuffle buffer,
+  each rank tokenizing its own share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from itertools import islice
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from pace_llm.data.examples import TaskData
+from pace_llm.data.stream import Record, StreamExamples
 from pace_llm.errors import UserError
 
-IGNORE = -100
 GROUP_CHUNK = 64  # global batches per length-sorting window
 DRAW_CHUNK = 1 << 20  # mixture source draws generated at a time
+SEED_TAG = 0x73747265616D  # "stream": the shuffle buffer's seed
+DRAWS = 4096  # shuffle-buffer slots drawn at a time
 
 
 @dataclass
@@ -40,8 +47,38 @@ class Cursor:
     batch: int = 0
 
 
-class BatchPlan:
-    """The order of global batches for every epoch, a pure function of (seed, epoch)."""
+def micro_batch_slice(a: int, rank: int, world: int, micro: int) -> slice:
+    """Where rank ``rank``'s ``a``-th micro-batch lies in a global batch: positions
+    ``[(a·world + rank)·micro, +micro)``."""
+    start = (a * world + rank) * micro
+    return slice(start, start + micro)
+
+
+def rank_micro_batches(global_batch: list[int], micro: int, accum: int, world: int,
+                       rank: int) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) of one global batch."""
+    return [global_batch[micro_batch_slice(a, rank, world, micro)] for a in range(accum)]
+
+
+class BatchOrder(Protocol):
+    """What the trainer reads of an order of global batches."""
+
+    global_batch: int
+    steps_per_epoch: int | None
+    """None: unknown (a stream)."""
+
+    def batches_from(self, cursor: Cursor) -> Iterator[tuple[Cursor, list[int]]]:
+        """Yield (cursor after, global batch) forever, starting at ``cursor``."""
+        ...
+
+    def source_counts(self, global_batch: list[int]) -> dict[str, int] | None:
+        """Examples of each source in a global batch (a mixture), else None."""
+        ...
+
+
+class EpochOrder:
+    """Global batches of a shuffled epoch, length-grouped: every epoch's order is a pure function
+    of (seed, epoch)."""
 
     def __init__(self, lengths: Sequence[int], global_batch: int, seed: int):
         if len(lengths) < global_batch:
@@ -71,17 +108,17 @@ class BatchPlan:
         """Yield (cursor_after, global_batch) forever, starting at ``cursor``."""
         epoch, batch = cursor.epoch, cursor.batch
         while True:
-            plan = self.epoch(epoch)
-            for b in range(batch, len(plan)):
-                nxt = Cursor(epoch, b + 1) if b + 1 < len(plan) else Cursor(epoch + 1, 0)
-                yield nxt, plan[b].tolist()
+            order = self.epoch(epoch)
+            for b in range(batch, len(order)):
+                nxt = Cursor(epoch, b + 1) if b + 1 < len(order) else Cursor(epoch + 1, 0)
+                yield nxt, order[b].tolist()
             epoch, batch = epoch + 1, 0
 
     def source_counts(self, global_batch: list[int]) -> dict[str, int] | None:
         return None
 
 
-class MixturePlan:
+class MixtureOrder:
     """Global batches drawn from several sources by weight (``data.mix``).
 
     The examples of all sources are numbered one after another (source s's example i is
@@ -153,76 +190,108 @@ class MixturePlan:
         return {name: int(c) for name, c in zip(self.names, counts)}
 
 
-def rank_micro_batches(global_batch: list[int], micro: int, accum: int, world: int,
-                       rank: int) -> list[list[int]]:
-    """This rank's micro-batches (lists of example indices) of one global batch."""
-    return [global_batch[(a * world + rank) * micro:(a * world + rank + 1) * micro]
-            for a in range(accum)]
+def shuffled(records: Iterator[Record], size: int, seed: int, epoch: int) -> Iterator[Record]:
+    """``records`` through a shuffle buffer of ``size`` (see :class:`StreamOrder`)."""
+    rng = np.random.Generator(np.random.PCG64([seed, SEED_TAG, epoch]))
+    buffer: list[Record] = []
+    draws: list[int] = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        if not draws:
+            draws = rng.integers(0, size, DRAWS).tolist()[::-1]
+        j = draws.pop()
+        yield buffer[j]
+        buffer[j] = record
+    for j in rng.permutation(len(buffer)).tolist():
+        yield buffer[j]
 
 
-def padded_width(longest: int, multiple: int) -> int:
-    """``longest`` rounded up to a multiple of ``multiple`` (stable shapes for kernels)."""
-    return -(-longest // multiple) * multiple
+class StreamOrder:
+    """This rank's global batches from the stream (``data.streaming``): each global batch holds
+    this rank's row ids at its own positions and -1 at the others'; their examples are handed to
+    the task's :class:`~pace_llm.data.stream.StreamExamples` (``hold``) as the batch is yielded.
 
+    Order. Epoch e reads the training rows in file order (row ids 0, 1, … in that order; with no
+    eval split the hold-out tail is excluded, which costs one extra read of the rows to count
+    them) through a shuffle buffer of ``data.shuffle_buffer`` rows, as 🤗 datasets' streaming
+    shuffle does: the buffer is filled with the first rows; then each incoming row replaces a
+    uniformly drawn slot, whose row is emitted; at the end the buffer is emitted in a random
+    order. The draws come from a generator seeded with (train.seed, e), so the order is a pure
+    function of the seed and the epoch, and differs per epoch; a buffer of 1 is file order. A
+    row can move forward by at most the buffer size: a sorted file needs a large buffer.
 
-def collate_causal(examples: list[dict], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids/labels to the longest row (rounded up to ``multiple``); labels are
-    -100 on padding (unshifted)."""
-    width = padded_width(max(len(e["input_ids"]) for e in examples), multiple)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    Shares. Position p of the epoch's shuffled order belongs to rank ``(p // micro) % world``
+    (the layout of :func:`micro_batch_slice`): every rank reads the (cheap) row stream and
+    tokenizes only its own share. A rank fills each of its micro-batches with the next examples
+    of its share; a row dropped by ``data.on_too_long: drop`` is replaced by the next one; at
+    the end of its share the rank goes on with the next epoch. With one rank (or no drops) the
+    global batches are the shuffled order cut into batches; with several ranks and drops, ranks
+    may change epoch at different steps.
 
-
-def collate_cls(examples: list[dict], pad_id: int, regression: bool,
-                multiple: int = 1) -> dict[str, torch.Tensor]:
-    width = padded_width(max(len(e["input_ids"]) for e in examples), multiple)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        mask[i, :n] = 1
-    dtype = torch.float32 if regression else torch.long
-    labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def collator(causal: bool, pad_id: int, regression: bool = False, multiple: int = 1
-             ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """The collate function of a task: causal LM rows, or classification (regression) rows,
-    padded to a multiple of ``multiple`` tokens (``data.pad_to_multiple_of``)."""
-    if causal:
-        return partial(collate_causal, pad_id=pad_id, multiple=multiple)
-    return partial(collate_cls, pad_id=pad_id, regression=regression, multiple=multiple)
-
-
-def supervised_index(labels: torch.Tensor, views: int = 1) -> torch.Tensor:
-    """Flat indices of the supervised next-token positions of ``views`` stacked copies.
-
-    With b = rows/views and T the width, position t of row i (i < b) is supervised when
-    labels[i, t+1] ≠ −100; its index into the [rows·T] flattened hidden states is i·T + t for
-    view 1 and i·T + t + v·b·T for view v+1 (view-major, row-major within a view: the order of
-    boolean-mask indexing). Its target is labels.flatten()[index + 1]. Cheap on the CPU batch;
-    on a device it syncs (``nonzero``).
+    Resume. A rank's cursor is (epoch, rows of its share consumed); checkpoints keep every
+    rank's. A resumed run re-reads the epoch's rows up to the cursor (no tokenizing) and
+    continues with exactly the examples an uninterrupted run would have seen; it needs the same
+    number of ranks.
     """
-    rows, width = labels.shape
-    if rows % views:
-        raise ValueError(f"batch of {rows} rows cannot be split into {views} PACE views")
-    b = rows // views
-    row, col = (labels[:b, 1:] != IGNORE).nonzero(as_tuple=True)
-    flat = row * width + col
-    return torch.cat([flat + v * b * width for v in range(views)]) if views > 1 else flat
+
+    steps_per_epoch = None
+
+    def __init__(self, examples: StreamExamples, micro: int, accum: int, world: int, rank: int,
+                 seed: int, buffer: int):
+        self.examples, self.source = examples, examples.source
+        self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
+        self.seed, self.buffer = seed, buffer
+        self.global_batch = micro * accum * world
+
+    def share(self, epoch: int, skip: int = 0) -> Iterator[Record]:
+        """This rank's records of the epoch's order, from its ``skip``-th on."""
+        order = shuffled(self.source.records(), self.buffer, self.seed, epoch)
+        mine = (r for p, r in enumerate(order) if (p // self.micro) % self.world == self.rank)
+        return islice(mine, skip, None)
+
+    def batches_from(self, cursor: Cursor) -> Iterator[tuple[Cursor, list[int]]]:
+        """Yield (cursor after, global batch) forever, starting at ``cursor``."""
+        epoch, consumed = cursor.epoch, cursor.batch
+        records = self.share(epoch, consumed)
+        need = self.micro * self.accum
+        whole_epoch_unused = False  # a whole epoch of this rank's share had no usable row
+        while True:
+            kept: list[tuple[int, dict]] = []
+            while len(kept) < need:
+                chunk = list(islice(records, need - len(kept)))
+                if not chunk:  # this rank's share of the epoch is used up
+                    if consumed == 0 or whole_epoch_unused:
+                        raise UserError(self._empty_share(epoch))
+                    epoch, consumed, whole_epoch_unused = epoch + 1, 0, True
+                    records = self.share(epoch)
+                    continue
+                examples = self.source.tokenize([r for _, r in chunk])
+                consumed += len(chunk)
+                kept += [(i, e) for (i, _), e in zip(chunk, examples) if e is not None]
+                whole_epoch_unused &= all(e is None for e in examples)
+            self.examples.hold(dict(kept))  # the hand-over: lookup serves these now
+            yield Cursor(epoch, consumed), self._layout([i for i, _ in kept])
+
+    def _layout(self, ids: list[int]) -> list[int]:
+        out = [-1] * self.global_batch
+        for a in range(self.accum):
+            out[micro_batch_slice(a, self.rank, self.world, self.micro)] = (
+                ids[a * self.micro:(a + 1) * self.micro])
+        return out
+
+    def _empty_share(self, epoch: int) -> str:
+        return (f"data.streaming: rank {self.rank} found no usable training row in epoch "
+                f"{epoch} (its share is every {self.world}th run of {self.micro} rows); add "
+                "data, or lower train.micro_batch_size or the number of ranks")
+
+    def source_counts(self, global_batch: list[int]) -> dict[str, int] | None:
+        return None
 
 
-def supervised_count(batch: dict[str, torch.Tensor], causal: bool) -> int:
-    """Tokens (causal: labels ≠ −100 after the shift) or examples (classification) in a batch."""
-    if causal:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
-    return int(batch["labels"].shape[0])
+def stream_order(task: TaskData, recipe: Any, world: int, rank: int) -> StreamOrder:
+    """The StreamOrder of a streamed task for this rank."""
+    t = recipe.train
+    return StreamOrder(task.train, t.micro_batch_size, t.grad_accum, world, rank, t.seed,
+                       recipe.data.shuffle_buffer)

@@ -1,108 +1,89 @@
-"""Tasks: tokenized training examples, evaluation inputs and the metric of each task family.
+"""What the data package hands around: examples, their containers, a task's rows and its spec.
 
-The engine calls :func:`build_task` once. A task module (gsm8k, glue, instruct, synthetic)
-gives a :class:`Plan`: how to read and validate its rows (:class:`Splits`) and its row ->
-example functions (they apply ``data.on_too_long``). :mod:`pace_llm.tasks.cache` runs the plan
-once per data/tokenizer/settings key and stores the examples as Arrow, which every rank then
-memory-maps; :func:`build_lists` runs the same functions in one loop (no cache).
-:func:`task_texts` gives the raw text an offline base (``model.build``) trains its tokenizer on.
+A task definition (``pace_llm/tasks``) gives a :class:`TaskSpec`: how to read and validate its
+rows (:class:`Splits`) and its row -> example functions (they apply ``data.on_too_long``).
+:mod:`pace_llm.data.build` turns the spec into :class:`TaskData`, whose training examples are
+held by one of four containers, all of the one declared shape :class:`Examples`: a list
+(:class:`ListExamples`), the task cache's memory-mapped :class:`ArrowExamples`, a mixture's
+concatenation (``data.mix.ConcatExamples``) or the stream's view
+(``data.stream.StreamExamples``).
 """
 
 from __future__ import annotations
 
-import importlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    from pace_llm.config import DataArgs
-    from pace_llm.tasks.examples import LengthPolicy
+    from pace_llm.data.length import LengthPolicy
+    from pace_llm.data.mix import Mixture
 
 Kind = Literal["causal_lm", "seq_cls"]
 
-TASKS: dict[str, Kind] = {"gsm8k": "causal_lm", "glue": "seq_cls", "instruct": "causal_lm",
-                          "synthetic": "causal_lm"}
-"""The task registry: ``data.task`` name -> the kind of model it trains. Each name is a module
-of this package with ``plan(data, tokenizer) -> Plan`` and ``texts(data) -> list[str]``;
-config's allowed task names derive from this table."""
+IGNORE = -100
+"""The label of a position that is not supervised (causal LM), as the loss ignores it."""
 
 
-@dataclass
-class TaskData:
-    """What a task hands the engine.
+class Examples(Protocol):
+    """A task's training examples, whatever holds them.
 
-    causal_lm train rows: ``{"input_ids", "labels"}`` of equal length, labels -100 where not
-    supervised and *unshifted* (labels[i] is the target token at position i). causal_lm eval
-    rows: ``{"prompt_ids", "reference", "target_ids"}`` (the prompt exactly as fed to
-    generation; the reference text for the metric; the answer's ids exactly as trained, EOS
-    included, for an evaluation loss). Evaluation rows are never cut or dropped.
-    seq_cls rows (train and eval): ``{"input_ids", "label"}`` (float for STS-B).
+    ``examples[i]`` (negative too), ``len`` and iteration give example dicts by position;
+    :attr:`lengths` and :attr:`max_token_id` are what the batch order and the model checks read
+    (a container may know them without reading a row); :meth:`lookup` gives the examples of a
+    micro-batch's indices (the stream: row ids of the global batch being trained).
     """
 
-    kind: Kind
-    train: Sequence[dict]
-    """A list, or (from the task cache) :class:`ArrowExamples`: ``train[i]``, ``len``, iteration."""
-    eval: list[dict]
-    num_labels: int | None
-    stats: dict[str, int]
-    """Train rows, tokens, supervised_tokens, truncated, dropped; and eval_rows."""
-    metric: Callable[[list, list], dict[str, float]]
-    """causal: (generated_texts, references); seq_cls: (predictions, labels) -> metrics."""
-    name: str
-    main_metric: str = ""
-    """The key of ``metric``'s result that ranks checkpoints (eval.save_best)."""
-    extra_eval: dict[str, list[dict]] = field(default_factory=dict)
-    """Further evaluation sets in the form of ``eval``, by name (MNLI: mismatched)."""
-    extra_metrics: dict[str, tuple[Callable[[list, list], dict[str, float]], str]] = field(
-        default_factory=dict)
-    """(metric, main metric) of an extra set scored unlike ``eval`` (a mixture's sources)."""
-    mixture: Any = None
-    """``data.mix``: the :class:`pace_llm.tasks.mix.Mixture` (names, weights, sizes)."""
-    streaming: bool = False
-    """``data.streaming``: ``train`` is a :class:`pace_llm.tasks.stream.StreamExamples`."""
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: Any) -> Any: ...
+
+    def __iter__(self) -> Iterator[dict]: ...
 
     @property
     def lengths(self) -> Sequence[int]:
-        """Tokens of each training example (:func:`example_lengths`)."""
-        return example_lengths(self.train)
+        """Tokens of each example."""
+        ...
 
     @property
-    def max_train_id(self) -> int:
-        """The largest input id of any training example (:func:`max_input_id`; streaming: of
-        the first examples only)."""
-        return max_input_id(self.train)
+    def max_token_id(self) -> int:
+        """The largest input id of any example (-1 if none)."""
+        ...
 
-    def examples(self, ids: list[int]) -> list[dict]:
-        """The training examples with these indices (streaming: of the current global batch)."""
-        lookup = getattr(self.train, "lookup", None)
-        return lookup(ids) if lookup is not None else [self.train[i] for i in ids]
-
-    def probe_rows(self, n: int) -> list[dict]:
-        """The first ``n`` training examples (fixed rows for the evaluation probes)."""
-        return [self.train[i] for i in range(min(n, len(self.train)))]
+    def lookup(self, ids: list[int]) -> list[dict]:
+        """The examples with these indices."""
+        ...
 
 
-def example_lengths(examples: Sequence[dict]) -> Sequence[int]:
-    """Tokens of each example: the view's own ``lengths`` (the cache's length column as a
-    compact ``array('i')``: no row is read), else counted from a list."""
-    given = getattr(examples, "lengths", None)
-    return given if given is not None else [len(e["input_ids"]) for e in examples]
+def _lengths(examples: Iterable[dict]) -> list[int]:
+    return [len(e["input_ids"]) for e in examples]
 
 
-def max_input_id(examples: Sequence[dict]) -> int:
-    """The largest input id of the examples (-1 if none): the view's own ``max_token_id``,
-    else read from every example."""
-    given = getattr(examples, "max_token_id", None)
-    if given is not None:
-        return given
+def _max_token_id(examples: Iterable[dict]) -> int:
     return max((max(e["input_ids"], default=-1) for e in examples), default=-1)
 
 
+class ListExamples(list):
+    """:class:`Examples` as a Python list (``build_lists``; a list given to :class:`TaskData`):
+    lengths and the largest id are read from every example."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return _lengths(self)
+
+    @property
+    def max_token_id(self) -> int:
+        return _max_token_id(self)
+
+    def lookup(self, ids: list[int]) -> list[dict]:
+        return [self[i] for i in ids]
+
+
 class ExampleSequence(Sequence):
-    """A read-only sequence of examples: ``[i]`` (negative too), slices, ``len``; a subclass
-    gives ``__len__`` and ``row(j)`` for 0 <= j < len."""
+    """A read-only :class:`Examples`: ``[i]`` (negative too), slices, ``len``; a subclass gives
+    ``__len__`` and ``row(j)`` for 0 <= j < len, and overrides what it knows without reading
+    rows (:attr:`lengths`, :attr:`max_token_id`)."""
 
     def row(self, j: int) -> dict:
         raise NotImplementedError
@@ -114,6 +95,17 @@ class ExampleSequence(Sequence):
         if not 0 <= j < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         return self.row(j)
+
+    @property
+    def lengths(self) -> Sequence[int]:
+        return _lengths(self)
+
+    @property
+    def max_token_id(self) -> int:
+        return _max_token_id(self)
+
+    def lookup(self, ids: list[int]) -> list[dict]:
+        return [self[i] for i in ids]
 
 
 class ArrowExamples(ExampleSequence):
@@ -156,6 +148,64 @@ class ArrowExamples(ExampleSequence):
 
 
 @dataclass
+class TaskData:
+    """What a task hands the engine.
+
+    causal_lm train rows: ``{"input_ids", "labels"}`` of equal length, labels -100 where not
+    supervised and *unshifted* (labels[i] is the target token at position i). causal_lm eval
+    rows: ``{"prompt_ids", "reference", "target_ids"}`` (the prompt exactly as fed to
+    generation; the reference text for the metric; the answer's ids exactly as trained, EOS
+    included, for an evaluation loss). Evaluation rows are never cut or dropped.
+    seq_cls rows (train and eval): ``{"input_ids", "label"}`` (float for STS-B).
+    """
+
+    kind: Kind
+    train: Examples
+    """The training examples (a plain list given here is held as :class:`ListExamples`)."""
+    eval: list[dict]
+    num_labels: int | None
+    stats: dict[str, int]
+    """Train rows, tokens, supervised_tokens, truncated, dropped; and eval_rows."""
+    metric: Callable[[list, list], dict[str, float]]
+    """causal: (generated_texts, references); seq_cls: (predictions, labels) -> metrics."""
+    name: str
+    main_metric: str = ""
+    """The key of ``metric``'s result that ranks checkpoints (eval.save_best)."""
+    extra_eval: dict[str, list[dict]] = field(default_factory=dict)
+    """Further evaluation sets in the form of ``eval``, by name (MNLI: mismatched)."""
+    extra_metrics: dict[str, tuple[Callable[[list, list], dict[str, float]], str]] = field(
+        default_factory=dict)
+    """(metric, main metric) of an extra set scored unlike ``eval`` (a mixture's sources)."""
+    mixture: Mixture | None = None
+    """``data.mix``: the :class:`pace_llm.data.mix.Mixture` (names, weights, sizes)."""
+    streaming: bool = False
+    """``data.streaming``: ``train`` is a :class:`pace_llm.data.stream.StreamExamples`."""
+
+    def __post_init__(self) -> None:
+        if type(self.train) is list:
+            self.train = ListExamples(self.train)
+
+    @property
+    def lengths(self) -> Sequence[int]:
+        """Tokens of each training example (the cache's length column: no row is read)."""
+        return self.train.lengths
+
+    @property
+    def max_train_id(self) -> int:
+        """The largest input id of any training example (streaming: of the first examples
+        only)."""
+        return self.train.max_token_id
+
+    def examples(self, ids: list[int]) -> list[dict]:
+        """The training examples with these indices (streaming: of the current global batch)."""
+        return self.train.lookup(ids)
+
+    def probe_rows(self, n: int) -> list[dict]:
+        """The first ``n`` training examples (fixed rows for the evaluation probes)."""
+        return [self.train[i] for i in range(min(n, len(self.train)))]
+
+
+@dataclass
 class Splits:
     """A task's validated rows as *records*: flat dicts with a ``where`` naming the row."""
 
@@ -172,8 +222,19 @@ class Splits:
     """Training records kept after the hold-out (None: all)."""
 
 
+def split_records(splits: Splits, records: Sequence[dict]) -> tuple[Sequence[dict], list[dict]]:
+    """(train records, eval records): the hold-out taken, the limit applied."""
+    evals = None
+    if splits.eval is None:
+        hold = splits.holdout(len(records))
+        records, evals = records[:len(records) - hold], list(records[len(records) - hold:])
+    train = records[:splits.limit] if splits.limit is not None else records
+    return train, evals if evals is not None else splits.eval()
+
+
+
 @dataclass
-class Plan:
+class TaskSpec:
     """A task ready to build: what it is, how to read its rows and turn them into examples."""
 
     kind: Kind
@@ -198,66 +259,9 @@ class Plan:
     def columns(self) -> tuple[str, ...]:
         return ("input_ids", "labels") if self.kind == "causal_lm" else ("input_ids", "label")
 
-    def task(self, train: Sequence[dict], evals: list[dict], stats: dict[str, int],
+    def task(self, train: Examples | list[dict], evals: list[dict], stats: dict[str, int],
              extra: dict[str, list[dict]], streaming: bool = False) -> TaskData:
         return TaskData(kind=self.kind, train=train, eval=evals, num_labels=self.num_labels,
                         stats={**stats, "eval_rows": len(evals)}, metric=self.metric,
                         name=self.name, main_metric=self.main_metric, extra_eval=extra,
                         streaming=streaming)
-
-
-def split_records(splits: Splits, records: Sequence[dict]) -> tuple[Sequence[dict], list[dict]]:
-    """(train records, eval records): the hold-out taken, the limit applied."""
-    evals = None
-    if splits.eval is None:
-        hold = splits.holdout(len(records))
-        records, evals = records[:len(records) - hold], list(records[len(records) - hold:])
-    train = records[:splits.limit] if splits.limit is not None else records
-    return train, evals if evals is not None else splits.eval()
-
-
-def _module(task: str):
-    return importlib.import_module(f"pace_llm.tasks.{task}")
-
-
-def build_task(data: DataArgs, tokenizer: Any) -> TaskData:
-    """Read, tokenize and check the task's data through the task cache (tokenized once, then
-    memory-mapped by every rank), or as a stream (``data.streaming``), or each source of a
-    mixture (``data.mix``); bad data raises UserError naming file and row."""
-    from pace_llm.tasks import cache, mix, stream
-
-    if data.mix:
-        return mix.build(data, tokenizer, build_task)
-    plan = _module(data.task).plan(data, tokenizer)
-    if data.streaming:
-        return stream.build(plan, data, tokenizer)
-    return cache.build(plan, data, tokenizer)
-
-
-def build_lists(data: DataArgs, tokenizer: Any) -> TaskData:
-    """The task as Python lists, every row tokenized here in one loop (no cache, one process)."""
-    from pace_llm.tasks.examples import LengthPolicy
-
-    plan = _module(data.task).plan(data, tokenizer)
-    splits = plan.read()
-    train_records, eval_records = split_records(splits, list(splits.train))
-    policy = LengthPolicy(data.max_length, data.on_too_long, splits.source)
-    train = [e for e in plan.train_fn(tokenizer, plan.ctx, list(train_records), policy)
-             if e is not None]
-    stats = policy.finish()
-    return plan.task(train, plan.eval_fn(tokenizer, plan.ctx, eval_records), stats,
-                     {name: plan.eval_fn(tokenizer, plan.ctx, read())
-                      for name, read in splits.extra.items()})
-
-
-def task_texts(data: DataArgs) -> list[str]:
-    """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
-    if data.mix:
-        from pace_llm.tasks import mix
-
-        return [text for source in mix.source_args(data) for text in task_texts(source)]
-    return _module(data.task).texts(data)
-
-
-__all__ = ["TASKS", "ArrowExamples", "ExampleSequence", "Plan", "Splits", "TaskData",
-           "build_lists", "build_task", "example_lengths", "max_input_id", "task_texts"]
