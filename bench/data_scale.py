@@ -11,7 +11,7 @@ Tokenizer   the tests' sentencepiece BPE (512 pieces; tests/conftest.save_fixtur
 Task        instruct, prompt_style plain (pace_llm's default chat layout), max_length 1024,
             on_too_long drop; no eval file, so the last 200 rows are held out for evaluation.
 A start     ``--ranks`` fresh processes (2: a gloo group), each: ``build_task`` (timed), 16 random
-            ``task.train[i]`` reads and ``task.lengths`` -> "data" figures; then one ``BatchPlan``
+            ``task.train[i]`` reads and ``task.lengths`` -> "data" figures; then one ``EpochOrder``
             epoch (global batch 16: the trainer's order: one integer array, 8 bytes a row, the same on both
             paths) and the collation of its first 2 batches -> "+ epoch" figures. RSS is the
             rank's ``ru_maxrss`` (the tokenizing workers are separate processes, their peak is
@@ -20,8 +20,8 @@ A start     ``--ranks`` fresh processes (2: a gloo group), each: ``build_task`` 
             maps whole large folios, so each random row read adds up to ~1 MB of them here).
 cache       a first start on an empty cache directory (rank 0 tokenizes with ``--num-proc``
             processes), then the same start again ("cached"). "tokenized by" counts the ranks that
-            built the cache (from ``pace_llm.tasks.cache._build_into`` calls).
-python      ``pace_llm.tasks.build_lists``: the same row -> example functions, one loop, Python
+            built the cache (from ``pace_llm.data.cache._build_into`` calls).
+python      ``pace_llm.data.build.build_lists``: the same row -> example functions, one loop, Python
             lists, in every rank, on every start (no cache). Run at ``--old-rows`` only; larger
             sizes are extrapolated linearly (time and RSS above the pre-build baseline).
 """
@@ -114,8 +114,10 @@ def child(spec: dict) -> None:
     from transformers import AutoTokenizer
 
     from pace_llm.config import DataArgs
-    from pace_llm.data import BatchPlan, collate_causal
-    from pace_llm.tasks import build_lists, build_task, cache
+    from pace_llm.data import cache
+    from pace_llm.data.batches import EpochOrder
+    from pace_llm.data.build import build_lists, build_task
+    from pace_llm.data.collate import collate_causal
 
     built = []
     real = cache._build_into
@@ -140,15 +142,15 @@ def child(spec: dict) -> None:
         task.train[r.randrange(len(task.train))]
     lengths = task.lengths
     data_point = {"rss_data_mb": maxrss_mb(), "private_data_mb": private_mb()}
-    plan = BatchPlan(lengths, 16, seed=0)
-    epoch = plan.epoch(0)
+    order = EpochOrder(lengths, 16, seed=0)
+    epoch = order.epoch(0)
     for batch in epoch[:2].tolist():
         collate_causal(task.examples(batch), tok.pad_token_id or 0)
     figures = {"rank": rank, "build_s": build_s, **data_point, "rss_mb": maxrss_mb(),
                "private_mb": private_mb(), "base_mb": base,
                "workers_mb": maxrss_mb(resource.RUSAGE_CHILDREN), "built": len(built),
                "rows": len(task.train), "tokens": task.stats["tokens"],
-               "batches": plan.steps_per_epoch}
+               "batches": order.steps_per_epoch}
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -307,7 +309,7 @@ def main() -> None:
             f"{time.perf_counter() - started:.0f} s in all; on top of commit {commit})\n\n"
             f"    {command.strip()}\n\n"
             "data = after build_task, 16 random task.train[i] reads and task.lengths; + epoch = "
-            "also one BatchPlan epoch (the trainer's order, one integer array, the same on both paths) and two "
+            "also one EpochOrder epoch (the trainer's order, one integer array, the same on both paths) and two "
             "collated batches; private = RssAnon, i.e. RSS less the page cache of the memory-"
             "mapped cache files (shared by the ranks). python = build_lists: every rank tokenizes "
             "into Python lists.\n\n"

@@ -79,11 +79,11 @@ def glue_splits(task: str, glue_dir: str) -> tuple[list, list]:
     """(GLUE train rows, GLUE dev rows) as (sentence, label-string "0"/"1"), read by pace_llm's
     GLUE reader from the hub id or from ``glue_dir/CoLA`` / ``glue_dir/SST-2``."""
     from pace_llm.config import DataArgs
+    from pace_llm.data.sources import LOCAL_EXTS, looks_like_path
     from pace_llm.tasks.glue import SPECS, load_glue, parse_label
-    from pace_llm.tasks.sources import looks_local
 
-    path = str(Path(glue_dir).expanduser() / GLUE_SUBDIRS[task]) if looks_local(glue_dir) \
-        else glue_dir
+    local = looks_like_path(glue_dir, LOCAL_EXTS)
+    path = str(Path(glue_dir).expanduser() / GLUE_SUBDIRS[task]) if local else glue_dir
     train, dev, _ = load_glue(DataArgs(task="glue", glue_task=task, path=path), task)
 
     def rows(parts) -> list[tuple[str, str]]:

@@ -41,7 +41,7 @@ their own out= variant (one launch either way). Where the CPU run differs from a
   - torch optimizers with ``foreach=None`` take the multi-tensor path as on CUDA (patched here:
     the CPU default is a per-tensor loop); nothing else is patched.
   - host-side work of a GPU run is reported apart ("host", not in any figure): batch collation
-    and the token counts of the collated CPU batch (pace_llm/data.py, pace_llm/trainer.py
+    and the token counts of the collated CPU batch (pace_llm/data/, pace_llm/trainer.py
     ``_tokens``/``_collate``, pace_llm/objective.py ``doubled``, transformers' collators and
     tokenizer padding, the Trainer's ``_get_num_items_in_batch`` comprehensions,
     torch/utils/data) and torch optimizers' ``_get_value`` (non-capturable, non-fused step
@@ -174,7 +174,7 @@ def short_path(path: str) -> str:
 
 
 # host-side code of a GPU run: the batch is collated and counted on the CPU before it is moved
-HOST = {"pace_llm/data.py": None, "pace_llm/trainer.py": {"_tokens", "_collate"},
+HOST = {"pace_llm/data/": None, "pace_llm/trainer.py": {"_tokens", "_collate"},
         "pace_llm/objective.py": {"doubled"},
         "transformers/trainer.py": {"_get_num_items_in_batch/<genexpr>",
                                     "_get_num_items_in_batch/<listcomp>"},

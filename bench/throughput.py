@@ -249,7 +249,8 @@ def worker_pace(cfg: dict, mode: str, out: str) -> None:
     step hooks; evaluation disabled (eval.at_start false, eval.every 0)."""
     from pace_llm import setup as S
     from pace_llm.config import load_recipe
-    from pace_llm.data import IGNORE, padded_width
+    from pace_llm.data.collate import padded_width
+    from pace_llm.data.examples import IGNORE
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])
     recipe = load_recipe(pace_argv(cfg, mode))
@@ -287,13 +288,13 @@ def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
                               Trainer, TrainerCallback, TrainingArguments)
 
     from pace_llm.config import DataArgs
-    from pace_llm.tasks import gsm8k
+    from pace_llm.data.build import build_task
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])
     tok = AutoTokenizer.from_pretrained(cfg["base"])
     data = DataArgs(task="gsm8k", path=cfg["data"], max_length=cfg["max_length"],
                     on_too_long="drop", limit=cfg["limit"])
-    rows = gsm8k.build(data, tok).train  # the very examples pace_llm trains on
+    rows = build_task(data, tok).train  # the very examples pace_llm trains on
     train = [{"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
               "labels": r["labels"]} for r in rows]  # a map-style dataset (datasets not needed)
     bf16 = cfg["dtype"] == "bf16"

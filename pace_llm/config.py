@@ -23,14 +23,13 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ArgumentError
 
-from pace_llm.errors import UserError
+from pace_llm.data.checks import data_problems
+from pace_llm.data.mix import PATH_KEYS as MIX_PATH_KEYS
+from pace_llm.errors import UserError, read_text
 from pace_llm.families import PRESET_NAMES
 from pace_llm.preflight import before_run, fast_mode_estimate, resource_problems
 from pace_llm.schema import (SECTIONS, DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs,
                              PaceArgs, QuantArgs, Recipe, TrainArgs, dump_recipe, recipe_to_dict)
-from pace_llm.tasks.checks import data_problems
-from pace_llm.tasks.mix import PATH_KEYS as MIX_PATH_KEYS
-from pace_llm.tasks.sources import read_text
 
 __all__ = ["SECTIONS", "Command", "DataArgs", "EvalArgs", "ExportArgs", "LoraArgs", "ModelArgs",
            "PaceArgs", "QuantArgs", "Recipe", "RecipeError", "TrainArgs", "dump_recipe",

@@ -116,11 +116,12 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective over ``group``, default: all ranks)."""
     if not dist.is_initialized() or world_size() == 1:
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

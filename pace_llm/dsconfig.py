@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pace_llm.config import Recipe
-from pace_llm.errors import UserError
-from pace_llm.tasks.sources import first_line, listing
+from pace_llm.errors import UserError, first_line, listing
 
 
 def resolve_precision(recipe: Recipe) -> str:

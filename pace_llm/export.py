@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pace_llm.atomic import atomic_dir, refuse_nonempty
+from pace_llm.data.sources import looks_like_path
 from pace_llm.distributed import on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES, PRECISION_DTYPES
 from pace_llm.errors import UserError, run_command
@@ -239,8 +240,6 @@ def _local(base: str | None) -> str | None:
 def _check_base_flag(base: str | None, recorded: Any) -> None:
     """--base, when given, is used as given: a local directory must hold config.json (a hub id
     is passed on); never silently replaced by the recorded base."""
-    from pace_llm.model import looks_like_path
-
     if not base or not looks_like_path(base):
         return
     path = Path(base).expanduser()

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from pace_llm.config import Recipe
+from pace_llm.data.sources import looks_like_path
 from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, first_line, listing
 from pace_llm.families import head_names
-from pace_llm.tasks.sources import first_line, listing
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,6 @@ def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
 OFFLINE_HINT = ("give a local model directory instead (--model.name_or_path /path/to/model, "
                 "holding config.json, weights and tokenizer files); when offline, "
                 "HF_HUB_OFFLINE=1 skips the network retries and uses only the local cache")
-
-
-def looks_like_path(name: str) -> bool:
-    """Written as a filesystem path: it exists, or cannot be a hub id (``name`` or
-    ``owner/name``)."""
-    return (Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))
-            or name.count("/") > 1 or "\\" in name)
 
 
 def check_model_dir(name_or_path: str, need_model: bool = True,

@@ -151,7 +151,7 @@ def check_model(recipe: Recipe, model: Any, tokenizer: Any, task: Any) -> None:
     sequences beyond its position limit. Every problem in one UserError.
 
     Call after the base model is loaded (and adapters injected) and before the optimizer and
-    ``deepspeed.initialize``. ``task`` is the TaskData of ``pace_llm.tasks.build_task``.
+    ``deepspeed.initialize``. ``task`` is the TaskData of ``pace_llm.data.build.build_task``.
     """
     problems = _vocab_problems(model, tokenizer, task) + _length_problems(recipe, model, task)
     if len(problems) == 1:

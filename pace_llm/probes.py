@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from pace_llm import distributed as D
-from pace_llm.data import IGNORE, supervised_count
+from pace_llm.data.collate import supervised_count
+from pace_llm.data.examples import IGNORE
 from pace_llm.inject import trainable_parameters
 from pace_llm.lora import adapters_disabled, lora_layers, noise_free
 

@@ -19,7 +19,7 @@ import torch
 from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_write
-from pace_llm.data import Cursor
+from pace_llm.data.batches import Cursor
 from pace_llm.errors import UserError
 from pace_llm.results import write_adapter
 from pace_llm.schedule import apply_schedule

@@ -14,10 +14,10 @@ from torch import nn
 from pace_llm.schema import Recipe
 
 if TYPE_CHECKING:
-    from pace_llm.data import BatchPlan
+    from pace_llm.data.batches import BatchOrder
+    from pace_llm.data.examples import TaskData
     from pace_llm.objective import FastHistory
     from pace_llm.stepper import Stepper
-    from pace_llm.tasks import TaskData
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Run:
     """The engine around the PaceObjective (pace_llm/stepper.py)."""
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     """The training batch (padding, labels) of a list of examples."""
-    batches: BatchPlan
+    batches: BatchOrder
     """The order of global batches."""
     max_steps: int
     history: FastHistory | None

@@ -20,7 +20,10 @@ import torch
 
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_dir, atomic_write
-from pace_llm.data import BatchPlan, MixturePlan, collator
+from pace_llm.data.batches import batch_order
+from pace_llm.data.build import build_task, task_texts
+from pace_llm.data.collate import collator
+from pace_llm.data.examples import TaskData
 from pace_llm.dsconfig import (
     fill_ds_config,
     offloads_optimizer,
@@ -41,8 +44,6 @@ from pace_llm.run import Run
 from pace_llm.rundir import RunDir
 from pace_llm.schema import Recipe, dump_recipe, recipe_to_dict
 from pace_llm.stepper import build_stepper, describe, engine_for, require_deepspeed, summary
-from pace_llm.tasks import TaskData, build_task, task_texts
-from pace_llm.tasks.stream import stream_plan
 from pace_llm.tinymodel import build_base
 from pace_llm.tracking import Tracker, check_installed
 from pace_llm.trainer import Trainer
@@ -121,7 +122,7 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
     engine = _engine(recipe, ds_config, precision, len({(p.dtype, p.device) for p in params}) == 1)
     if engine == "deepspeed":
         size_buckets(ds_config, numel)  # "auto" gradient buckets hold the adapter
-    batches, max_steps = _batch_order(recipe, task)
+    batches, max_steps = batch_order(task, recipe, D.world_size(), D.rank())
     objective = PaceObjective(model, task.kind == "causal_lm", recipe.pace.consistency_on,
                               recipe.pace.task_loss_on, regression=task.num_labels == 1)
     stepper = build_stepper(engine, objective, params, recipe, ds_config, max_steps, D.device(),
@@ -171,21 +172,6 @@ def _ensure_base_model(recipe: Recipe, where: Path) -> str:
         D.on_rank0(build)
         D.barrier()
     return str(path)
-
-
-def _batch_order(recipe: Recipe, task: TaskData) -> tuple[Any, int]:
-    """The global-batch order (a permutation per epoch; a weighted mixture; this rank's share
-    of a stream) and the number of optimizer steps."""
-    t = recipe.train
-    global_batch = t.micro_batch_size * t.grad_accum * D.world_size()
-    if task.streaming:
-        return stream_plan(task, recipe, D.world_size(), D.rank()), t.max_steps
-    if task.mixture is not None:
-        m = task.mixture
-        plan = MixturePlan(m.names, task.train.part_lengths(), m.weights, global_batch, t.seed)
-    else:
-        plan = BatchPlan(task.lengths, global_batch, t.seed)
-    return plan, t.max_steps or max(1, int(t.epochs * plan.steps_per_epoch))
 
 
 def _fast_history(recipe: Recipe, task: TaskData) -> FastHistory | None:

@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from pace_llm.errors import UserError
-from pace_llm.tasks.sources import first_line
+from pace_llm.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from pace_llm import distributed as D
 from pace_llm import resume as R
-from pace_llm.data import Cursor, rank_micro_batches, supervised_count, supervised_index
+from pace_llm.data.batches import Cursor, micro_batch_slice, rank_micro_batches
+from pace_llm.data.collate import supervised_count, supervised_index
 from pace_llm.errors import UserError
 from pace_llm.evaluate import Evaluator
 from pace_llm.noise import RowKeys
@@ -192,9 +193,9 @@ class Trainer:
 
     def positions(self, a: int, rows: int) -> tuple[int, ...]:
         """The global-batch positions of the first ``rows`` rows of this rank's a-th
-        micro-batch (pace_llm/data.py's layout): the same at every world size."""
-        start = (a * self.world + self.rank) * self.recipe.train.micro_batch_size
-        return tuple(range(start, start + rows))
+        micro-batch (``data.batches.micro_batch_slice``): the same at every world size."""
+        where = micro_batch_slice(a, self.rank, self.world, self.recipe.train.micro_batch_size)
+        return tuple(range(where.start, where.start + rows))
 
     def _forward(self, batch: dict[str, torch.Tensor], plan: StepPlan, scale: float,
                  idx: list[int], positions: tuple[int, ...]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pace_llm.dtypes import FLOAT_DTYPES
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, listing
 from pace_llm.families import embedding_names, expected_shape
 from pace_llm.inject import block_relative
 from pace_llm.peft_format import PREFIX, adapted_modules, peft_target_match, read_adapter
@@ -45,11 +45,6 @@ _NONPLAIN_INIT = ("pissa", "olora", "corda", "loftq", "eva")
 def required_max_lora_rank(r: int) -> int | None:
     """The smallest --max-lora-rank value vLLM allows that serves rank r (None: r > 512)."""
     return next((v for v in ALLOWED_MAX_LORA_RANKS if v >= r), None)
-
-
-def _listing(items: list[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,20 +148,20 @@ def _tensor_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.Te
         else:
             pairs.setdefault(m.group("module"), {})[m.group("ab")] = t
     if embed_keys:
-        v.append(f"embedding/lm_head tensors {_listing(embed_keys)}: vLLM cannot serve a saved or "
-                 "LoRA-adapted vocabulary; keep the vocabulary unchanged and do not train "
+        v.append(f"embedding/lm_head tensors {listing(embed_keys, 4)}: vLLM cannot serve a saved "
+                 "or LoRA-adapted vocabulary; keep the vocabulary unchanged and do not train "
                  "embeddings")
     if bad_keys:
-        v.append(f"tensors {_listing(bad_keys)} are not LoRA weights: vLLM accepts only "
+        v.append(f"tensors {listing(bad_keys, 4)} are not LoRA weights: vLLM accepts only "
                  "'<module>.lora_A.weight' / '<module>.lora_B.weight' ('is unsupported LoRA "
                  "weight'; DoRA magnitudes, modules_to_save copies and biases are refused)")
     if named_keys:
-        v.append(f"tensors {_listing(named_keys)} carry an adapter-name segment ('.default.'); "
+        v.append(f"tensors {listing(named_keys, 4)} carry an adapter-name segment ('.default.'); "
                  "keys must be base_model.model.<module>.lora_A.weight")
     half = sorted(mod + (".lora_B" if "A" in ab else ".lora_A") for mod, ab in pairs.items()
                   if len(ab) == 1)
     if half:
-        v.append(f"tensors {_listing(half)} are missing (every module needs lora_A and lora_B)")
+        v.append(f"tensors {listing(half, 4)} are missing (every module needs lora_A and lora_B)")
     full = {mod: ab for mod, ab in pairs.items() if len(ab) == 2}
     v += _rank_and_target_violations(config, full)
     v += _value_violations(full)
@@ -184,7 +179,7 @@ def _rank_and_target_violations(config: Mapping[str, Any],
                         if ab["A"].dim() != 2 or ab["B"].dim() != 2
                         or ab["A"].shape[0] != r or ab["B"].shape[1] != r)
     if wrong_rank:
-        v.append(f"tensor rank differs from config r = {r} in {_listing(wrong_rank)}: vLLM would "
+        v.append(f"tensor rank differs from config r = {r} in {listing(wrong_rank, 4)}: vLLM would "
                  "silently apply the wrong scaling (PEFT refuses to load it)")
     targets = config.get("target_modules")
     if isinstance(targets, list) and targets:
@@ -194,13 +189,13 @@ def _rank_and_target_violations(config: Mapping[str, Any],
                      "modules the adapter was trained on")
         unlisted = sorted(m for m in pairs if not peft_target_match(m, targets))
         if unlisted:
-            v.append(f"modules {_listing(unlisted)} have tensors but match no entry of "
+            v.append(f"modules {listing(unlisted, 4)} have tensors but match no entry of "
                      f"target_modules {targets}")
         excluded = config.get("exclude_modules") or []
         if isinstance(excluded, list):
             hit = sorted(m for m in pairs if peft_target_match(m, excluded))
             if hit:
-                v.append(f"modules {_listing(hit)} have tensors but are in exclude_modules")
+                v.append(f"modules {listing(hit, 4)} have tensors but are in exclude_modules")
     return v
 
 
@@ -214,7 +209,7 @@ def _value_violations(pairs: Mapping[str, Mapping[str, torch.Tensor]]) -> list[s
     nonfinite = sorted(f"{m}.lora_{k}" for m, ab in pairs.items() for k, t in ab.items()
                        if not torch.isfinite(t).all())
     if nonfinite:
-        v.append(f"NaN/inf values in {_listing(nonfinite)}")
+        v.append(f"NaN/inf values in {listing(nonfinite, 4)}")
     if pairs and all(not ab["B"].any() for ab in pairs.values()):
         v.append("every lora_B is all-zero: the adapter is a no-op (exported before training, "
                  "or from ZeRO-3 shards that were not gathered)")
@@ -239,10 +234,10 @@ def _shape_violations(pairs: Mapping[str, Mapping[str, torch.Tensor]],
         if got != want:
             wrong.append(f"{mod} (adapter out×in {got[0]}×{got[1]}, base {want[0]}×{want[1]})")
     if wrong:
-        v.append(f"tensor shapes do not fit the base model ({sizes}): {_listing(wrong)} — the "
+        v.append(f"tensor shapes do not fit the base model ({sizes}): {listing(wrong, 4)} — the "
                  "adapter was trained on another model")
     if beyond:
-        v.append(f"modules {_listing(beyond)} lie beyond the base model's {n_layers} layers")
+        v.append(f"modules {listing(beyond, 4)} lie beyond the base model's {n_layers} layers")
     return v
 
 

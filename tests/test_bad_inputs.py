@@ -378,7 +378,7 @@ def test_check_model_lists_every_problem():
     from pace_llm.config import Recipe
     from pace_llm.errors import UserError
     from pace_llm.preflight import check_model
-    from pace_llm.tasks import TaskData
+    from pace_llm.data.examples import TaskData
 
     class Tok:
         def __len__(self) -> int:

@@ -13,8 +13,9 @@ from conftest import DATA, runs, save_fixture_tokenizer
 from pace_llm import datacheck
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import build_task, templates
-from pace_llm.tasks.tokens import chat_segments, segments_to_example
+from pace_llm.data import templates
+from pace_llm.data.build import build_task
+from pace_llm.data.tokens import chat_segments, segments_to_example
 
 SEED_TASKS = DATA / "instruct" / "self_instruct_seed_tasks.jsonl"
 SYSTEM, USER1, REPLY1, USER2, REPLY2 = ("Be brief.", "Hi there", "Hello! How can I help?",

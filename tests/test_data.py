@@ -1,11 +1,14 @@
-"""pace_llm.data: the epoch order as one integer array, padding to a multiple, collation."""
+"""pace_llm.data.batches and collate: the epoch order as one integer array, padding to a
+multiple, collation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pace_llm.data import IGNORE, BatchPlan, Cursor, collator
+from pace_llm.data.batches import Cursor, EpochOrder
+from pace_llm.data.collate import collator
+from pace_llm.data.examples import IGNORE
 
 
 @pytest.mark.parametrize("multiple", [1, 8, 64])
@@ -22,7 +25,7 @@ def test_padding_rounds_the_width_up_and_masks_it(multiple):
 
 def test_the_epoch_order_is_one_integer_array():
     lengths = np.random.default_rng(0).integers(5, 100, 1003).tolist()
-    plan = BatchPlan(lengths, 8, seed=3)
+    plan = EpochOrder(lengths, 8, seed=3)
     epoch = plan.epoch(0)
     assert epoch.shape == (125, 8) and epoch.dtype.kind == "i"
     assert len(set(epoch.ravel().tolist())) == 1000  # 3 examples left over, none twice

@@ -258,7 +258,7 @@ def test_generation_eval_equals_hf_generate(tiny_base, tmp_path, stage, world):
     load_peft_adapter(model, out / "adapter")
     model.eval()
     from pace_llm.config import load_recipe
-    from pace_llm.tasks import build_task
+    from pace_llm.data.build import build_task
 
     recipe = load_recipe(["--recipe", str(out / "recipe.yaml"), "--deepspeed", "null"])
     if tok.pad_token_id is None:

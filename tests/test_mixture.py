@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA
 
 from pace_llm.config import RecipeError, load_recipe
-from pace_llm.data import Cursor, MixturePlan
+from pace_llm.data.batches import Cursor, MixtureOrder
 from tests.launch import argv
 from tests.test_streaming import consumed
 
@@ -20,10 +20,10 @@ SIZES = [300, 50, 1000]
 WEIGHTS = [5.0, 3.0, 2.0]
 
 
-def mixture(global_batch: int = 16, seed: int = 1) -> MixturePlan:
+def mixture(global_batch: int = 16, seed: int = 1) -> MixtureOrder:
     rng = np.random.default_rng(0)
     lengths = [rng.integers(4, 200, n).tolist() for n in SIZES]
-    return MixturePlan(["a", "b", "c"], lengths, WEIGHTS, global_batch, seed)
+    return MixtureOrder(["a", "b", "c"], lengths, WEIGHTS, global_batch, seed)
 
 
 def test_shares_follow_the_weights_within_two_percent():
@@ -118,7 +118,7 @@ def test_a_source_whose_fields_do_not_fit_its_task_names_source_file_and_row(tin
                                                                               tmp_path):
     from pace_llm.errors import UserError
     from pace_llm.model import load_tokenizer
-    from pace_llm.tasks import build_task
+    from pace_llm.data.build import build_task
 
     recipe = load_recipe(mix_argv(tiny_base, tmp_path, _mix(
         SEED, {"path": SEED["path"], "task": "gsm8k", "name": "wrong",

@@ -158,7 +158,7 @@ def test_gradient_checkpointing_recomputes_with_the_drawn_noise():
 def test_row_positions_follow_the_global_batch_layout_even_with_repeated_examples():
     from types import SimpleNamespace
 
-    from pace_llm.data import rank_micro_batches
+    from pace_llm.data.batches import rank_micro_batches
     from pace_llm.trainer import Trainer
 
     micro, accum = 3, 2

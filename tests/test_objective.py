@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
-from pace_llm.data import supervised_index
+from pace_llm.data.collate import supervised_index
 from pace_llm.lora import lora_layers, shared_views
 from pace_llm.noise import RowKeys, pace_noise
 from pace_llm.objective import PaceObjective, doubled

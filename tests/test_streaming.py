@@ -14,8 +14,8 @@ from conftest import DATA
 
 from pace_llm import setup as S
 from pace_llm.config import load_recipe
-from pace_llm.data import Cursor
-from pace_llm.tasks.stream import StreamExamples, StreamPlan, shuffled
+from pace_llm.data.batches import Cursor, StreamOrder, shuffled
+from pace_llm.data.stream import StreamExamples
 from tests.launch import argv, one_rank
 
 GSM8K = DATA / "gsm8k"
@@ -50,9 +50,9 @@ class FakeSource:
                 for r in records]
 
 
-def plan(source, world=1, rank=0, micro=2, accum=2, buffer=8) -> StreamPlan:
-    return StreamPlan(StreamExamples([], source), micro, accum, world, rank, seed=5,
-                      buffer=buffer)
+def plan(source, world=1, rank=0, micro=2, accum=2, buffer=8) -> StreamOrder:
+    return StreamOrder(StreamExamples([], source), micro, accum, world, rank, seed=5,
+                       buffer=buffer)
 
 
 def mine(batch: list[int]) -> list[int]:

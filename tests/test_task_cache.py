@@ -1,7 +1,7 @@
 """The task cache (tokenize once, Arrow, shared by every rank) and CSV/TSV data files.
 
 The cached builder must give exactly the examples of the one-process Python path
-(:func:`pace_llm.tasks.build_lists`: the same row -> example functions in one loop), in order,
+(:func:`pace_llm.data.build.build_lists`: the same row -> example functions in one loop), in order,
 with the same statistics and the same row-numbered errors, also when the rows are tokenized
 in two worker processes.
 """
@@ -24,10 +24,13 @@ import pytest
 from conftest import DATA
 
 from pace_llm.config import DataArgs
-from pace_llm.data import BatchPlan
+from pace_llm.data import cache
+from pace_llm.data.batches import EpochOrder
+from pace_llm.data.build import build_lists, build_task
+from pace_llm.data.examples import ArrowExamples
 from pace_llm.distributed import free_port
 from pace_llm.errors import UserError
-from pace_llm.tasks import ArrowExamples, build_lists, build_task, cache, gsm8k
+from pace_llm.tasks import gsm8k
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
 
 SPM = DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model"
@@ -97,7 +100,7 @@ def test_cached_examples_equal_the_python_path(tok, name, two_workers):
     assert new.eval == old.eval and new.extra_eval == old.extra_eval
     assert new.stats == old.stats and list(new.stats) == list(old.stats)
     assert list(new.lengths) == old.lengths == [len(e["input_ids"]) for e in old.train]
-    assert (BatchPlan(new.lengths, 4, 7).epoch(1) == BatchPlan(old.lengths, 4, 7).epoch(1)).all()
+    assert (EpochOrder(new.lengths, 4, 7).epoch(1) == EpochOrder(old.lengths, 4, 7).epoch(1)).all()
     assert new.max_train_id == old.max_train_id
     first = new.train[0]
     assert all(type(v) is list for k, v in first.items() if k != "label")
@@ -137,7 +140,7 @@ def test_key_covers_data_length_policy_and_tokenizer(tmp_path):
     tok = tokenizer_from_sentencepiece(SPM, tmp_path / "tok1")
 
     def key(d: DataArgs, t=tok) -> str:
-        return cache.cache_key(gsm8k.plan(d, t), d, t)[0]
+        return cache.cache_key(gsm8k.task_spec(d, t), d, t)[0]
 
     base = key(data)
     assert key(DataArgs(task="gsm8k", path=str(tmp_path / "gsm8k"))) == base
@@ -233,8 +236,8 @@ def test_failed_build_leaves_no_cache(tok, cache_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_task(data, tok)
     assert cached_dirs(cache_dir) == []  # neither a directory nor a temporary one
-    plan = gsm8k.plan(data, tok)
-    directory = cache.task_dir(plan, data, cache.cache_key(plan, data, tok)[0])
+    spec = gsm8k.task_spec(data, tok)
+    directory = cache.task_dir(spec, data, cache.cache_key(spec, data, tok)[0])
     stale = directory.parent / f".{directory.name}.tmp-{socket.gethostname()}-99999999"
     (stale / "work").mkdir(parents=True)  # what a SIGKILL leaves
     monkeypatch.setattr(cache, "_tokenize", real)

@@ -11,7 +11,7 @@ from conftest import DATA, data_lines
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import build_task
+from pace_llm.data.build import build_task
 from pace_llm.tasks.gsm8k import PAPER_PROMPT, exact_match, extract_answer, normalize_number
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
 
@@ -217,7 +217,7 @@ def test_bad_data_names_file_and_row(tok, tmp_path):
 def test_hub_reader_via_datasets(tmp_path, monkeypatch):
     import datasets
 
-    from pace_llm.tasks.sources import read_hub
+    from pace_llm.data.sources import read_hub
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
 

@@ -11,9 +11,9 @@ from conftest import DATA, runs
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import build_task
+from pace_llm.data.build import build_task
 from pace_llm.tasks.instruct import text_metrics
-from pace_llm.tasks.tokens import DEFAULT_CHAT_TEMPLATE
+from pace_llm.data.tokens import DEFAULT_CHAT_TEMPLATE
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
 
 SPM = DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model"

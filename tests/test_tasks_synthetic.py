@@ -10,7 +10,7 @@ import pytest
 
 from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
-from pace_llm.tasks import build_task, task_texts
+from pace_llm.data.build import build_task, task_texts
 from pace_llm.tasks.gsm8k import PAPER_PROMPT, extract_answer
 from pace_llm.tasks.synthetic import EVAL_EXAMPLES, generate, splits
 from pace_llm.tinymodel import build_base, train_tokenizer

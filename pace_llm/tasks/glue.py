@@ -17,14 +17,16 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pace_llm.config import DataArgs
-from pace_llm.errors import UserError
-from pace_llm.tasks import Plan, Splits, TaskData, cache
-from pace_llm.tasks.examples import LengthPolicy
-from pace_llm.tasks.sources import (Rows, load_splits, looks_local, read_hub, read_local,
-                                    read_text)
+from pace_llm.data.examples import Splits, TaskSpec
+from pace_llm.data.length import LengthPolicy
+from pace_llm.data.sources import (LOCAL_EXTS, Rows, load_splits, looks_like_path, read_hub,
+                                   read_local)
+from pace_llm.errors import UserError, read_text
+
+if TYPE_CHECKING:
+    from pace_llm.schema import DataArgs
 
 
 @dataclass(frozen=True)
@@ -257,7 +259,7 @@ def load_glue(data: DataArgs, task: str
     if evals is None:
         raise UserError(f"data.path {data.path!r}: no evaluation split found; set data.eval_path")
     extra = {}
-    if task == "mnli" and not looks_local(data.path) and data.eval_path is None:
+    if task == "mnli" and not looks_like_path(data.path, LOCAL_EXTS) and data.eval_path is None:
         extra["mismatched"] = [read_hub(data.path, config, "validation_mismatched")]
     return [train], [evals], extra
 
@@ -354,27 +356,22 @@ def _read(data: DataArgs, task: str) -> Splits:
                   extra={name: reader(parts) for name, parts in extra_parts.items()})
 
 
-def plan(data: DataArgs, tok: Any) -> Plan:
-    """A GLUE task (``data.glue_task``) as a seq_cls plan."""
+def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
+    """A GLUE task (``data.glue_task``) as a seq_cls spec."""
     task = data.glue_task
     if task not in SPECS:
         raise UserError(f"data.glue_task: {task!r} is not allowed; expected one of "
                         f"{', '.join(SPECS)}")
     spec = SPECS[task]
     label = "float64" if spec.labels is None else "int64"
-    return Plan(kind="seq_cls", name=f"glue/{task}",
-                num_labels=1 if spec.labels is None else len(spec.labels),
-                metric=glue_metric(task), main_metric=MAIN_METRIC[spec.metric],
-                read=lambda: _read(data, task),
-                schema={"where": "string", **{c: "string" for c in spec.text}, "label": label},
-                train_fn=train_examples, eval_fn=eval_examples,
-                ctx=Ctx(spec.text, data.max_length), key={"glue_task": task},
-                label_dtype=label)
-
-
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """A GLUE task as seq_cls TaskData, through the task cache."""
-    return cache.build(plan(data, tok), data, tok)
+    return TaskSpec(kind="seq_cls", name=f"glue/{task}",
+                    num_labels=1 if spec.labels is None else len(spec.labels),
+                    metric=glue_metric(task), main_metric=MAIN_METRIC[spec.metric],
+                    read=lambda: _read(data, task),
+                    schema={"where": "string", **{c: "string" for c in spec.text}, "label": label},
+                    train_fn=train_examples, eval_fn=eval_examples,
+                    ctx=Ctx(spec.text, data.max_length), key={"glue_task": task},
+                    label_dtype=label)
 
 
 def texts(data: DataArgs) -> list[str]:

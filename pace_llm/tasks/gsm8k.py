@@ -19,16 +19,18 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pace_llm.config import DataArgs
+from pace_llm.data.examples import Splits, TaskSpec
+from pace_llm.data.length import LengthPolicy
+from pace_llm.data.sources import Rows, load_splits
+from pace_llm.data.tokens import (Segment, chat_segments, chat_template, check_prompt_style,
+                                  eos_id, generation_example, render_default,
+                                  segments_to_example)
 from pace_llm.errors import UserError
-from pace_llm.tasks import Plan, Splits, TaskData, cache
-from pace_llm.tasks.examples import LengthPolicy
-from pace_llm.tasks.sources import Rows, load_splits
-from pace_llm.tasks.tokens import (Segment, chat_segments, chat_template, check_prompt_style,
-                                   eos_id, generation_example, render_default,
-                                   segments_to_example)
+
+if TYPE_CHECKING:
+    from pace_llm.schema import DataArgs
 
 PAPER_PROMPT = ("Answer below question. First think step-by-step and then answer the final "
                 "number:\n\n{question}")
@@ -124,9 +126,9 @@ def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
             for r in records]
 
 
-def plan_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, tok: Any,
-                   name: str) -> Plan:
-    """The plan of a question/answer task (GSM8K and the synthetic task share this)."""
+def task_spec_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, tok: Any,
+                        name: str) -> TaskSpec:
+    """The spec of a question/answer task (GSM8K and the synthetic task share this)."""
     eos = eos_id(tok, f"the {name} task")
     check_prompt_style(data.prompt_style, data.chat_template)
     template = (chat_template(tok, "chat", data.chat_template) if data.prompt_style == "chat"
@@ -137,10 +139,10 @@ def plan_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, tok: A
         return Splits(train=records(train, data.limit), source=train.source,
                       eval=lambda: list(records(evals)))
 
-    return Plan(kind="causal_lm", name=name, num_labels=None, metric=exact_match,
-                main_metric="exact_match", read=splits, schema=RECORD, train_fn=train_examples,
-                eval_fn=eval_examples, ctx=Ctx(data.prompt_style, template, eos),
-                key={"template": template, "eos": eos})
+    return TaskSpec(kind="causal_lm", name=name, num_labels=None, metric=exact_match,
+                    main_metric="exact_match", read=splits, schema=RECORD, train_fn=train_examples,
+                    eval_fn=eval_examples, ctx=Ctx(data.prompt_style, template, eos),
+                    key={"template": template, "eos": eos})
 
 
 def _splits(data: DataArgs) -> tuple[Rows, Rows]:
@@ -152,14 +154,9 @@ def _splits(data: DataArgs) -> tuple[Rows, Rows]:
     return train, evals
 
 
-def plan(data: DataArgs, tok: Any) -> Plan:
+def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     """GSM8K from ``openai/gsm8k`` (config ``main``, splits train/test) or local files."""
-    return plan_from_rows(lambda: _splits(data), data, tok, "gsm8k")
-
-
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """GSM8K as causal_lm TaskData, through the task cache."""
-    return cache.build(plan(data, tok), data, tok)
+    return task_spec_from_rows(lambda: _splits(data), data, tok, "gsm8k")
 
 
 def render_text(question: str, answer: str, prompt_style: str) -> str:

@@ -10,8 +10,8 @@ Row formats (detected per row):
 - sharegpt: ``conversations: [{from, value}, ...]`` with from human/user, gpt/assistant, system.
 
 ``prompt_style: chat`` renders with ``data.chat_template``: the tokenizer's own by default (a
-tokenizer without one gets :data:`~pace_llm.tasks.tokens.DEFAULT_CHAT_TEMPLATE`, logged), a
-built-in family template or a Jinja file (:mod:`pace_llm.tasks.templates`); ``plain`` always
+tokenizer without one gets :data:`~pace_llm.data.tokens.DEFAULT_CHAT_TEMPLATE`, logged), a
+built-in family template or a Jinja file (:mod:`pace_llm.data.templates`); ``plain`` always
 uses that default layout. Every assistant turn is supervised (up to and including its EOS or
 end-of-turn text), every system and user turn is not. Evaluation generates the last assistant
 turn from everything before it; without ``data.eval_path`` (or a test/validation file beside
@@ -24,15 +24,17 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pace_llm.config import DataArgs
+from pace_llm.data.examples import Splits, TaskSpec, split_records
+from pace_llm.data.length import LengthPolicy
+from pace_llm.data.sources import Rows, load_splits
+from pace_llm.data.tokens import (chat_segments, chat_template, eos_id, generation_example,
+                                  render_default, segments_to_example)
 from pace_llm.errors import UserError
-from pace_llm.tasks import Plan, Splits, TaskData, cache, split_records
-from pace_llm.tasks.examples import LengthPolicy
-from pace_llm.tasks.sources import Rows, load_splits
-from pace_llm.tasks.tokens import (chat_segments, chat_template, eos_id,
-                                   generation_example, render_default, segments_to_example)
+
+if TYPE_CHECKING:
+    from pace_llm.schema import DataArgs
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +170,14 @@ def text_metrics(generated: list[str], references: list[str]) -> dict[str, float
     return {"exact_match": em / len(generated), "token_f1": f1 / len(generated)}
 
 
-def plan(data: DataArgs, tok: Any) -> Plan:
-    """Instruction data as a causal_lm plan (sets the chat template on the tokenizer)."""
+def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
+    """Instruction data as a causal_lm spec (sets the chat template on the tokenizer)."""
     eos = eos_id(tok, "the instruct task")
     template = chat_template(tok, data.prompt_style, data.chat_template)
-    return Plan(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
-                main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
-                train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
-                key={"template": template, "eos": eos})
-
-
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """Instruction data as causal_lm TaskData, through the task cache."""
-    return cache.build(plan(data, tok), data, tok)
+    return TaskSpec(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
+                    main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
+                    train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
+                    key={"template": template, "eos": eos})
 
 
 def texts(data: DataArgs) -> list[str]:

@@ -10,13 +10,15 @@ target and metric are GSM8K's (:mod:`pace_llm.tasks.gsm8k`).
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pace_llm.config import DataArgs
+from pace_llm.data.examples import TaskSpec
+from pace_llm.data.sources import Rows
 from pace_llm.errors import UserError
-from pace_llm.tasks import Plan, TaskData, cache
-from pace_llm.tasks.gsm8k import plan_from_rows, render_text
-from pace_llm.tasks.sources import Rows
+from pace_llm.tasks.gsm8k import render_text, task_spec_from_rows
+
+if TYPE_CHECKING:
+    from pace_llm.schema import DataArgs
 
 NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Zoe")
 ITEMS = ("apples", "pens", "cards", "shells", "books", "coins")
@@ -91,18 +93,13 @@ def splits(data: DataArgs) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return train, evals
 
 
-def plan(data: DataArgs, tok: Any) -> Plan:
+def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     """The synthetic task (GSM8K prompt, target and metric); problems drawn on a cache miss."""
     def read() -> tuple[Rows, Rows]:
         train, evals = splits(data)
         return (Rows("synthetic:train", list(enumerate(train, 1))),
                 Rows("synthetic:eval", list(enumerate(evals, 1))))
-    return plan_from_rows(read, data, tok, "synthetic")
-
-
-def build(data: DataArgs, tok: Any) -> TaskData:
-    """The synthetic task as causal_lm TaskData, through the task cache."""
-    return cache.build(plan(data, tok), data, tok)
+    return task_spec_from_rows(read, data, tok, "synthetic")
 
 
 def texts(data: DataArgs) -> list[str]:

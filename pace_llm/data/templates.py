@@ -12,7 +12,7 @@ The built-ins are rendered exactly as the tokenizer's own template would be (tra
 sandboxed Jinja, ``trim_blocks``/``lstrip_blocks``, ``bos_token``/``eos_token`` from the
 tokenizer) and each supports ``add_generation_prompt``. They are *prefix-consistent*
 (rendering a longer conversation never changes the text of a shorter one), which is how
-:func:`pace_llm.tasks.tokens.chat_segments` finds the assistant spans without generation
+:func:`pace_llm.data.tokens.chat_segments` finds the assistant spans without generation
 markers; so they leave out the published templates' parts that are not:
 
 - ``phi-3``: the published template appends ``eos_token`` when no generation prompt is asked
@@ -32,7 +32,7 @@ A built-in's special tokens (``<|im_start|>``, ``<start_of_turn>``, ...) that th
 vocabulary lacks still render, as text: tokenization then splits them into ordinary pieces.
 That trains and serves consistently, but costs tokens and is not what the family's own models
 saw, so it is logged once as a warning. Masking does not depend on the template: assistant
-turns plus their end of turn are supervised (see :mod:`pace_llm.tasks.tokens`).
+turns plus their end of turn are supervised (see :mod:`pace_llm.data.tokens`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pace_llm.data.sources import looks_like_path
 from pace_llm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -229,14 +230,9 @@ def resolve(name_or_path: str | None, tokenizer: Any) -> str:
     if builtin is not None:
         _warn_missing_markers(name_or_path.lower(), builtin.markers, tokenizer)
         return builtin.text
-    if not _looks_like_path(name_or_path):
+    if "/" not in name_or_path and not looks_like_path(name_or_path, JINJA_SUFFIXES):
         raise UserError(_unknown_name(name_or_path))
     return _load_file(Path(name_or_path).expanduser(), tokenizer)
-
-
-def _looks_like_path(value: str) -> bool:
-    return ("/" in value or "\\" in value or value.lower().endswith(JINJA_SUFFIXES)
-            or value.startswith(("~", ".")) or Path(value).exists())
 
 
 def _unknown_name(name: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pace_llm.data import IGNORE
+from pace_llm.data.examples import IGNORE
 from pace_llm.errors import UserError
 
 Outcome = tuple[int, int, bool, int]

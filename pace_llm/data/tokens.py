@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pace_llm.data import IGNORE
+from pace_llm.data import templates
+from pace_llm.data.examples import IGNORE
+from pace_llm.data.templates import DEFAULT_CHAT_TEMPLATE  # re-exported
 from pace_llm.errors import UserError
-from pace_llm.tasks import templates
-from pace_llm.tasks.templates import DEFAULT_CHAT_TEMPLATE  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def eos_id(tok: Any, what: str) -> int:
 def chat_template(tok: Any, prompt_style: str, name: str | None = None) -> str:
     """The template to render with: ``data.chat_template`` for ``chat``, pace_llm's for ``plain``.
 
-    ``name`` is ``data.chat_template`` (see :func:`pace_llm.tasks.templates.resolve`). None
+    ``name`` is ``data.chat_template`` (see :func:`pace_llm.data.templates.resolve`). None
     means the tokenizer's own; a tokenizer without one gets :data:`DEFAULT_CHAT_TEMPLATE` set
     on it explicitly, with a log line. A built-in or file template is set on the tokenizer too,
     so a tokenizer saved with the merged model serves with the layout it was trained on.

@@ -1,18 +1,19 @@
 """The task cache: tokenize a task once, store it as Arrow, share it by memory map.
 
-:func:`build` turns a task :class:`Plan` into TaskData. The training examples are stored under
-``<cache>/tasks/<task>-<key>/`` (``data.cache_dir``, else ``$PACE_LLM_CACHE``, else
-``~/.cache/pace_llm``); the key is a SHA-256 over everything the tokens depend on
-(:func:`cache_key`). Rank 0 builds: validated rows are streamed into an Arrow file and
-tokenized by ``Dataset.map`` in ``data.num_proc`` processes (the plan's own row -> example
-functions), whose output files are the cache, in a temporary directory renamed into place when
-complete. The other ranks wait at a barrier and memory-map the same files: N ranks tokenize
-once and hold no copy. A start whose key exists loads it ("task cache hit") and replays the
-build's log lines. Evaluation rows (small) are stored as JSON beside them.
+:func:`build` turns a task's :class:`~pace_llm.data.examples.TaskSpec` into TaskData. The
+training examples are stored under ``<cache>/tasks/<task>-<key>/`` (``data.cache_dir``, else
+``$PACE_LLM_CACHE``, else ``~/.cache/pace_llm``); the key is a SHA-256 over everything the
+tokens depend on (:func:`cache_key`). Rank 0 builds: validated rows are streamed into an Arrow
+file and tokenized by ``Dataset.map`` in ``data.num_proc`` processes (the spec's own row ->
+example functions), whose output files are the cache, in a temporary directory renamed into
+place when complete. The other ranks wait at a barrier and memory-map the same files: N ranks
+tokenize once and hold no copy. A start whose key exists loads it ("task cache hit") and
+replays the build's log lines. Evaluation rows (small) are stored as JSON beside them.
 """
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -27,10 +28,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
+from pace_llm import distributed as D
+from pace_llm.data.examples import ArrowExamples, TaskData, TaskSpec
+from pace_llm.data.files import data_files
+from pace_llm.data.length import LengthPolicy
 from pace_llm.errors import UserError
-from pace_llm.tasks import ArrowExamples, Plan, TaskData
-from pace_llm.tasks.examples import LengthPolicy
-from pace_llm.tasks.files import data_files
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ OUTCOME = ("length", "supervised", "truncated")  # per kept example, beside its 
 PROBE = "Hello world!\n\n  Naïve café, 123 + 4.5 = ?\t<s></s> ### User:\n"
 TOKENIZER_SETTINGS = ("truncation_side", "add_bos_token", "add_eos_token", "add_prefix_space",
                       "clean_up_tokenization_spaces", "legacy", "do_lower_case")
+DATA_DIR = Path(__file__).resolve().parent
+TASKS_DIR = DATA_DIR.parent / "tasks"
+KEYED_CODE = ("sources.py", "tokens.py", "templates.py", "length.py", "examples.py", "cache.py")
+"""The data modules (besides pace_llm/tasks) whose code decides what a task's cache holds."""
 KEY_FIELDS = ("task", "path", "eval_path", "hub_config", "max_length", "on_too_long",
               "prompt_style", "chat_template", "limit", "glue_task", "num_examples", "seed",
               "columns")
@@ -56,10 +64,12 @@ def _sha(data: bytes | str) -> str:
 
 
 def code_version() -> str:
-    """SHA-256 of this package's sources (pace_llm/tasks/*.py): a code change is a new key."""
-    here = Path(__file__).resolve().parent
-    return _sha(b"".join(p.name.encode() + b"\0" + p.read_bytes()
-                         for p in sorted(here.glob("*.py"))))
+    """SHA-256 of the code that decides a cached task's content: every task definition
+    (pace_llm/tasks/*.py) and the data modules that read and check rows, tokenize them, cut them
+    to length and store them (:data:`KEYED_CODE`). A change to any of them is a new key."""
+    files = sorted(TASKS_DIR.glob("*.py")) + [DATA_DIR / name for name in KEYED_CODE]
+    return _sha(b"".join(f"{p.parent.name}/{p.name}".encode() + b"\0" + p.read_bytes()
+                         for p in files))
 
 
 def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
@@ -87,7 +97,7 @@ def tokenizer_fingerprint(tok: Any) -> dict[str, Any]:
     return parts
 
 
-def cache_key(plan: Plan, data: Any, tok: Any) -> tuple[str, dict[str, Any]]:
+def cache_key(spec: TaskSpec, data: Any, tok: Any) -> tuple[str, dict[str, Any]]:
     """(SHA-256 hex, the material it is computed over)."""
     import jinja2
     import tokenizers
@@ -100,7 +110,7 @@ def cache_key(plan: Plan, data: Any, tok: Any) -> tuple[str, dict[str, Any]]:
         "data": {k: getattr(data, k, None) for k in KEY_FIELDS},
         "files": {} if data.task == "synthetic" else data_files((data.path, data.eval_path)),
         "tokenizer": tokenizer_fingerprint(tok),
-        "task": plan.key,
+        "task": spec.key,
     }
     return _sha(json.dumps(material, sort_keys=True, default=repr)), material
 
@@ -111,8 +121,8 @@ def cache_root(data: Any) -> Path:
     return Path(given or "~/.cache/pace_llm").expanduser().absolute()
 
 
-def task_dir(plan: Plan, data: Any, key: str) -> Path:
-    return cache_root(data) / "tasks" / f"{plan.name.replace('/', '-')}-{key[:32]}"
+def task_dir(spec: TaskSpec, data: Any, key: str) -> Path:
+    return cache_root(data) / "tasks" / f"{spec.name.replace('/', '-')}-{key[:32]}"
 
 
 def num_proc(data: Any) -> int:
@@ -177,7 +187,7 @@ def _write_records(records: Iterable[dict], columns: dict[str, str], path: Path)
     return n
 
 
-def _tokenize(plan: Plan, data: Any, tok: Any, raw: Any, source: str, out: Path,
+def _tokenize(spec: TaskSpec, data: Any, tok: Any, raw: Any, source: str, out: Path,
               notes: Path) -> dict[str, int]:
     """Map the raw records to the kept examples, written straight into ``out`` (one Arrow file
     per process, never copied); their statistics (and the largest id, as ``max_id``)."""
@@ -186,19 +196,19 @@ def _tokenize(plan: Plan, data: Any, tok: Any, raw: Any, source: str, out: Path,
 
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features({
-        "input_ids": ids, **({"labels": ids} if plan.kind == "causal_lm"
-                             else {"label": datasets.Value(plan.label_dtype)}),
+        "input_ids": ids, **({"labels": ids} if spec.kind == "causal_lm"
+                             else {"label": datasets.Value(spec.label_dtype)}),
         "length": datasets.Value("int32"), "supervised": datasets.Value("int32"),
         "truncated": datasets.Value("bool")})
     procs = min(num_proc(data), max(1, len(raw) // MIN_ROWS_PER_PROC))
-    fn = partial(_map_batch, train_fn=plan.train_fn, tok=tok, ctx=plan.ctx,
-                 policy_args=(data.max_length, data.on_too_long, source), columns=plan.columns,
+    fn = partial(_map_batch, train_fn=spec.train_fn, tok=tok, ctx=spec.ctx,
+                 policy_args=(data.max_length, data.on_too_long, source), columns=spec.columns,
                  notes=str(notes), state={})
     out.mkdir()
     done = raw.map(fn, with_indices=True, batched=True, batch_size=BATCH,
                    writer_batch_size=BATCH, remove_columns=raw.column_names, features=features,
                    num_proc=procs if procs > 1 else None, new_fingerprint="tokenized",
-                   cache_file_name=str(out / "data.arrow"), desc=f"tokenizing {plan.name}")
+                   cache_file_name=str(out / "data.arrow"), desc=f"tokenizing {spec.name}")
     batches = [json.loads(line) for f in notes.glob("*.jsonl")
                for line in f.read_text().splitlines()]
     errors = sorted((b["first"], b["error"]) for b in batches if "error" in b)
@@ -213,15 +223,15 @@ def _tokenize(plan: Plan, data: Any, tok: Any, raw: Any, source: str, out: Path,
     return {**stats, "max_id": max((b["max_id"] for b in batches), default=-1)}
 
 
-def _build_into(plan: Plan, data: Any, tok: Any, out: Path, material: dict,
+def _build_into(spec: TaskSpec, data: Any, tok: Any, out: Path, material: dict,
                 logs: list) -> None:
     """Read, tokenize and save the task into the (new) directory ``out``; meta.json last."""
     import datasets
 
     work = out / "work"
     (work / "notes").mkdir(parents=True)
-    splits = plan.read()
-    n = _write_records(splits.train, plan.schema, work / "records.arrow")
+    splits = spec.read()
+    n = _write_records(splits.train, spec.schema, work / "records.arrow")
     raw = datasets.Dataset.from_file(str(work / "records.arrow"))
     eval_records = None
     end = n
@@ -231,12 +241,12 @@ def _build_into(plan: Plan, data: Any, tok: Any, out: Path, material: dict,
     if splits.limit is not None:
         end = min(end, splits.limit)
     with _progress_bars(end >= PROGRESS_ROWS):
-        stats = _tokenize(plan, data, tok, raw.select(range(end)), splits.source, out / "train",
+        stats = _tokenize(spec, data, tok, raw.select(range(end)), splits.source, out / "train",
                           work / "notes")
     max_id = stats.pop("max_id")
-    evals = plan.eval_fn(tok, plan.ctx, eval_records if eval_records is not None
+    evals = spec.eval_fn(tok, spec.ctx, eval_records if eval_records is not None
                          else splits.eval())
-    extra = {name: plan.eval_fn(tok, plan.ctx, read()) for name, read in splits.extra.items()}
+    extra = {name: spec.eval_fn(tok, spec.ctx, read()) for name, read in splits.extra.items()}
     (out / "eval.json").write_text(json.dumps({"eval": evals, "extra": extra}))
     (out / "key.json").write_text(json.dumps(material, indent=1, sort_keys=True, default=repr))
     del raw
@@ -259,8 +269,12 @@ def _progress_bars(show: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+CAPTURED = ("pace_llm.data", "pace_llm.tasks")
+"""The loggers whose lines during a build are replayed on a cache hit (readers, templates)."""
+
+
 class _Capture(logging.Handler):
-    """The task modules' log lines during a build, to replay on a cache hit."""
+    """The data and task modules' log lines during a build, to replay on a cache hit."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -275,7 +289,7 @@ def _complete(directory: Path) -> bool:
     return (directory / "meta.json").is_file()  # written last
 
 
-def _make(plan: Plan, data: Any, tok: Any, directory: Path, material: dict) -> bool:
+def _make(spec: TaskSpec, data: Any, tok: Any, directory: Path, material: dict) -> bool:
     """Build ``directory`` unless it is complete; True if this call built it."""
     if _complete(directory):
         return False
@@ -291,9 +305,10 @@ def _make(plan: Plan, data: Any, tok: Any, directory: Path, material: dict) -> b
     except OSError as exc:
         raise _unwritable(parent, exc) from None
     capture, started = _Capture(), time.perf_counter()
-    logging.getLogger("pace_llm.tasks").addHandler(capture)
+    for name in CAPTURED:
+        logging.getLogger(name).addHandler(capture)
     try:
-        _build_into(plan, data, tok, tmp, material, capture.lines)
+        _build_into(spec, data, tok, tmp, material, capture.lines)
         if directory.exists() and not _complete(directory):
             shutil.rmtree(directory)  # an incomplete directory is no cache
         try:
@@ -306,7 +321,8 @@ def _make(plan: Plan, data: Any, tok: Any, directory: Path, material: dict) -> b
             raise _unwritable(parent, exc) from None
         raise
     finally:
-        logging.getLogger("pace_llm.tasks").removeHandler(capture)
+        for name in CAPTURED:
+            logging.getLogger(name).removeHandler(capture)
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("task cache: built %s in %.1f s", directory, time.perf_counter() - started)
     return True
@@ -317,7 +333,7 @@ def _unwritable(where: Path, exc: OSError) -> UserError:
                      "set data.cache_dir (or $PACE_LLM_CACHE) to a writable directory")
 
 
-def load(plan: Plan, directory: Path, replay: bool) -> TaskData:
+def load(spec: TaskSpec, directory: Path, replay: bool) -> TaskData:
     """TaskData from a complete cache directory (training examples memory-mapped)."""
     import datasets
 
@@ -333,7 +349,7 @@ def load(plan: Plan, directory: Path, replay: bool) -> TaskData:
     if replay:
         for name, level, message in meta["logs"]:
             logging.getLogger(name).log(level, "%s", message)
-    return plan.task(ArrowExamples(train, plan.columns, meta["max_id"]), evals["eval"],
+    return spec.task(ArrowExamples(train, spec.columns, meta["max_id"]), evals["eval"],
                      meta["stats"], evals["extra"])
 
 
@@ -341,53 +357,35 @@ def _wait_group() -> Any:
     """A gloo group over every rank whose collectives wait up to WAIT_HOURS: while rank 0
     builds, the others wait longer than the default group's timeout (DeepSpeed: 10 minutes)
     allows. None without a process group (or with one rank)."""
-    import datetime
-
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=WAIT_HOURS))
 
 
-def _everyones(value: Any, group: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order (a collective over ``group``)."""
-    if group is None:
-        return [value]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value, group=group)
-    return out
-
-
-def build(plan: Plan, data: Any, tok: Any) -> TaskData:
+def build(spec: TaskSpec, data: Any, tok: Any) -> TaskData:
     """The task through the cache: rank 0 builds it unless its key exists while the other ranks
     wait, then every rank memory-maps it; a node that cannot see rank 0's directory (a local
-    disk) builds its own copy. Every rank has made the plan (its checks, the tokenizer's chat
+    disk) builds its own copy. Every rank has made the spec (its checks, the tokenizer's chat
     template). Without a process group this is one process doing both."""
-    import torch.distributed as dist
-
-    from pace_llm import distributed as D
-
     group = _wait_group()
-    key, material = _everyones(cache_key(plan, data, tok) if D.is_main() else None, group)[0]
-    directory = task_dir(plan, data, key)
+    mine = cache_key(spec, data, tok) if D.is_main() else None
+    key, material = D.all_gather_objects(mine, group)[0]
+    directory = task_dir(spec, data, key)
     built = False
 
     def attempt() -> str | None:
         nonlocal built
         try:
-            built = _make(plan, data, tok, directory, material)
+            built = _make(spec, data, tok, directory, material)
         except UserError as exc:
             return str(exc)
         return None
 
     try:
-        errors = _everyones(attempt() if D.is_main() else None, group)
+        errors = D.all_gather_objects(attempt() if D.is_main() else None, group)
         if group is not None and not errors[0]:
-            errors = _everyones(attempt() if D.local_rank() == 0 and not _complete(directory)
-                                else None, group)
+            local = D.local_rank() == 0 and not _complete(directory)
+            errors = D.all_gather_objects(attempt() if local else None, group)
     finally:
         if group is not None:
             dist.destroy_process_group(group)
@@ -395,4 +393,4 @@ def build(plan: Plan, data: Any, tok: Any) -> TaskData:
         raise UserError(next(e for e in errors if e))
     if D.is_main() and not built:
         log.info("task cache hit: %s", directory)
-    return load(plan, directory, replay=not built)
+    return load(spec, directory, replay=not built)

@@ -11,12 +11,11 @@ import csv
 import json
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, check_text, first_line, listing, read_text
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +123,14 @@ def _kind_name(kind: type | tuple) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def looks_local(path: str) -> bool:
-    """True for an existing path or something written as a file path (not an owner/name hub id:
-    that has at most one '/')."""
-    return (Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~", "."))
-            or path.lower().endswith(LOCAL_EXTS) or path.count("/") > 1 or "\\" in path)
-
-
-def listing(names: list[str], first: int = 5) -> str:
-    """``a, b, c and 4 more``: a long list shortened for a message."""
-    shown = ", ".join(names[:first])
-    return f"{shown} and {len(names) - first} more" if len(names) > first else shown or "nothing"
+def looks_like_path(value: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """True when ``value`` is (or is written as) a filesystem path rather than a hub id, which
+    is ``name`` or ``owner/name``: it starts with ``/``, ``.`` or ``~``, has two or more ``/``
+    or a ``\\``, ends with one of ``suffixes`` (any case; the data readers pass
+    :data:`LOCAL_EXTS`), or exists. The one test for model names, data paths and template files.
+    """
+    return (value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+            or value.lower().endswith(suffixes) or Path(value).expanduser().exists())
 
 
 def check_file(path: Path, what: str = "data file") -> None:
@@ -145,41 +141,6 @@ def check_file(path: Path, what: str = "data file") -> None:
                         f") inside it (it holds: {listing(inside)})")
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist")
-
-
-def _text_error(path: Path, line: int, binary: bool, column: int = 0, byte: int = 0) -> UserError:
-    if binary:
-        return UserError(f"{path} line {line}: binary data (NUL bytes), not UTF-8 text; check the "
-                         "path (recipes, jsonl, json, csv and tsv files are text)")
-    return UserError(f"{path} line {line}: not UTF-8 text (byte 0x{byte:02x} at column {column}); "
-                     "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out)")
-
-
-def read_text(path: Path) -> str:
-    """A text file's contents; one that is not UTF-8, or is binary, is named with its line."""
-    data = path.read_bytes()
-    if b"\x00" not in data:
-        with suppress(UnicodeDecodeError):
-            return data.decode("utf-8-sig")  # a leading byte-order mark is dropped
-    check_text(path)  # raises, naming the line
-    raise AssertionError(f"{path}: not text, yet no line was found to name")
-
-
-def check_text(path: Path) -> None:
-    """UserError naming the first line that is not UTF-8 text (binary: a NUL byte anywhere),
-    read line by line, without holding the file."""
-    bad = None
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if b"\x00" in raw:
-                raise _text_error(path, bad[0] if bad else n, True)
-            if bad is None:
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad = (n, exc.start + 1, raw[exc.start])
-    if bad:
-        raise _text_error(path, bad[0], False, bad[1], bad[2])
 
 
 def read_local(path: Path) -> Rows:
@@ -321,13 +282,6 @@ def read_hub(name: str, config: str | None, split: str, streaming: bool = False)
     return Rows(f"hub:{name}[{split}]", stream=lambda: enumerate(ds, start=1))
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's first line, cut to ``limit`` characters (for a one-line message)."""
-    text = next((line.strip() for line in str(exc).splitlines() if line.strip()),
-                type(exc).__name__)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def find_in_dir(directory: Path, names: tuple[str, ...],
                 exts: tuple[str, ...] = LOCAL_EXTS) -> Path | None:
     """The first ``<name><ext>`` that exists in ``directory``."""
@@ -361,9 +315,9 @@ def _load_splits(path: str, eval_path: str | None, config: str | None, eval_spli
     if not path:
         raise UserError("data.path is empty: give a hub dataset id or a local file/directory")
     eval_rows = None
-    if eval_path is not None and looks_local(eval_path):
+    if eval_path is not None and looks_like_path(eval_path, LOCAL_EXTS):
         eval_rows = reader(Path(eval_path).expanduser())
-    if not looks_local(path):
+    if not looks_like_path(path, LOCAL_EXTS):
         train = read_hub(path, config, "train", streaming)
         if eval_rows is None and (eval_path or eval_split):
             eval_rows = read_hub(path, config, eval_path or eval_split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pace_llm.tasks.sources import EVAL_NAMES, LOCAL_EXTS, looks_local
+from pace_llm.data.sources import EVAL_NAMES, LOCAL_EXTS, looks_like_path
 
 
 def file_sha256(path: Path) -> str:
@@ -23,7 +23,7 @@ def data_files(paths: tuple[str | None, ...]) -> dict[str, str]:
     files: set[Path] = set()
     for given in filter(None, paths):
         path = Path(given).expanduser().resolve()
-        if not looks_local(given):
+        if not looks_like_path(given, LOCAL_EXTS):
             continue
         if path.is_dir():
             files |= {p for p in path.iterdir() if p.suffix.lower() in LOCAL_EXTS}

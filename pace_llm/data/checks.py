@@ -1,0 +1,109 @@
+"""The data section's checks: pure functions of the recipe, each problem naming its key
+(the recipe's checks report them with the rest)."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+from pace_llm.data.mix import KEYS, source_name
+from pace_llm.tasks import TASKS
+from pace_llm.tasks.glue import GLUE_TASKS
+
+
+def data_problems(recipe: Any) -> list[str]:
+    """Every problem of ``recipe.data`` and of how it meets the other sections."""
+    d, t = recipe.data, recipe.train
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(d.max_length >= 8, f"data.max_length: {d.max_length} must be >= 8")
+    if d.task == "glue":
+        need(d.glue_task in GLUE_TASKS, f"data.glue_task: {d.glue_task!r} is not allowed; "
+             f"expected one of {', '.join(GLUE_TASKS)}")
+    need(d.num_examples > 0, f"data.num_examples: {d.num_examples} must be > 0")
+    need(d.limit is None or d.limit > 0, f"data.limit: {d.limit} must be > 0 or null")
+    need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
+         f"data.pad_to_multiple_of: {d.pad_to_multiple_of} must be >= 1 (1 = no rounding)")
+    need(d.shuffle_buffer >= 1, f"data.shuffle_buffer: {d.shuffle_buffer} must be >= 1 "
+         "(1 = file order)")
+    if d.streaming:
+        need(t.max_steps > 0, "data.streaming needs train.max_steps > 0: a stream has no known "
+             "length, so train.epochs cannot be turned into steps")
+        need(recipe.pace.mode != "fast", "pace.mode 'fast' keeps an output per training example "
+             "and cannot stream; use full or lazy, or data.streaming: false")
+        need(d.task != "synthetic", "data.streaming: the synthetic task is generated in memory; "
+             "stream a file or hub dataset (data.task gsm8k, instruct or glue)")
+    return p + mix_problems(d)
+
+
+def mix_problems(data: Any) -> list[str]:
+    """Every problem of ``data.mix`` (and of what it conflicts with), each naming the key."""
+    mix = data.mix
+    if mix is None:
+        return []
+    if not isinstance(mix, list) or not mix:
+        return [f"data.mix: {mix!r} must be a non-empty list of sources like {{path: x.jsonl, "
+                "weight: 1}}"]
+    p: list[str] = []
+    if data.path:
+        p.append(f"data.path {data.path!r} and data.mix are both set: a mixture lists its paths "
+                 "in data.mix; remove data.path")
+    if data.streaming:
+        p.append("data.streaming with data.mix is not supported: stream one source, or mix "
+                 "sources through the task cache (data.streaming: false)")
+    names: dict[str, int] = {}
+    for i, item in enumerate(mix):
+        at = f"data.mix[{i}]"
+        if not isinstance(item, dict):
+            p.append(f"{at}: {item!r} must be a mapping like {{path: x.jsonl, weight: 1}}")
+            continue
+        for key in item:
+            if key not in KEYS:
+                near = difflib.get_close_matches(str(key), KEYS, n=1, cutoff=0.5)
+                hint = f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(KEYS)
+                p.append(f"{at}.{key}: unknown key; {hint}")
+        p += _item_problems(at, item, data)
+        name = source_name(item, i)
+        if name in names:
+            p.append(f"{at}: source name {name!r} is also data.mix[{names[name]}]'s; give each "
+                     "source a distinct name: key")
+        names.setdefault(name, i)
+    return p
+
+
+def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:
+    p = []
+    if not isinstance(item.get("path"), str) or not item["path"]:
+        p.append(f"{at}.path: {item.get('path')!r}; every source needs a path (a local file or "
+                 "directory, or a hub dataset id)")
+    weight = item.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+            math.isfinite(weight) and weight > 0):
+        p.append(f"{at}.weight: {weight!r} must be a number > 0 (a source's share of the "
+                 "examples is its weight over the sum of the weights)")
+    task = item.get("task", data.task)
+    if task not in TASKS:
+        p.append(f"{at}.task: {task!r} is not allowed; expected one of {', '.join(TASKS)}")
+    elif TASKS[task] != TASKS[data.task]:
+        p.append(f"{at}.task: {task!r} trains a {TASKS[task]} model but data.task {data.task!r} a "
+                 f"{TASKS[data.task]} one; every source of a mixture trains the same head")
+    if item.get("prompt_style", "plain") not in ("plain", "chat"):
+        p.append(f"{at}.prompt_style: {item['prompt_style']!r} is not allowed; expected plain "
+                 "or chat")
+    limit = item.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        p.append(f"{at}.limit: {limit!r} must be an integer > 0 or null")
+    columns = item.get("columns")
+    if columns is not None and not (isinstance(columns, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in columns.items())):
+        p.append(f"{at}.columns: {columns!r} must map task fields to your data's fields, e.g. "
+                 "{question: prompt, answer: response}")
+    for key in ("name", "eval_path", "hub_config", "chat_template", "glue_task"):
+        if item.get(key) is not None and not isinstance(item[key], str):
+            p.append(f"{at}.{key}: {item[key]!r} must be a string")
+    return p
