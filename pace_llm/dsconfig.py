@@ -1,4 +1,5 @@
-"""The DeepSpeed JSON: "auto" values are filled from the recipe, contradictions are errors.
+"""The DeepSpeed JSON: "auto" values are filled from the recipe, contradictions are errors; and
+which engine runs a run (:func:`engine_for`: pace_llm/stepper.py's flat engine or DeepSpeed's).
 
 The recipe and the JSON are the only two sources; batch arithmetic lives here alone:
 ``train_batch_size = micro_batch_size × grad_accum × world_size``.
@@ -237,3 +238,24 @@ def offloads_optimizer(cfg: dict[str, Any]) -> bool:
 def save_json(cfg: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2))
 
+
+# ------------------------------------------------------------------ which engine runs it
+def flat_misfit(stage: int, precision: str, offload: bool, uniform: bool = True) -> str | None:
+    """Why the flat engine cannot run this configuration (None: it can)."""
+    reasons = ([f"ZeRO-{stage}"] if stage not in (0, 1, 2) else []) + \
+        ([precision] if precision not in ("bf16", "fp32") else []) + \
+        (["CPU offload of the optimizer"] if offload else []) + \
+        ([] if uniform else ["trainable params of several dtypes"])
+    return ", ".join(reasons) or None
+
+
+def engine_for(optimizer_path: str, stage: int, precision: str, offload: bool,
+               uniform: bool = True) -> str:
+    """"flat" or "deepspeed" for ``train.optimizer_path`` (auto, flat, deepspeed) at this ZeRO
+    stage, precision and offload; ``flat`` where it does not fit is a UserError."""
+    misfit = flat_misfit(stage, precision, offload, uniform)
+    if optimizer_path == "flat" and misfit:
+        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32, no CPU "
+                        f"offload and one dtype for every trainable param (this run: {misfit}); "
+                        "use auto or deepspeed")
+    return "flat" if optimizer_path in ("auto", "flat") and not misfit else "deepspeed"

@@ -25,6 +25,7 @@ from pace_llm.data.build import build_task, task_texts
 from pace_llm.data.collate import collator
 from pace_llm.data.examples import TaskData
 from pace_llm.dsconfig import (
+    engine_for,
     fill_ds_config,
     offloads_optimizer,
     resolve_precision,
@@ -43,7 +44,7 @@ from pace_llm.resume import resume
 from pace_llm.run import Run
 from pace_llm.rundir import RunDir
 from pace_llm.schema import Recipe, dump_recipe, recipe_to_dict
-from pace_llm.stepper import build_stepper, describe, engine_for, require_deepspeed, summary
+from pace_llm.stepper import build_stepper, describe, require_deepspeed, summary
 from pace_llm.tinymodel import build_base
 from pace_llm.tracking import Tracker, check_installed
 from pace_llm.trainer import Trainer

@@ -19,7 +19,7 @@ The two engines:
   scaling), CPU offload of the optimizer, or ``train.optimizer_path: deepspeed``.
 
 ``train.optimizer_path`` auto takes flat wherever it fits, flat refuses a run where it does not
-(at parse time), deepspeed always takes DeepSpeed's engine. Each run writes what ran to
+(at parse time), deepspeed always takes DeepSpeed's engine (the rule: ``dsconfig.engine_for``). Each run writes what ran to
 ``engine.json`` (:func:`describe`) and says it in its start line (:func:`summary`);
 ``ds_config.json`` is the config DeepSpeed received, written only when it was initialised.
 """
@@ -36,7 +36,6 @@ from torch import nn
 
 from pace_llm.ds_engine import DeepSpeedStepper, check_version
 from pace_llm.dsconfig import offloads_optimizer, zero_stage
-from pace_llm.errors import UserError
 from pace_llm.flat_engine import FlatStepper, sharded_bytes
 from pace_llm.schema import Recipe
 
@@ -62,27 +61,6 @@ class Stepper(Protocol):
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path) -> None: ...
-
-
-def flat_misfit(stage: int, precision: str, offload: bool, uniform: bool = True) -> str | None:
-    """Why the flat engine cannot run this configuration (None: it can)."""
-    reasons = ([f"ZeRO-{stage}"] if stage not in (0, 1, 2) else []) + \
-        ([precision] if precision not in ("bf16", "fp32") else []) + \
-        (["CPU offload of the optimizer"] if offload else []) + \
-        ([] if uniform else ["trainable params of several dtypes"])
-    return ", ".join(reasons) or None
-
-
-def engine_for(optimizer_path: str, stage: int, precision: str, offload: bool,
-               uniform: bool = True) -> str:
-    """"flat" or "deepspeed" for ``train.optimizer_path`` (auto, flat, deepspeed) at this ZeRO
-    stage, precision and offload; ``flat`` where it does not fit is a UserError."""
-    misfit = flat_misfit(stage, precision, offload, uniform)
-    if optimizer_path == "flat" and misfit:
-        raise UserError(f"train.optimizer_path: flat needs ZeRO-0/1/2, bf16 or fp32, no CPU "
-                        f"offload and one dtype for every trainable param (this run: {misfit}); "
-                        "use auto or deepspeed")
-    return "flat" if optimizer_path in ("auto", "flat") and not misfit else "deepspeed"
 
 
 def build_stepper(engine: str, objective: nn.Module, params: list[nn.Parameter],

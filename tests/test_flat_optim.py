@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pace_llm.dsconfig import engine_for
 from pace_llm.errors import UserError
 from pace_llm.flat_optim import FlatAdamW
-from pace_llm.stepper import engine_for
 from tests.launch import DS, argv, rel_close, run, train_ok
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
