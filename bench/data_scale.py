@@ -113,8 +113,8 @@ def child(spec: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from pace_llm.config import DataArgs
     from pace_llm.data import BatchPlan, collate_causal
+    from pace_llm.schema import DataArgs
     from pace_llm.tasks import build_lists, build_task, cache
 
     built = []

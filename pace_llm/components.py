@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.config import Recipe, dump_recipe
 from pace_llm.errors import UserError
+from pace_llm.schema import Recipe, dump_recipe
 
 if TYPE_CHECKING:
     from torch import nn

@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import Recipe, parse_command
+from pace_llm.config import parse_command
 from pace_llm.data import IGNORE
 from pace_llm.errors import UserError, run_command
+from pace_llm.schema import Recipe
 from pace_llm.tasks import TaskData, build_task, task_texts
 from pace_llm.tasks.templates import describe
 

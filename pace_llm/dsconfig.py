@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import Recipe
 from pace_llm.errors import UserError
+from pace_llm.schema import Recipe
 from pace_llm.tasks.sources import first_line, listing
 
 

@@ -44,7 +44,7 @@ from pace_llm.vllm_contract import check_vllm_contract
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
-    from pace_llm.config import Recipe
+    from pace_llm.schema import Recipe
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 

@@ -28,7 +28,7 @@ from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
 from pace_llm.quant import is_quantized_linear
 
 if TYPE_CHECKING:
-    from pace_llm.config import Recipe
+    from pace_llm.schema import Recipe
 
 
 # --------------------------------------------------------------------------------------------

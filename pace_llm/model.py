@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pace_llm.config import Recipe
 from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
 from pace_llm.errors import UserError
 from pace_llm.families import head_names
+from pace_llm.schema import Recipe
 from pace_llm.tasks.sources import first_line, listing
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pace_llm.config import TrainArgs
 from pace_llm.dsconfig import offloads_optimizer, zero_stage
+from pace_llm.schema import TrainArgs
 
 
 class SkipNextStep:

@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pace_llm.config import ModelArgs, QuantArgs, Recipe
 from pace_llm.dtypes import DTYPES, PRECISION_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.families import full_precision_names
+from pace_llm.schema import ModelArgs, QuantArgs, Recipe
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel

@@ -27,8 +27,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not this f
 from typing import TYPE_CHECKING, Any  # noqa: E402
 
 from pace_llm import components as C  # noqa: E402
-from pace_llm.config import Recipe, dump_recipe, parse_command  # noqa: E402
+from pace_llm.config import parse_command  # noqa: E402
 from pace_llm.errors import run_command  # noqa: E402
+from pace_llm.schema import Recipe, dump_recipe  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +105,7 @@ def open_tracker(run: Run, resumed: bool) -> Tracker | None:
     """The experiment trackers of train.report_to, on rank 0 (a failure there fails every
     rank); a resumed run continues the same tracked runs."""
     from pace_llm import distributed as D
-    from pace_llm.config import recipe_to_dict
+    from pace_llm.schema import recipe_to_dict
     from pace_llm.tracking import Tracker
 
     if not run.recipe.train.report_to:
@@ -187,10 +188,10 @@ class Run:
     def export_adapter(self, out_dir: Path, overwrite: bool = False, quiet: bool = False) -> None:
         """The PEFT-format adapter of the current weights (every rank calls; rank 0 writes)."""
         from pace_llm import distributed as D
-        from pace_llm.config import recipe_to_dict
         from pace_llm.dtypes import resolve
         from pace_llm.export import export_adapter
         from pace_llm.model import classifier_head
+        from pace_llm.schema import recipe_to_dict
 
         export_adapter(self.model, out_dir, base_model_name_or_path=self.served_name,
                        task_type="CAUSAL_LM" if self.causal else "SEQ_CLS",

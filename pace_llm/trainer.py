@@ -297,7 +297,7 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
-        from pace_llm.config import recipe_to_dict
+        from pace_llm.schema import recipe_to_dict
 
         self._settle()  # the bad-step counts of the steps so far
         cursors = D.all_gather_objects([self.cursor.epoch, self.cursor.batch])
@@ -317,7 +317,7 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a verified checkpoint: refuse recipe changes it cannot continue under,
         apply optimizer and schedule changes for real, and drop the log past its step."""
-        from pace_llm.config import recipe_to_dict
+        from pace_llm.schema import recipe_to_dict
 
         saved = ckpt.read_state(path).get("recipe")
         if saved is None:

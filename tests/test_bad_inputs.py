@@ -375,9 +375,9 @@ def test_check_model_lists_every_problem():
     position table, both in one message; a model that fits passes."""
     from conftest import tiny_llama
 
-    from pace_llm.config import Recipe
     from pace_llm.errors import UserError
     from pace_llm.preflight import check_model
+    from pace_llm.schema import Recipe
     from pace_llm.tasks import TaskData
 
     class Tok:

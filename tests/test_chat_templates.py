@@ -11,8 +11,8 @@ import pytest
 from conftest import DATA, runs, save_fixture_tokenizer
 
 from pace_llm import datacheck
-from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import build_task, templates
 from pace_llm.tasks.tokens import chat_segments, segments_to_example
 

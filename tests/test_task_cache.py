@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from pace_llm.config import DataArgs
 from pace_llm.data import BatchPlan
 from pace_llm.distributed import free_port
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import ArrowExamples, build_lists, build_task, cache, gsm8k
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import DATA, runs
 
-from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import build_task
 from pace_llm.tasks.instruct import text_metrics
 from pace_llm.tasks.tokens import DEFAULT_CHAT_TEMPLATE

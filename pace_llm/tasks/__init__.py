@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.tasks.examples import LengthPolicy
 
 Kind = Literal["causal_lm", "seq_cls"]

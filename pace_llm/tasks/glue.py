@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import Plan, Splits, TaskData, cache
 from pace_llm.tasks.examples import LengthPolicy
 from pace_llm.tasks.sources import (Rows, load_splits, looks_local, read_hub, read_local,

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import Plan, Splits, TaskData, cache, split_records
 from pace_llm.tasks.examples import LengthPolicy
 from pace_llm.tasks.sources import Rows, load_splits

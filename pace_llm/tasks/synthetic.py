@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from pace_llm.config import DataArgs
 from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
 from pace_llm.tasks import Plan, TaskData, cache
 from pace_llm.tasks.gsm8k import plan_from_rows, render_text
 from pace_llm.tasks.sources import Rows
