@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.errors import UserError
 from pace_llm.schema import Recipe, dump_recipe
 
 if TYPE_CHECKING:
@@ -42,18 +41,6 @@ def seed(recipe: Recipe, stage: str) -> None:
 
 
 # ------------------------------------------------------------------------- setup's helpers
-def check_quant(recipe: Recipe, ds_config: dict) -> None:
-    """QLoRA's rules (bitsandbytes present, ZeRO-3 limits, storage dtype) before any load."""
-    from pace_llm.dsconfig import zero_stage
-    from pace_llm.quant import quant_bits, quant_problems
-
-    if quant_bits(recipe.quant) is None:
-        return
-    problems = quant_problems(recipe, zero_stage(ds_config))
-    if problems:
-        raise UserError("quantization problems:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
 def record_recipe(recipe: Recipe, ds_config: dict, where: Path) -> None:
     """Rank 0 writes the resolved recipe and the DeepSpeed config DeepSpeed got."""
     from pace_llm import distributed as D

@@ -114,9 +114,10 @@ def local_model_config(model: ModelArgs) -> dict[str, Any] | None:
 
 
 def quant_problems(recipe: Recipe, zero_stage: int) -> list[str]:
-    """Every problem with the recipe's quantization under this ZeRO stage (empty = fine).
+    """Every problem with the recipe's quantization under this ZeRO stage (empty = fine);
+    pace_llm/checks.py runs it when a command's recipe is parsed.
 
-    ``quant.bits`` outside none/4/8 is reported by ``config.validate``. The base's
+    ``quant.bits`` outside none/4/8 is refused by the recipe schema. The base's
     ``quantization_config`` is read from its ``config.json`` when that is on disk.
     """
     precision = PRECISION_DTYPES.get(recipe.train.precision)

@@ -213,15 +213,13 @@ def setup(recipe: Recipe, rundir: RunDir) -> Run:
                                    zero_stage)
     from pace_llm.flat_optim import engine_config, prepare_engine, uses_flat
     from pace_llm.inject import adapter_parameters
-    from pace_llm.model import base_model_dir, load_tokenizer
+    from pace_llm.model import base_model_dir, check_model, load_tokenizer
     from pace_llm.objective import PaceObjective
     from pace_llm.optim import build_optimizer, build_scheduler
-    from pace_llm.preflight import check_model
     from pace_llm.tasks import build_task
 
     precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
     ds_config = fill_ds_config(recipe, D.world_size(), precision)
-    C.check_quant(recipe, ds_config)
     base_dir = C.ensure_base_model(recipe, rundir.path)
     tokenizer = load_tokenizer(base_dir, recipe)
     task = build_task(recipe.data, tokenizer)

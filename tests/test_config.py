@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.config import RecipeError, load_recipe
+from pace_llm.config import load_recipe
+from pace_llm.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from pace_llm import quant as Q
-from pace_llm.config import RecipeError, load_recipe
-from pace_llm.errors import UserError
+from pace_llm.config import load_recipe
+from pace_llm.errors import RecipeError, UserError
 from pace_llm.inject import adapter_parameters, inject_noisy_lora
 from pace_llm.lora import NoisyLoRALinear, shared_views
 from pace_llm.schema import LoraArgs, PaceArgs, QuantArgs
