@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from pace_llm.dtypes import DTYPES, PRECISION_DTYPES
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, bulleted
 from pace_llm.families import full_precision_names
 from pace_llm.schema import ModelArgs, QuantArgs, Recipe
 
@@ -246,7 +246,7 @@ def load_quantized(model_cls: Any, name_or_path: str, quant: QuantArgs, compute_
     problems = _problems(quant, zero_stage, prequantized_method(config), compute_dtype,
                          name_or_path)
     if problems:
-        raise UserError("cannot load a quantized base:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise UserError(bulleted("cannot load a quantized base", problems))
     bnb = bnb_config(quant, compute_dtype, zero_stage)
     if bits == 4 and zero_stage == 3 and quant.storage_dtype == "uint8":
         log.warning("quant.storage_dtype: uint8 under ZeRO-3 mixes dtypes in DeepSpeed's "
