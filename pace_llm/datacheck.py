@@ -18,9 +18,11 @@ from typing import Any
 from pace_llm.config import parse_command
 from pace_llm.data import IGNORE
 from pace_llm.errors import UserError, run_command
+from pace_llm.model import load_tokenizer
 from pace_llm.schema import Recipe
 from pace_llm.tasks import TaskData, build_task, task_texts
 from pace_llm.tasks.templates import describe
+from pace_llm.tinymodel import DEFAULT_VOCAB, train_tokenizer
 
 SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"
 
@@ -71,14 +73,10 @@ def report(task: TaskData, tok: Any, index: int = 0) -> str:
 def check(recipe: Recipe, index: int = 0) -> str:
     """Build tokenizer and task as training would; return the report."""
     if recipe.model.build is not None:
-        from pace_llm.tinymodel import DEFAULT_VOCAB, train_tokenizer
-
         with tempfile.TemporaryDirectory() as tmp:
             vocab = int(recipe.model.build.get("vocab_size", DEFAULT_VOCAB))
             tok = train_tokenizer(task_texts(recipe.data), Path(tmp), vocab)
     else:
-        from pace_llm.model import load_tokenizer
-
         tok = load_tokenizer(recipe.model.name_or_path, recipe, need_model=False)
     task = build_task(recipe.data, tok)
     text = report(task, tok, index)
