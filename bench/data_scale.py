@@ -113,7 +113,7 @@ def child(spec: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.data import cache
     from pace_llm.data.batches import EpochOrder
     from pace_llm.data.build import build_lists, build_task

@@ -78,7 +78,7 @@ NEW_RUNS = 0  # runs started by this invocation (for --max-new)
 def glue_splits(task: str, glue_dir: str) -> tuple[list, list]:
     """(GLUE train rows, GLUE dev rows) as (sentence, label-string "0"/"1"), read by pace_llm's
     GLUE reader from the hub id or from ``glue_dir/CoLA`` / ``glue_dir/SST-2``."""
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.data.sources import LOCAL_EXTS, looks_like_path
     from pace_llm.tasks.glue import SPECS, load_glue, parse_label
 

@@ -87,7 +87,7 @@ def contender(kind: str, ckpt: str, steps: int, rows: int, length: int) -> dict:
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
+    from pace_llm.schema import LoraArgs, PaceArgs, QuantArgs
     from pace_llm.inject import inject_noisy_lora, trainable_parameters
     from pace_llm.lora import shared_views
     from pace_llm.quant import load_quantized

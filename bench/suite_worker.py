@@ -65,7 +65,7 @@ def build_base(cfg: dict) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.tasks import gsm8k
     from pace_llm.tinymodel import train_tokenizer
 

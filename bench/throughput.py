@@ -207,7 +207,7 @@ def worker_build(cfg: dict) -> None:
     """Train the tokenizer on the GSM8K train text and save the random-init Llama."""
     import logging
 
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.tasks import gsm8k
     from pace_llm.tinymodel import build_base
 
@@ -287,7 +287,7 @@ def worker_peft(cfg: dict, grouped: bool, out: str) -> None:
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq,
                               Trainer, TrainerCallback, TrainingArguments)
 
-    from pace_llm.config import DataArgs
+    from pace_llm.schema import DataArgs
     from pace_llm.data.build import build_task
 
     rec = Recorder(cfg["total_steps"], cfg["warmup"])

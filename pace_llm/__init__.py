@@ -5,13 +5,14 @@ step plan and objective, and the model-family table. A run is ``with
 pace_llm.train.started(recipe) as trainer: trainer.train()`` (what ``pace-llm train`` does).
 """
 
-from pace_llm.config import (DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs, PaceArgs,
-                             QuantArgs, Recipe, TrainArgs, load_recipe)
+from pace_llm.config import load_recipe
 from pace_llm.errors import UserError
 from pace_llm.families import FAMILIES, Family
 from pace_llm.inject import inject_noisy_lora
 from pace_llm.lora import NoisyLoRALinear, adapters_disabled, shared_views
 from pace_llm.objective import PaceObjective, StepPlan, step_plan
+from pace_llm.schema import (DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs, PaceArgs,
+                             QuantArgs, Recipe, TrainArgs)
 
 __all__ = ["FAMILIES", "DataArgs", "EvalArgs", "ExportArgs", "Family", "LoraArgs", "ModelArgs",
            "NoisyLoRALinear", "PaceArgs", "PaceObjective", "QuantArgs", "Recipe", "StepPlan",

@@ -1,51 +1,36 @@
-"""The recipe, parsed by jsonargparse and validated as a whole.
+"""The recipe's parser: ``--recipe FILE`` (one or more) and ``--section.key value`` flags, through
+jsonargparse, into a :class:`~pace_llm.schema.Recipe`; :func:`parse_command` then has
+pace_llm/checks.py check it as a whole.
 
-The schema is pace_llm/schema.py (its names are importable from here too).
-``load_recipe(argv)`` returns a validated :class:`Recipe` or raises :class:`RecipeError`
-listing *every* problem found, each naming the key, the value, what is allowed and how to fix
-it.
+Each recipe file is checked key by key before jsonargparse sees it (unknown keys with the nearest
+valid name, values of the wrong type), so that every problem is found at once, and its relative
+paths are resolved against its folder; jsonargparse parses its well-typed keys and the flags in
+command-line order. ``load_recipe(argv)`` returns a valid Recipe or raises
+:class:`~pace_llm.errors.RecipeError` listing *every* problem found, each naming the key, the
+value, what is allowed and how to fix it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import sys
 import typing
 from dataclasses import dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from jsonargparse import ArgumentError
 
-from pace_llm.data.checks import data_problems
+from pace_llm.checks import check
 from pace_llm.data.mix import PATH_KEYS as MIX_PATH_KEYS
-from pace_llm.errors import UserError, read_text
-from pace_llm.families import PRESET_NAMES
-from pace_llm.preflight import before_run, fast_mode_estimate, resource_problems
-from pace_llm.schema import (SECTIONS, DataArgs, EvalArgs, ExportArgs, LoraArgs, ModelArgs,
-                             PaceArgs, QuantArgs, Recipe, TrainArgs, dump_recipe, recipe_to_dict)
+from pace_llm.errors import RecipeError, read_text
+from pace_llm.schema import SECTIONS, Recipe
 
-__all__ = ["SECTIONS", "Command", "DataArgs", "EvalArgs", "ExportArgs", "LoraArgs", "ModelArgs",
-           "PaceArgs", "QuantArgs", "Recipe", "RecipeError", "TrainArgs", "dump_recipe",
-           "load_recipe", "parse_command", "recipe_to_dict", "validate"]
-
-
-class RecipeError(UserError):
-    """One or more problems in a recipe; ``str()`` is the one problem, or lists them all."""
-
-    def __init__(self, problems: list[str], source: str = "recipe"):
-        self.problems = problems
-        if len(problems) == 1:
-            super().__init__(problems[0])
-            return
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+__all__ = ["Command", "build_parser", "load_recipe", "parse_command"]
 
 
 # --- Raw-file checks: every unknown key and every value jsonargparse refuses, all at once.
@@ -118,67 +103,6 @@ def _parses(parser: Any, section: str, key: str, value: Any) -> bool:
     return True
 
 
-# --- Semantic validation of the parsed recipe: every problem at once.
-
-def validate(recipe: Recipe) -> list[str]:
-    """Cross-field checks on a parsed recipe. Returns the list of problems (empty = valid)."""
-    p: list[str] = []
-    m, lo, pc, d, t, e = (recipe.model, recipe.lora, recipe.pace, recipe.data, recipe.train,
-                          recipe.eval)
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
-    need(bool(m.name_or_path) or m.build is not None,
-         "model.name_or_path is empty: give a hub id or a local model directory (or model.build)")
-    need(not (m.name_or_path and m.build is not None), f"model.name_or_path {m.name_or_path!r} "
-         "and model.build are both set (build makes a random-init base, ignoring name_or_path): "
-         "to train that model add --model.build null; to build, leave name_or_path empty")
-    need(lo.r > 0, f"lora.r: {lo.r} must be a positive integer (e.g. 8, 16)")
-    need(lo.alpha > 0, f"lora.alpha: {lo.alpha} must be > 0 (e.g. 2*r)")
-    need(0.0 <= lo.dropout < 1.0, f"lora.dropout: {lo.dropout} must be in [0, 1)")
-    if isinstance(lo.targets, str):
-        need(lo.targets in PRESET_NAMES,
-             f"lora.targets: unknown preset {lo.targets!r}; allowed presets: "
-             f"{', '.join(PRESET_NAMES)}, or a list of module-name suffixes like [q_proj, v_proj]")
-    else:
-        need(len(lo.targets) > 0 and all(isinstance(s, str) and s for s in lo.targets),
-             f"lora.targets: {lo.targets!r} must be a non-empty list of module-name suffixes")
-    need(math.isfinite(pc.sigma) and pc.sigma >= 0, f"pace.sigma: {pc.sigma} must be >= 0 (paper grid 0.1-2)")
-    need(math.isfinite(pc.consistency_weight) and pc.consistency_weight >= 0,
-         f"pace.consistency_weight: {pc.consistency_weight} must be >= 0 (paper grid 0.02-1)")
-    need(pc.skip_first_blocks >= 0, f"pace.skip_first_blocks: {pc.skip_first_blocks} must be >= 0")
-    need(pc.lazy_interval >= 1, f"pace.lazy_interval: {pc.lazy_interval} must be >= 1")
-    if pc.mode == "fast" and recipe.is_causal_lm:
-        p.append(f"pace.mode: 'fast' needs a classification/regression task but data.task is "
-                 f"'{d.task}' (a causal LM); {fast_mode_estimate(d)}. Use pace.mode: full or lazy")
-    need(t.max_steps >= 0, f"train.max_steps: {t.max_steps} must be >= 0")
-    need(t.max_steps > 0 or t.epochs > 0, "train: set max_steps > 0 or epochs > 0")
-    need(t.micro_batch_size >= 1, f"train.micro_batch_size: {t.micro_batch_size} must be >= 1")
-    need(t.grad_accum >= 1, f"train.grad_accum: {t.grad_accum} must be >= 1")
-    need(t.lr > 0 and math.isfinite(t.lr), f"train.lr: {t.lr} must be > 0")
-    need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
-    need(t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} must be >= 0")
-    need(t.max_grad_norm >= 0, f"train.max_grad_norm: {t.max_grad_norm} must be >= 0 (0 = off)")
-    need(t.log_every >= 1, f"train.log_every: {t.log_every} must be >= 1")
-    need(t.clean_grad_norm_every >= 0,
-         f"train.clean_grad_norm_every: {t.clean_grad_norm_every} must be >= 0 (0 = never)")
-    need(t.save_every >= 0, f"train.save_every: {t.save_every} must be >= 0")
-    need(t.keep_last >= 1, f"train.keep_last: {t.keep_last} must be >= 1")
-    need(t.max_bad_steps >= 1, f"train.max_bad_steps: {t.max_bad_steps} must be >= 1")
-    need(bool(t.output_dir), "train.output_dir is empty: give a directory for the run")
-    if t.resume not in (None, "auto"):
-        need(Path(t.resume).is_dir(),
-             f"train.resume: checkpoint path {t.resume!r} does not exist; use 'auto' or an existing "
-             f"<output_dir>/checkpoints/step-N directory")
-    need(e.every >= 0, f"eval.every: {e.every} must be >= 0")
-    need(e.limit is None or e.limit > 0, f"eval.limit: {e.limit} must be > 0 or null")
-    need(e.batch_size >= 1, f"eval.batch_size: {e.batch_size} must be >= 1")
-    need(e.max_new_tokens >= 1, f"eval.max_new_tokens: {e.max_new_tokens} must be >= 1")
-    return p + data_problems(recipe) + resource_problems(recipe)  # data; DS JSON, model.build
-
-
 # --- Parsing
 
 TRAIN_EXAMPLES = """examples:
@@ -218,16 +142,6 @@ def build_parser(prog: str = "pace-llm train", description: str = TRAIN_EXAMPLES
     return parser
 
 
-def _recipe_files(argv: list[str]) -> list[str]:
-    files = []
-    for i, a in enumerate(argv):
-        if a == "--recipe" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif a.startswith("--recipe="):
-            files.append(a.split("=", 1)[1])
-    return files
-
-
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise RecipeError([f"recipe file {path!r} does not exist"], source=path)
@@ -265,8 +179,9 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     name -> add_argument kwargs) into a validated recipe.
 
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
-    ``preflight`` (a command about to run): a local model path must exist, and keys set to no
-    effect in the chosen mode are logged as warnings (preflight.inert_keys).
+    ``preflight`` (a command about to run): also what the machine must hold (a local model
+    path exists, QLoRA's package), and keys set to no effect in the chosen mode are logged as
+    warnings (pace_llm/checks.py).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     print_config = "--print_config" in argv
@@ -274,33 +189,14 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     parser = build_parser(prog, description)
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
-    problems: list[str] = []
-    merged: dict[str, Any] = {}
-    for path in _recipe_files(argv):
-        raw = _read_yaml(path)
-        found, good = check_raw(raw, path, parser)
-        problems += found
-        for section, body in _resolve_paths(raw, Path(path).resolve().parent).items():
-            if isinstance(body, dict):
-                merged.setdefault(section, {}).update(body)
-            elif section in good:
-                merged[section] = body
-        for section, body in good.items():  # only well-typed keys reach the lenient recipe
-            if isinstance(body, dict):
-                merged.setdefault(f"_good_{section}", {}).update(body)
-    if problems:  # also report the value problems among the keys that did parse
-        raise RecipeError(problems + validate(_lenient_recipe(merged, parser, argv)))
+    argv, problems = _read_recipe_files(argv, parser)
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as exc:  # what jsonargparse raises with exit_on_error=False
-        raise RecipeError([_clean_jsonargparse_error(exc)], source="command line") from None
+        raise RecipeError([*problems, _clean_jsonargparse_error(exc)]) from None
     recipe = namespace_to_recipe(parser, ns)
-    _apply_file_paths(recipe, merged, argv)
-    problems = validate(recipe)
-    if problems:
-        raise RecipeError(problems)
-    if preflight:
-        before_run(recipe)  # the local model path exists; warnings for keys with no effect
+    _resolve_flag_paths(recipe, argv)
+    check(recipe, about_to_run=preflight, found=problems)
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 
@@ -308,6 +204,24 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
 def load_recipe(argv: list[str] | None = None) -> Recipe:
     """The validated Recipe of a train command line (see :func:`parse_command`)."""
     return parse_command(argv, preflight=False).recipe
+
+
+def _read_recipe_files(argv: list[str], parser: Any) -> tuple[list[str], list[str]]:
+    """``argv`` with each ``--recipe FILE`` replaced by that file's well-typed keys as YAML text
+    (its relative paths resolved against its folder), and the problems of its other keys."""
+    out: list[str] = []
+    problems: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        path = arg.split("=", 1)[1] if arg.startswith("--recipe=") else (
+            next(args, None) if arg == "--recipe" else None)
+        if path is None:
+            out.append(arg)
+            continue
+        found, good = check_raw(_read_yaml(path), path, parser)
+        problems += found
+        out += ["--recipe", yaml.safe_dump(_resolve_paths(good, Path(path).resolve().parent))]
+    return out, problems
 
 
 # recipe keys that hold input paths; "always" ones are never hub ids
@@ -338,34 +252,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def _apply_file_paths(recipe: Recipe, merged: dict[str, Any], argv: list[str]) -> None:
-    """Path keys: the recipe file's resolved value, unless the command line overrides it (then
-    relative to the current directory)."""
+def _resolve_flag_paths(recipe: Recipe, argv: list[str]) -> None:
+    """A path key given on the command line is relative to the current directory."""
     for (section, key), rule in PATH_KEYS.items():
         flag = f"--{section}" if key is None else f"--{section}.{key}"
-        overridden = any(a == flag or a.startswith(flag + "=") for a in argv)
-        holder, attr = (recipe, section) if key is None else (getattr(recipe, section), key)
-        if overridden:
+        if any(a == flag or a.startswith(flag + "=") for a in argv):
+            holder, attr = (recipe, section) if key is None else (getattr(recipe, section), key)
             setattr(holder, attr, _resolve(getattr(holder, attr), Path.cwd(), rule == "always"))
-            continue
-        body = merged.get(section) if key is not None else None
-        if key is None and section in merged:
-            setattr(holder, attr, merged[section])
-        elif isinstance(body, dict) and key in body:
-            setattr(holder, attr, body[key])
-
-
-def _lenient_recipe(merged: dict[str, Any], parser: Any, argv: list[str]) -> Recipe:
-    """A Recipe from the well-typed keys of the recipe files and then of the ``--section.key
-    value`` flags (ill-typed and unknown ones skipped)."""
-    for flag, text in pairwise(argv):  # typed as jsonargparse types them
-        section, _, key = flag[2:].partition(".")
-        if flag.startswith("--") and section in SECTIONS and _parses(parser, section, key, text):
-            value = parser.parse_object({section: {key: text}})[section][key]
-            merged.setdefault(f"_good_{section}", {})[key] = value
-    sections = {name: cls(**merged.get(f"_good_{name}", {})) for name, cls in SECTIONS.items()}
-    ds = merged.get("deepspeed")
-    return Recipe(**sections, deepspeed=ds if isinstance(ds, str) else None)
 
 
 def namespace_to_recipe(parser: Any, ns: Any) -> Recipe:

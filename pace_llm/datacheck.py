@@ -15,12 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import Recipe, parse_command
+from pace_llm.config import parse_command
 from pace_llm.data.build import build_task, task_texts
 from pace_llm.data.examples import IGNORE, TaskData
 from pace_llm.data.templates import describe
 from pace_llm.errors import UserError, run_command
 from pace_llm.model import load_tokenizer
+from pace_llm.schema import Recipe
 from pace_llm.tinymodel import DEFAULT_VOCAB, train_tokenizer
 
 SUP_OPEN, SUP_CLOSE = "[SUP]", "[/SUP]"

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pace_llm.config import Recipe
 from pace_llm.errors import UserError, first_line, listing
+from pace_llm.schema import Recipe
 
 
 def resolve_precision(recipe: Recipe) -> str:

@@ -5,7 +5,7 @@ text file read with its bad line named)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -17,6 +17,30 @@ class UserError(Exception):
     """A problem in the user's recipe, data or paths. Printed without a traceback, exit code 2."""
 
     exit_code = 2
+
+
+def bulleted(title: str, items: Iterable[str]) -> str:
+    """``title:`` then one ``  - item`` line per item: the list format of every message that
+    reports several problems at once."""
+    return f"{title}:\n" + "\n".join(f"  - {item}" for item in items)
+
+
+def problems_message(title: str, problems: list[str]) -> str:
+    """A problem alone is the whole message; several are listed under ``title``."""
+    return problems[0] if len(problems) == 1 else bulleted(title, problems)
+
+
+def problems_error(title: str, problems: list[str]) -> UserError:
+    """One UserError for every problem found (see :func:`problems_message`)."""
+    return UserError(problems_message(title, problems))
+
+
+class RecipeError(UserError):
+    """One or more problems in a recipe; ``str()`` is the one problem, or lists them all."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        super().__init__(problems_message(f"{len(problems)} problem(s) in {source}", problems))
 
 
 def run_command(body: Callable[[], int | None],

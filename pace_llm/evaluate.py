@@ -19,9 +19,9 @@ from torch import nn
 
 from pace_llm import distributed as D
 from pace_llm import probes
-from pace_llm.config import EvalArgs
 from pace_llm.data.examples import IGNORE, TaskData
 from pace_llm.lora import noise_free
+from pace_llm.schema import EvalArgs
 
 LOSS_ROWS = 64  # held-out examples in the eval loss
 

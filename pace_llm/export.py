@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pace_llm.atomic import atomic_dir, refuse_nonempty
+from pace_llm.config import load_recipe
 from pace_llm.data.sources import looks_like_path
 from pace_llm.distributed import on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES, PRECISION_DTYPES
@@ -43,7 +44,7 @@ from pace_llm.vllm_contract import check_vllm_contract
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser, Namespace
 
-    from pace_llm.config import Recipe
+    from pace_llm.schema import Recipe
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
@@ -194,8 +195,6 @@ def _parse(argv: list[str] | None) -> Namespace | int:
 
 
 def _run_recipe(run: Path) -> Recipe:
-    from pace_llm.config import load_recipe
-
     path = run / "recipe.yaml"
     if not path.is_file():
         raise UserError(f"{run} is not a run directory: {path} is missing")

@@ -19,11 +19,11 @@ import re
 
 from torch import nn
 
-from pace_llm.config import LoraArgs, PaceArgs
 from pace_llm.errors import UserError
 from pace_llm.families import PRESETS, family_of, model_types
 from pace_llm.lora import NoisyLoRALinear, ViewSharedDropout
 from pace_llm.quant import is_quantized_linear
+from pace_llm.schema import LoraArgs, PaceArgs
 
 log = logging.getLogger(__name__)
 

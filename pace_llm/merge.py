@@ -25,10 +25,11 @@ from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.lora import NoisyLoRALinear, lora_layers
 from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
+from pace_llm import quant as Q
 from pace_llm.quant import is_quantized_linear
 
 if TYPE_CHECKING:
-    from pace_llm.config import Recipe
+    from pace_llm.schema import Recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,9 +40,7 @@ def dequantized(module: nn.Module) -> nn.Module:
     """A plain nn.Linear for a quantized (bitsandbytes) linear: the quantized-base hook."""
     if type(module) is nn.Linear:
         return module
-    from pace_llm.quant import dequantize_linear  # looked up at call time (tests replace it)
-
-    return dequantize_linear(module)
+    return Q.dequantize_linear(module)  # looked up at call time (tests replace it)
 
 
 @torch.no_grad()
@@ -222,8 +221,6 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tup
     """
     import transformers
 
-    from pace_llm.quant import load_quantized, quant_bits
-
     config, _ = read_adapter(adapter_dir)
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base DIR")
@@ -241,10 +238,10 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tup
         kwargs.update(extra)
     else:
         auto = transformers.AutoModelForCausalLM
-    bits = quant_bits(recipe.quant) if recipe is not None else None
+    bits = Q.quant_bits(recipe.quant) if recipe is not None else None
     try:
         if bits is not None:  # the weights the adapter was trained on: dequantized at the merge
-            model = load_quantized(auto, base, recipe.quant, torch.float32, zero_stage=0,
+            model = Q.load_quantized(auto, base, recipe.quant, torch.float32, zero_stage=0,
                                    **kwargs)
         else:
             model = auto.from_pretrained(base, **kwargs)

@@ -1,4 +1,5 @@
-"""Tokenizer and base-model loading: hub ids and local directories, causal LM or classifier.
+"""Tokenizer and base-model loading: hub ids and local directories, causal LM or classifier;
+the loaded model checked against the tokenizer and the data (:func:`check_model`).
 
 Under ZeRO-3 the weights are partitioned while loading (transformers reads the DeepSpeed config
 kept alive in ``HfDeepSpeedConfig``), so no rank ever holds the whole model.
@@ -8,18 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pace_llm.config import Recipe
 from pace_llm.data.sources import looks_like_path
 from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
-from pace_llm.errors import UserError, first_line, listing
+from pace_llm.errors import UserError, first_line, listing, problems_error
 from pace_llm.families import head_names
+from pace_llm.quant import load_quantized
+from pace_llm.schema import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +41,45 @@ OFFLINE_HINT = ("give a local model directory instead (--model.name_or_path /pat
 
 def check_model_dir(name_or_path: str, need_model: bool = True,
                     key: str = "model.name_or_path") -> None:
-    """A local model path, checked before anything loads: it exists, is a directory, and (for a
+    """A local model path, checked before anything loads (see :func:`model_dir_problem`)."""
+    problem = model_dir_problem(name_or_path, need_model, key)
+    if problem is not None:
+        raise UserError(problem)
+
+
+def model_dir_problem(name_or_path: str, need_model: bool = True,
+                      key: str = "model.name_or_path") -> str | None:
+    """What is wrong with a local model path, or None: it exists, is a directory, and (for a
     model, not only a tokenizer) has a config.json object and weights whose safetensors headers
     read. Hub ids are left to the hub."""
     if not name_or_path or not looks_like_path(name_or_path):
-        return
+        return None
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        raise UserError(f"{key}: {name_or_path!r} does not exist (resolved: {path.absolute()}); "
-                        "give an existing model directory, or a hub id like org/name")
+        return (f"{key}: {name_or_path!r} does not exist (resolved: {path.absolute()}); "
+                "give an existing model directory, or a hub id like org/name")
     if not path.is_dir():
-        raise UserError(f"{key}: {name_or_path!r} is a file; give the model directory that holds "
-                        f"config.json (e.g. {str(path.parent)!r})")
+        return (f"{key}: {name_or_path!r} is a file; give the model directory that holds "
+                f"config.json (e.g. {str(path.parent)!r})")
     if not need_model:
-        return
+        return None
     config = path / "config.json"
     if not config.is_file():
         inside = sorted(p.name for p in path.iterdir())
-        raise UserError(f"{key}: directory {name_or_path!r} has no config.json, so it is not a "
-                        f"transformers model directory (it holds: {listing(inside)}); give the "
-                        "directory written by save_pretrained / downloaded from the hub")
+        return (f"{key}: directory {name_or_path!r} has no config.json, so it is not a "
+                f"transformers model directory (it holds: {listing(inside)}); give the "
+                "directory written by save_pretrained / downloaded from the hub")
     try:
         body = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config} is not valid JSON ({first_line(exc)}); restore the model's "
-                        "config.json") from None
+        return f"{config} is not valid JSON ({first_line(exc)}); restore the model's config.json"
     if not isinstance(body, dict):
-        raise UserError(f"{config} holds a JSON {type(body).__name__}, not an object; it is not a "
-                        "transformers model config")
-    _check_weights(path)
+        return (f"{config} holds a JSON {type(body).__name__}, not an object; it is not a "
+                "transformers model config")
+    return _weights_problem(path)
 
 
-def _check_weights(path: Path) -> None:
+def _weights_problem(path: Path) -> str | None:
     """Every *.safetensors header readable (cheap: header only, no tensor is loaded)."""
     from safetensors import SafetensorError, safe_open
 
@@ -78,8 +88,9 @@ def _check_weights(path: Path) -> None:
             with safe_open(str(file), "pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            raise UserError(f"{file}: the weights cannot be read ({first_line(exc)}); "
-                            "the file is truncated or corrupt: copy or download it again") from None
+            return (f"{file}: the weights cannot be read ({first_line(exc)}); the file is "
+                    "truncated or corrupt: copy or download it again")
+    return None
 
 
 def load_tokenizer(name_or_path: str, recipe: Recipe, need_model: bool = True):
@@ -125,8 +136,6 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
         if num_labels == 1:
             kw["problem_type"] = "regression"
     if recipe.quant.bits in (4, 8):
-        from pace_llm.quant import load_quantized
-
         model = load_quantized(cls, name_or_path, recipe.quant, dtype,
                                zero_stage(ds_config) if ds_config else 0, **kw)
     else:
@@ -175,3 +184,64 @@ def base_model_dir(recipe: Recipe, output_dir: Path) -> str:
     if recipe.model.build is not None:
         return str(output_dir / "base_model")
     return recipe.model.name_or_path
+
+
+# ----------------------------------------------------------------------- the loaded model
+# learned position tables that start after the padding index (RoBERTa family)
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "xlm-roberta-xl": 2}
+
+
+def check_model(recipe: Recipe, model: Any, tokenizer: Any, task: Any) -> None:
+    """Refuse a model that cannot run the task: token ids beyond its embedding rows, or
+    sequences beyond its position limit. Every problem in one UserError.
+
+    Call after the base model is loaded (and adapters injected) and before the optimizer and
+    ``deepspeed.initialize``. ``task`` is the TaskData of ``pace_llm.tasks.build_task``.
+    """
+    problems = _vocab_problems(model, tokenizer, task) + _length_problems(recipe, model, task)
+    if problems:
+        raise problems_error(f"{len(problems)} problem(s) with this model", problems)
+
+
+def _ids(task: Any) -> Iterable[list[int]]:
+    rows = [*task.eval, *(r for rows in task.extra_eval.values() for r in rows)]  # eval: lists
+    for row in rows:
+        for key in ("input_ids", "prompt_ids", "target_ids"):
+            if row.get(key):
+                yield row[key]
+
+
+def _vocab_problems(model: Any, tokenizer: Any, task: Any) -> list[str]:
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return []
+    top_tokenizer = len(tokenizer) - 1
+    top_data = max([task.max_train_id, *(max(ids) for ids in _ids(task))])  # train: the cache's
+    if max(top_tokenizer, top_data) < rows:
+        return []
+    return [(f"the tokenizer's ids reach {top_tokenizer} (len(tokenizer) = {len(tokenizer)}; "
+             f"the task's examples use ids up to {top_data}) but the model has {rows} embedding "
+             f"rows (ids 0..{rows - 1}): the tokenizer does not belong to this model. Use the "
+             "tokenizer saved with the model (same directory), or resize the model's "
+             "embeddings (model.resize_token_embeddings) and save it")]
+
+
+def _length_problems(recipe: Recipe, model: Any, task: Any) -> list[str]:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return []
+    limit -= POSITION_OFFSET.get(getattr(config, "model_type", None), 0)
+    problems = []
+    if recipe.data.max_length > limit:
+        problems.append(f"data.max_length: {recipe.data.max_length} is beyond the model's "
+                        f"{limit} positions (config.max_position_embeddings); set "
+                        f"--data.max_length {limit} (or lower)")
+    inputs = [r.get("prompt_ids") or r.get("input_ids") or [] for r in task.eval]
+    longest = max(map(len, inputs), default=0)
+    if longest > limit:
+        problems.append(f"an evaluation input has {longest} tokens, beyond the model's {limit} "
+                        "positions (evaluation rows are never cut); use shorter evaluation rows "
+                        "(data.eval_path) or a model with more positions")
+    return problems

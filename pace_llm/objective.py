@@ -44,10 +44,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pace_llm import distributed as D
-from pace_llm.config import PaceArgs
 from pace_llm.data.collate import supervised_index
 from pace_llm.lora import shared_views
 from pace_llm.noise import NoiseBank, RowKeys
+from pace_llm.schema import PaceArgs
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pace_llm.config import ModelArgs, QuantArgs, Recipe
 from pace_llm.dtypes import DTYPES, PRECISION_DTYPES
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, bulleted
 from pace_llm.families import full_precision_names
+from pace_llm.schema import ModelArgs, QuantArgs, Recipe
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig, PreTrainedModel
@@ -114,9 +114,10 @@ def local_model_config(model: ModelArgs) -> dict[str, Any] | None:
 
 
 def quant_problems(recipe: Recipe, zero_stage: int) -> list[str]:
-    """Every problem with the recipe's quantization under this ZeRO stage (empty = fine).
+    """Every problem with the recipe's quantization under this ZeRO stage (empty = fine);
+    pace_llm/checks.py runs it when a command's recipe is parsed.
 
-    ``quant.bits`` outside none/4/8 is reported by ``config.validate``. The base's
+    ``quant.bits`` outside none/4/8 is refused by the recipe schema. The base's
     ``quantization_config`` is read from its ``config.json`` when that is on disk.
     """
     precision = PRECISION_DTYPES.get(recipe.train.precision)
@@ -245,7 +246,7 @@ def load_quantized(model_cls: Any, name_or_path: str, quant: QuantArgs, compute_
     problems = _problems(quant, zero_stage, prequantized_method(config), compute_dtype,
                          name_or_path)
     if problems:
-        raise UserError("cannot load a quantized base:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise UserError(bulleted("cannot load a quantized base", problems))
     bnb = bnb_config(quant, compute_dtype, zero_stage)
     if bits == 4 and zero_stage == 3 and quant.storage_dtype == "uint8":
         log.warning("quant.storage_dtype: uint8 under ZeRO-3 mixes dtypes in DeepSpeed's "

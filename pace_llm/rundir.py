@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from pace_llm import distributed as D
+from pace_llm.checkpoint import find_resumable, step_of, verify
 from pace_llm.errors import UserError
 
 
@@ -106,8 +107,6 @@ class RunDir:
         self._lock = handle
 
     def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Start:
-        from pace_llm.checkpoint import find_resumable, step_of, verify
-
         if self.staging.exists():  # left by a start that was killed before its commit
             shutil.rmtree(self.staging)
         if resume and resume != "auto":  # a named checkpoint must verify, wherever it is

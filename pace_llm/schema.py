@@ -1,7 +1,9 @@
 """The recipe schema: one typed dataclass per recipe section, each field's docstring its
 ``--help`` text. A recipe YAML has one section per dataclass (``model``, ``lora``, ``pace``,
 ``quant``, ``data``, ``train``, ``eval``, ``export``) plus a top-level ``deepspeed`` path.
-Parsing and whole-recipe validation are pace_llm/config.py's.
+
+The bottom of the package: it imports nothing of pace_llm. Parsing is pace_llm/config.py's,
+whole-recipe validation pace_llm/checks.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from typing import Any, Literal
 
 import yaml
 
-from pace_llm.tasks import TASKS
+Kind = Literal["causal_lm", "seq_cls"]
+
+TASKS: dict[str, Kind] = {"gsm8k": "causal_lm", "glue": "seq_cls", "instruct": "causal_lm",
+                          "synthetic": "causal_lm"}
+"""The allowed ``data.task`` names -> the kind of model each trains. Each name is a task module
+of pace_llm/tasks (tests/test_config.py checks that the two agree)."""
 
 
 @dataclass

@@ -33,13 +33,11 @@ from pace_llm.dsconfig import (
     size_buckets,
     zero_stage,
 )
-from pace_llm.errors import UserError
 from pace_llm.evaluate import EvalContext, Evaluator
 from pace_llm.inject import inject_noisy_lora, trainable_parameters
 from pace_llm.model import base_model_dir, classifier_head, load_model, load_tokenizer, weight_dtype
 from pace_llm.objective import FastHistory, PaceObjective
-from pace_llm.preflight import check_model
-from pace_llm.quant import quant_bits, quant_problems
+from pace_llm.model import check_model
 from pace_llm.resume import resume
 from pace_llm.run import Run
 from pace_llm.rundir import RunDir
@@ -104,7 +102,6 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
     loaded."""
     precision = resolve_precision(recipe)  # bf16/fp16/fp32, decided once for every component
     ds_config = fill_ds_config(recipe, D.world_size(), precision)
-    _check_quant(recipe, ds_config)
     engine = _engine(recipe, ds_config, precision, uniform=True)  # before anything heavy
     base_dir = _ensure_base_model(recipe, rundir.path)
     tokenizer = load_tokenizer(base_dir, recipe)
@@ -141,15 +138,6 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
                                                  multiple=multiple),
                batches=batches, max_steps=max_steps, history=_fast_history(recipe, task),
                served_name=_served_name(base_model_dir(recipe, rundir.out)))
-
-
-def _check_quant(recipe: Recipe, ds_config: dict[str, Any]) -> None:
-    """QLoRA's rules (bitsandbytes present, ZeRO-3 limits, storage dtype) before any load."""
-    if quant_bits(recipe.quant) is None:
-        return
-    problems = quant_problems(recipe, zero_stage(ds_config))
-    if problems:
-        raise UserError("quantization problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], precision: str, uniform: bool) -> str:

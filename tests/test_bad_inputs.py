@@ -311,7 +311,7 @@ CASES = [
     ("resume-not-a-checkpoint", train("--train.resume", "{w}/empty_dir",
                                       "--train.output_dir", "{w}/resume_target"),
      "train.resume: {w}/empty_dir is not a complete checkpoint: no MANIFEST.json"),
-    # after the model loads (pace_llm.preflight.check_model, before DeepSpeed starts)
+    # after the model loads (pace_llm.model.check_model, before DeepSpeed starts)
     ("preflight-vocab", train("--model.name_or_path", "{w}/small_vocab"), "100 embedding rows"),
     ("preflight-positions", train("--data.max_length", "1024"),
      "data.max_length: 1024 is beyond the model's 512 positions"),
@@ -371,13 +371,13 @@ def test_keys_without_effect_are_warnings(world):
 
 
 def test_check_model_lists_every_problem():
-    """preflight.check_model on its own: ids beyond the embedding rows, lengths beyond the
+    """model.check_model on its own: ids beyond the embedding rows, lengths beyond the
     position table, both in one message; a model that fits passes."""
     from conftest import tiny_llama
 
-    from pace_llm.config import Recipe
     from pace_llm.errors import UserError
-    from pace_llm.preflight import check_model
+    from pace_llm.model import check_model
+    from pace_llm.schema import Recipe
     from pace_llm.data.examples import TaskData
 
     class Tok:

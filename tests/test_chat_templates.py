@@ -11,7 +11,7 @@ import pytest
 from conftest import DATA, runs, save_fixture_tokenizer
 
 from pace_llm import datacheck
-from pace_llm.config import DataArgs
+from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
 from pace_llm.data import templates
 from pace_llm.data.build import build_task

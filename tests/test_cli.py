@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.config import dump_recipe, load_recipe
+from pace_llm.config import load_recipe
+from pace_llm.schema import dump_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.config import RecipeError, load_recipe
+from pace_llm.config import load_recipe
+from pace_llm.errors import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +116,16 @@ def test_load_recipe_raises_with_every_problem():
     with pytest.raises(RecipeError) as exc:
         load_recipe(["--lora.r", "-1", "--pace.sigma", "-1"])
     assert len(exc.value.problems) == 3  # r, sigma, and the missing model
+
+
+def test_schema_task_names_are_the_task_modules():
+    """schema.TASKS (the allowed data.task names, the schema imports nothing of the package)
+    agrees with pace_llm/tasks: every name is a task module, of the same model kind."""
+    import importlib
+
+    from pace_llm import schema, tasks
+
+    assert set(schema.TASKS) == set(tasks.MODULES)
+    for name, module in tasks.MODULES.items():
+        assert module is importlib.import_module(f"pace_llm.tasks.{name}")
+        assert callable(module.task_spec) and callable(module.texts), name

@@ -14,13 +14,13 @@ from conftest import SMALL, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
-from pace_llm.config import LoraArgs, ModelArgs, PaceArgs, Recipe, TrainArgs, dump_recipe
 from pace_llm.errors import UserError
 from pace_llm.export import export_adapter, main
 from pace_llm.inject import inject_noisy_lora
 from pace_llm.lora import NoisyLoRALinear, adapters_disabled, lora_layers
 from pace_llm.merge import merge_and_save
 from pace_llm.peft_format import peft_targets
+from pace_llm.schema import LoraArgs, ModelArgs, PaceArgs, Recipe, TrainArgs, dump_recipe
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 64, 11], [8, 2, 31, 77, 120, 6, 1, 9]])
 FILES = ["adapter_config.json", "adapter_model.safetensors", "pace_config.json"]
@@ -302,8 +302,8 @@ def test_merge_real_4bit_base(tmp_path):
     """QLoRA: a bitsandbytes NF4 base (mlp left without adapters) merges into plain floats."""
     from transformers import AutoModelForCausalLM
 
-    from pace_llm.config import QuantArgs
     from pace_llm.quant import load_quantized
+    from pace_llm.schema import QuantArgs
 
     tiny_llama().save_pretrained(tmp_path / "base")
     model = load_quantized(AutoModelForCausalLM, str(tmp_path / "base"), QuantArgs(bits=4),

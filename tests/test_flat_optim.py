@@ -161,8 +161,7 @@ def test_the_engine_choice():
 
 def test_a_checkpoint_from_before_the_flat_path_resumes_on_deepspeeds_path():
     from pace_llm.checkpoint import recipe_changes
-    from pace_llm.config import recipe_to_dict
-    from pace_llm.schema import Recipe
+    from pace_llm.schema import Recipe, recipe_to_dict
 
     saved = recipe_to_dict(Recipe())
     del saved["train"]["optimizer_path"]  # written before the key existed

@@ -63,3 +63,11 @@ def test_nothing_points_outside_the_repository():
             for f in files if f != Path(__file__)
             for n, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_the_schema_is_the_bottom():
+    """schema.py imports nothing of the package, not even inside a function."""
+    tree = ast.parse((PACKAGE / "schema.py").read_text())
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n and n.split(".")[0] == "pace_llm"]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import DATA
 
-from pace_llm.config import RecipeError, load_recipe
+from pace_llm.config import load_recipe
+from pace_llm.errors import RecipeError
 from pace_llm.data.batches import Cursor, MixtureOrder
 from tests.launch import argv
 from tests.test_streaming import consumed

@@ -24,10 +24,11 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from pace_llm import quant as Q
-from pace_llm.config import LoraArgs, PaceArgs, QuantArgs, RecipeError, load_recipe
-from pace_llm.errors import UserError
+from pace_llm.config import load_recipe
+from pace_llm.errors import RecipeError, UserError
 from pace_llm.inject import inject_noisy_lora, trainable_parameters
 from pace_llm.lora import NoisyLoRALinear, shared_views
+from pace_llm.schema import LoraArgs, PaceArgs, QuantArgs
 from tests.conftest import tiny_llama
 
 QLLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
@@ -284,10 +285,10 @@ ZERO3_SCRIPT = textwrap.dedent("""
     import json, os, sys, torch, deepspeed
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-    from pace_llm.config import LoraArgs, PaceArgs, QuantArgs
     from pace_llm.inject import trainable_parameters, inject_noisy_lora
     from pace_llm.distributed import init_distributed
     from pace_llm.quant import load_quantized
+    from pace_llm.schema import LoraArgs, PaceArgs, QuantArgs
     base = sys.argv[1]
     init_distributed()  # gloo, and no JIT build of DeepSpeed's shm comm op
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -88,8 +88,8 @@ def test_recipe_runs_as_shipped_on_a_replica(recipe, tmp_path, monkeypatch):
     codes, log = run(argv, world, tmp_path / "logs")
     assert codes == [0] * world, log
 
-    recipe_cfg = json.loads((out / "ds_config.json").read_text())
-    assert recipe_cfg["bf16"]["enabled"] is True  # the recipe's precision, as on a GPU
+    engine = json.loads((out / "engine.json").read_text())
+    assert engine["requested"]["precision"] == "bf16"  # the recipe's precision, as on a GPU
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["task_loss"] for r in rows if "task_loss" in r]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)

@@ -154,7 +154,7 @@ def test_a_killed_streamed_run_resumes_with_the_same_examples(tiny_base, tmp_pat
 
 
 def test_streaming_recipe_errors(tiny_base, tmp_path):
-    from pace_llm.config import RecipeError
+    from pace_llm.errors import RecipeError
 
     with pytest.raises(RecipeError) as err:
         load_recipe(stream_argv(tiny_base, tmp_path, train__max_steps=0, pace__mode="fast",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from pace_llm.config import DataArgs
+from pace_llm.schema import DataArgs
 from pace_llm.data import cache
 from pace_llm.data.batches import EpochOrder
 from pace_llm.data.build import build_lists, build_task

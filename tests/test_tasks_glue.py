@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DATA, data_lines
 
-from pace_llm.config import DataArgs
+from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
 from pace_llm.data.build import build_task
 from pace_llm.tasks.glue import (accuracy, f1_binary, glue_metric, matthews, pearson, ranks,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, data_lines
 
-from pace_llm.config import DataArgs
+from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
 from pace_llm.data.build import build_task
 from pace_llm.tasks.gsm8k import PAPER_PROMPT, exact_match, extract_answer, normalize_number

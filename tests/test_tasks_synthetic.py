@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.config import DataArgs
+from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
 from pace_llm.data.build import build_task, task_texts
 from pace_llm.tasks.gsm8k import PAPER_PROMPT, extract_answer

@@ -11,12 +11,12 @@ import torch
 from conftest import SMALL, tiny_llama
 from safetensors.torch import load_file, save_file
 
-from pace_llm.config import LoraArgs, PaceArgs
 from pace_llm.errors import UserError
 from pace_llm.export import export_adapter
 from pace_llm.families import expected_shape
 from pace_llm.inject import inject_noisy_lora
 from pace_llm.lora import lora_layers
+from pace_llm.schema import LoraArgs, PaceArgs
 from pace_llm.vllm_contract import check_vllm_contract, contract_violations, required_max_lora_rank
 
 P = "base_model.model.model.layers.0."

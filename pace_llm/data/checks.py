@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from pace_llm.data.mix import KEYS, source_name
-from pace_llm.tasks import TASKS
+from pace_llm.schema import TASKS
 from pace_llm.tasks.glue import GLUE_TASKS
 
 

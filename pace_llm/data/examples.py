@@ -14,13 +14,14 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pace_llm.schema import Kind
 
 if TYPE_CHECKING:
     from pace_llm.data.length import LengthPolicy
     from pace_llm.data.mix import Mixture
 
-Kind = Literal["causal_lm", "seq_cls"]
 
 IGNORE = -100
 """The label of a position that is not supervised (causal LM), as the loss ignores it."""

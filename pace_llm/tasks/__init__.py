@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pace_llm.data.examples import Kind
 from pace_llm.tasks import glue, gsm8k, instruct, synthetic
 
 MODULES: dict[str, ModuleType] = {"gsm8k": gsm8k, "glue": glue, "instruct": instruct,
                                   "synthetic": synthetic}
-"""``data.task`` name -> its definition."""
+"""``data.task`` name -> its definition (the names and the model kind each trains are
+``schema.TASKS``; a test keeps the two tables in step)."""
 
-TASKS: dict[str, Kind] = {"gsm8k": "causal_lm", "glue": "seq_cls", "instruct": "causal_lm",
-                          "synthetic": "causal_lm"}
-"""``data.task`` name -> the kind of model it trains; config's allowed task names derive from
-this table."""
-
-__all__ = ["MODULES", "TASKS"]
+__all__ = ["MODULES"]
