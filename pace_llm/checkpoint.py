@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pace_llm import distributed as D
@@ -100,7 +101,7 @@ def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],
             if history is not None:
                 save_file({"history": history}, str(tmp / "history.safetensors"))
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": D.world_size()}))
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save: RuntimeError
         failure = _write_failure(exc, tmp, root)
     failure = D.all_gather_objects(failure)
     if any(failure):
@@ -124,9 +125,11 @@ def _write_failure(exc: Exception, tmp: Path, root: Path) -> str:
     """The message for a checkpoint that could not be written (no space, or another error)."""
     written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
     free = shutil.disk_usage(root).free if root.is_dir() else 0
-    # torch.save reports a short write as "file write failed" or "unexpected pos"
+    # torch.save reports a short write as "file write failed" or "unexpected pos"; safetensors
+    # as "I/O error: No space left on device (os error 28)" / "File too large (os error 27)"
     no_space = getattr(exc, "errno", None) in NO_SPACE or any(
-        text in str(exc) for text in ("write failed", "unexpected pos", "No space left"))
+        text in str(exc) for text in ("write failed", "unexpected pos", "No space left",
+                                      "File too large", "Disk quota exceeded"))
     if not no_space:
         if isinstance(exc, OSError):
             return (f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints "

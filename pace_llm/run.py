@@ -43,6 +43,9 @@ class Run:
     """The engine around the PaceObjective (pace_llm/stepper.py)."""
     collate: Callable[[list[dict]], dict[str, torch.Tensor]]
     """The training batch (padding, labels) of a list of examples."""
+    pad_multiple: int
+    """Batches are padded to a multiple of it: data.pad_to_multiple_of, or 8 on a GPU and 1 on
+    a CPU."""
     batches: BatchOrder
     """The order of global batches."""
     max_steps: int
