@@ -2,7 +2,8 @@
 
 The public pieces: the recipe schema and its parser, the layer and its injection, the PACE
 step plan and objective, and the model-family table. A run is ``with
-pace_llm.train.started(recipe) as trainer: trainer.train()`` (what ``pace-llm train`` does).
+pace_llm.setup.started(recipe) as trainer: trainer.train()`` (what ``pace-llm train`` does,
+with ``results.finish`` after the last step).
 """
 
 from pace_llm.config import load_recipe

@@ -70,9 +70,8 @@ def sha256(path: Path) -> str:
 def _write_manifest(path: Path) -> None:
     files = {str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(path.rglob("*")) if p.is_file()}
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
-    os.replace(tmp, path / MANIFEST)
+    atomic_write(path / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files},
+                                             indent=1))
 
 
 def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pace_llm.errors import UserError, first_line, listing
+from pace_llm.errors import UserError, first_line, listing, problems_error
 from pace_llm.schema import Recipe
 
 
@@ -146,10 +146,8 @@ def _pydantic_problems(model: type, section: dict[str, Any], where: str) -> list
 
 
 def _refuse(problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise UserError(problems[0])
     if problems:
-        raise UserError("DeepSpeed config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise problems_error("DeepSpeed config problems", problems)
 
 
 def fill_ds_config(recipe: Recipe, world_size: int, precision: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_write
 from pace_llm.data.batches import Cursor
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, bulleted
 from pace_llm.results import write_adapter
 from pace_llm.schedule import apply_schedule
 from pace_llm.schema import recipe_to_dict
@@ -60,11 +60,11 @@ def resume(trainer: Trainer, path: Path) -> None:
                         "pace_llm); it cannot be checked against this one: start a new run")
     refused, applied = ckpt.recipe_changes(saved["recipe"], recipe_to_dict(run.recipe))
     if refused:
-        raise UserError(f"train.resume: checkpoint {path} was trained with other settings "
-                        "that change shapes, data or what a step is; nothing was changed. "
-                        "Resume with the checkpoint's values or start a new run (another "
-                        "train.output_dir or --train.overwrite true):\n"
-                        + "\n".join(f"  - {c}" for c in refused))
+        raise UserError(bulleted(
+            f"train.resume: checkpoint {path} was trained with other settings that change "
+            "shapes, data or what a step is; nothing was changed. Resume with the checkpoint's "
+            "values or start a new run (another train.output_dir or --train.overwrite true)",
+            refused))
     _check_engine(path, saved, run.engine["engine"])
     state, history, trainable = ckpt.load(run.stepper, path)
     _check_trainable(path, trainable, trainable_state(run.model))

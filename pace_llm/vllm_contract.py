@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pace_llm.dtypes import FLOAT_DTYPES
-from pace_llm.errors import UserError, listing
+from pace_llm.errors import UserError, bulleted, listing
 from pace_llm.families import embedding_names, expected_shape
 from pace_llm.inject import block_relative
 from pace_llm.peft_format import PREFIX, adapted_modules, peft_target_match, read_adapter
@@ -293,9 +293,8 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         shape_note = "shapes checked against the given base config"
     problems = contract_violations(config, tensors, base_config, max_lora_rank)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise UserError(f"{shown} breaks vLLM's adapter contract ({len(problems)} "
-                        f"problem(s)):\n{lines}")
+        raise UserError(bulleted(f"{shown} breaks vLLM's adapter contract ({len(problems)} "
+                                 "problem(s))", problems))
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     modules = adapted_modules(tensors)

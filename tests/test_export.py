@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from conftest import SMALL, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
 
+import pace_llm.quant
 from pace_llm.errors import UserError
 from pace_llm.export import export_adapter, main
 from pace_llm.inject import inject_noisy_lora
@@ -280,8 +280,7 @@ def test_merge_dequantizes_a_quantized_base(tmp_path, monkeypatch):
         lin.weight.data.copy_(module.packed)
         return lin
 
-    fake = types.SimpleNamespace(dequantize_linear=dequantize_linear)
-    monkeypatch.setitem(sys.modules, "pace_llm.quant", fake)
+    monkeypatch.setattr(pace_llm.quant, "dequantize_linear", dequantize_linear)
     model = trained(tiny_llama(), targets="attn")
     for _, layer in lora_layers(model):
         layer.base = Linear4bit(layer.base)
