@@ -11,17 +11,33 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from pace_llm.distributed import free_port
 
 
+def own_locks() -> None:
+    """A forked process gets its own tqdm write lock. tqdm's default is a multiprocessing lock
+    that a fork shares with the test process: a rank killed (SIGKILL, as the crash tests do)
+    while holding it would leave every later progress bar of the test process, and of every
+    rank forked after it, waiting forever. (Launchers start fresh processes: no shared lock.)"""
+    tqdm.set_lock(threading.RLock())
+
+
+def _own_locks_then(target: Callable[..., None], *args) -> None:
+    own_locks()
+    target(*args)
+
+
 def _child(argv: list[str], rank: int, world: int, port: int, log: str,
            file_size_limit: int | None = None) -> None:
+    own_locks()
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -116,7 +132,7 @@ def one_rank(target: Callable[..., None], *args, wait: float = 240,
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        child = ctx.Process(target=target, args=(*args, pipe))
+        child = ctx.Process(target=_own_locks_then, args=(target, *args, pipe))
         child.start()
     finally:
         for k, v in saved.items():
