@@ -7,12 +7,17 @@ would set, calls ``pace_llm.train.main`` and exits with its return code.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,3 +199,55 @@ def rel_close(a: list[float], b: list[float], tol: float = 1e-5) -> bool:
 def ckpt_exists(out: Path, step: int) -> Callable[[], bool]:
     """Whether checkpoint ``step`` of the run in ``out`` is complete (its manifest written)."""
     return lambda: (out / "checkpoints" / f"step-{step}" / "MANIFEST.json").exists()
+
+
+# ------------------------------------------------------------------ a command in a forked child
+def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    own_locks()
+    for path, fd in ((out, 1), (err, 2)):
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(handle, fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # see _child
+    logging.root.handlers.clear()  # pytest's capture handlers: log records go to stderr, as in
+    logging.root.setLevel(logging.WARNING)  # a fresh process
+    from pace_llm import cli
+
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # a --help or an argparse exit
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except BaseException:  # noqa: BLE001 - shown as Python would show it, exit 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 180
+        ) -> subprocess.CompletedProcess:
+    """``pace-llm ARGS`` run in ``cwd`` with environment ``env``, as a child forked from the test
+    process (its imports are paid once, not per command): the exit code and what it printed, as
+    ``subprocess.run(..., capture_output=True, text=True)`` returns them. The environment must
+    not change what the parent's imports already read (tests/conftest.py sets those)."""
+    ctx = mp.get_context("fork")
+    logs = Path(tempfile.mkdtemp(prefix="cli-"))
+    out, err = logs / "stdout", logs / "stderr"
+    child = ctx.Process(target=_cli_child, args=(list(args), str(cwd), dict(env), str(out),
+                                                 str(err)))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        raise TimeoutError(f"pace-llm {' '.join(args)} did not finish in {timeout}s:\n"
+                           f"{err.read_text()[-3000:]}")
+    result = subprocess.CompletedProcess(["pace-llm", *args], child.exitcode, out.read_text(),
+                                         err.read_text())
+    shutil.rmtree(logs, ignore_errors=True)
+    return result

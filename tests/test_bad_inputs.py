@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import DATA, save_fixture_tokenizer, save_tiny_base
 
+from tests.launch import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
@@ -32,8 +34,8 @@ GLUE = ["--data.task", "glue", "--data.glue_task", "sst2"]
 
 
 def pace_llm(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pace_llm.cli", *args], capture_output=True,
-                          check=False, text=True, cwd=cwd, env=ENV, timeout=timeout)
+    """``pace-llm ARGS`` in ``cwd``: a child forked from the test process (tests/launch.cli)."""
+    return cli(args, cwd, ENV, timeout)
 
 
 def train(*args: str, model: bool = True, synthetic: bool = True) -> list[str]:
