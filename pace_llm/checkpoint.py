@@ -21,7 +21,6 @@ engine's files are safetensors and JSON, DeepSpeed's ``.pt`` files are read with
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pace_llm import distributed as D
-from pace_llm.atomic import atomic_write
+from pace_llm.atomic import atomic_write, fault_kind, fault_message
 from pace_llm.errors import UserError
 from pace_llm.schema import Recipe, recipe_to_dict
 
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 2  # 2: size and sha256 per file
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -84,6 +82,9 @@ def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],
     """
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    if root.is_symlink():  # every rank: all stop together
+        raise UserError(f"{root} is a symbolic link (to {os.path.realpath(root)}); a run writes "
+                        "its checkpoints inside its own directory: remove the link")
     if D.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -110,7 +111,9 @@ def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],
     D.barrier()
     if D.is_main():
         _write_manifest(tmp)
-        if final.exists():
+        if final.is_symlink():  # not the run's: the link goes, what it points to stays
+            final.unlink()
+        elif final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write(root / "latest", final.name)
@@ -121,26 +124,21 @@ def save(stepper: Stepper, root: Path, step: int, state: dict[str, Any],
 
 
 def _write_failure(exc: Exception, tmp: Path, root: Path) -> str:
-    """The message for a checkpoint that could not be written (no space, or another error)."""
-    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else 0
-    free = shutil.disk_usage(root).free if root.is_dir() else 0
-    # torch.save reports a short write as "file write failed" or "unexpected pos"; safetensors
-    # as "I/O error: No space left on device (os error 28)" / "File too large (os error 27)"
-    no_space = getattr(exc, "errno", None) in NO_SPACE or any(
-        text in str(exc) for text in ("write failed", "unexpected pos", "No space left",
-                                      "File too large", "Disk quota exceeded"))
-    if not no_space:
+    """The message for a checkpoint that could not be written: a filesystem fault (no space, a
+    file-size limit, read-only, no permission: pace_llm/atomic.py tells them apart) or another
+    OSError; anything else is raised as it is."""
+    written = _checkpoint_bytes(tmp) if tmp.is_dir() else 0
+    kind = fault_kind(exc, root)
+    if kind is None:
         if isinstance(exc, OSError):
             return (f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints "
                     "are intact")
         raise exc
     earlier = list_steps(root)
     size = _checkpoint_bytes(root / f"step-{earlier[-1]}") if earlier else 0
-    need = f"about {size} bytes (the last checkpoint's size)" if size else f"more than {written} bytes"
-    return (f"no space left on the device while writing checkpoint {tmp} (wrote {written} "
-            f"bytes; {free} bytes free; a checkpoint needs {need}); the partial checkpoint was "
-            "removed and earlier checkpoints are intact. Free space and resume with "
-            "--train.resume auto")
+    return (fault_message(kind, "checkpoint", tmp, need=size or None, written=written)
+            + "; the partial checkpoint was removed and earlier checkpoints are intact (then "
+            "resume with --train.resume auto)")
 
 
 def _checkpoint_bytes(path: Path) -> int:
@@ -153,18 +151,34 @@ def step_of(path: Path) -> int:
     return int(suffix) if path.name.startswith("step-") and suffix.isdigit() else -1
 
 
-def list_steps(root: Path) -> list[int]:
+def list_steps(root: Path, links: bool = False) -> list[int]:
+    """The steps of the ``step-N`` directories under ``root``; symbolic links only with
+    ``links`` (a link is never the run's own checkpoint: not counted, not pruned)."""
     steps = []
-    for p in root.glob("step-*") if root.is_dir() else []:
+    for p in root.glob("step-*") if root.is_dir() and not root.is_symlink() else []:
         suffix = p.name.split("-", 1)[1]
-        if suffix.isdigit():
+        if suffix.isdigit() and (links or not p.is_symlink()):
             steps.append(int(suffix))
     return sorted(steps)
 
 
+def _links(path: Path) -> list[str]:
+    """Symbolic links in a checkpoint (the directory itself included), relative to it."""
+    if path.is_symlink():
+        return ["."]
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_symlink())
+
+
 def verify(path: Path) -> str | None:
-    """None if every file of the checkpoint matches its manifest (size, SHA-256) and no file is
-    there that the manifest does not list; else why not. Nothing is unpickled here."""
+    """None if every file of the checkpoint matches its manifest (size, SHA-256), no file is
+    there that the manifest does not list, nothing in it is a symbolic link (a link would make
+    a resume read, or a pruning delete, outside the run) and its state.json is of its step;
+    else why not. Nothing is unpickled here."""
+    links = _links(path)
+    if links:
+        where = "the checkpoint directory" if links == ["."] else links[0]
+        return (f"{where} is a symbolic link (to {os.path.realpath(path / links[0])}); a "
+                "checkpoint holds only its own regular files")
     manifest = path / MANIFEST
     if not manifest.is_file():
         return "no MANIFEST.json (the save did not finish)"
@@ -176,7 +190,10 @@ def verify(path: Path) -> str | None:
             or not isinstance(entry.get("files"), dict):
         return ("MANIFEST.json has no SHA-256 per file (a checkpoint of an older pace_llm, or "
                 "edited); it cannot be verified")
-    files = entry["files"]
+    return _files_problem(path, entry["files"]) or _state_problem(path)
+
+
+def _files_problem(path: Path, files: dict[str, Any]) -> str | None:
     present = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {MANIFEST}
     extra = sorted(present - set(files))
     if extra:
@@ -189,16 +206,32 @@ def verify(path: Path) -> str | None:
             return f"{rel} has {f.stat().st_size} bytes, the manifest says {meta} (truncated)"
         if sha256(f) != meta.get("sha256"):
             return f"{rel} does not match its SHA-256 in MANIFEST.json (the file was changed)"
+    return None
+
+
+def _state_problem(path: Path) -> str | None:
+    """state.json reads, and its step is the directory's (``step-N``: a checkpoint renamed or
+    assembled from another's files is not one)."""
     try:
-        json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         return f"unreadable state.json: {exc}"
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"state.json holds no step (step: {step!r})"
+    if step_of(path) >= 0 and step != step_of(path):
+        return (f"state.json says step {step}, the directory is {path.name}: the checkpoint was "
+                "renamed or assembled from another's files")
     return None
 
 
 def find_resumable(root: Path, log) -> Path | None:
     """The newest complete checkpoint under ``root``; incomplete ones are reported and skipped."""
-    for step in reversed(list_steps(root)):
+    if root.is_symlink():
+        log(f"skipping {root}: a symbolic link (to {os.path.realpath(root)}); a run's "
+            "checkpoints are inside its own directory")
+        return None
+    for step in reversed(list_steps(root, links=True)):
         path = root / f"step-{step}"
         problem = verify(path)
         if problem is None:

@@ -18,7 +18,7 @@ from pace_llm.atomic import copy_dir
 from pace_llm.dtypes import resolve
 from pace_llm.export import export_adapter
 from pace_llm.merge import merge_adapter_dir, merge_and_save
-from pace_llm.model import classifier_head
+from pace_llm.model import TRAIN_CODE_FLAG, classifier_head
 from pace_llm.plot import plot_metrics
 from pace_llm.run import Run
 from pace_llm.schema import recipe_to_dict
@@ -26,13 +26,16 @@ from pace_llm.schema import recipe_to_dict
 BEST = "adapter-best"
 
 
-def write_adapter(run: Run, out_dir: Path, overwrite: bool = False, quiet: bool = False) -> None:
-    """The PEFT-format adapter of the current weights (every rank calls; rank 0 writes)."""
+def write_adapter(run: Run, out_dir: Path, overwrite: bool = False, quiet: bool = False,
+                  rescue: bool = False) -> None:
+    """The PEFT-format adapter of the current weights (every rank calls; rank 0 writes).
+    ``rescue`` (the final adapter): a filesystem that refuses it gets the adapter written to
+    the system's temporary directory instead, named in the message (exit 2)."""
     export_adapter(run.model, out_dir, base_model_name_or_path=run.served_name,
                    task_type="CAUSAL_LM" if run.causal else "SEQ_CLS",
                    dtype=resolve(run.recipe.export.dtype, run.precision),
                    head_modules=[] if run.causal else classifier_head(run.model),
-                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite)
+                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite, rescue=rescue)
     if not quiet and D.is_main():
         print(f"[pace_llm] adapter written: {out_dir}", flush=True)
 
@@ -91,10 +94,12 @@ def finish(run: Run, stopping: EarlyStopping, log: Any) -> None:
     if stopping.stopped:
         D.on_rank0(lambda: copy_dir(stopping.best_dir(run.out), adapter))
     else:
-        write_adapter(run, adapter, overwrite=True)
+        write_adapter(run, adapter, overwrite=True, rescue=True)
     if run.recipe.export.merge and stopping.stopped:  # the best adapter onto the base
-        D.on_rank0(lambda: merge_adapter_dir(adapter, run.out / "merged", base=run.served_name,
-                                             recipe=run.recipe, dtype=None, overwrite=True))
+        D.on_rank0(lambda: merge_adapter_dir(
+            adapter, run.out / "merged", base=run.served_name, recipe=run.recipe, dtype=None,
+            overwrite=True, trust_remote_code=run.recipe.model.trust_remote_code,
+            flag=TRAIN_CODE_FLAG))
         log(f"merged model written: {run.out / 'merged'}")
     elif run.recipe.export.merge:
         merge_and_save(run.model, run.out / "merged", tokenizer=run.tokenizer, overwrite=True)

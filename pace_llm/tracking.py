@@ -14,11 +14,14 @@ artifacts ``eval_samples/step-NNNNNNN.md``). W&B honours WANDB_MODE, WANDB_PROJE
 "pace-llm"), WANDB_ENTITY, WANDB_NAME; its files go under ``<run_dir>/wandb``. MLflow honours
 MLFLOW_TRACKING_URI (default: a file store at ``<run_dir>/mlruns``) and MLFLOW_EXPERIMENT_NAME
 (default "pace-llm"); params are the flattened recipe (``section.key``, values cut to 500
-characters). A backend failing to log or close is a warning; one that cannot start, a UserError.
+characters). A backend failing to log or close is a warning, named once; one that cannot write
+in the run folder (read-only, full, no permission), a warning, and the run goes on without it;
+one that cannot start otherwise (not installed, not logged in), a UserError.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -99,6 +102,22 @@ def _recipe_markdown(recipe: dict[str, Any]) -> str:
 
 
 # --- backends: each has log(step, scalars, samples), close(ok) and state (for tracking.json)
+
+FAULTS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+          errno.EFBIG: "file-size limit", errno.EROFS: "read-only filesystem",
+          errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def write_fault(exc: BaseException) -> str | None:
+    """What the filesystem refused, if an exception (or one it wraps) is a refused write."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in FAULTS:
+            return f"{FAULTS[exc.errno]}: {exc.filename or exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
 
 class _TensorBoard:
     def __init__(self, run_dir: Path, recipe: dict[str, Any], resumed: bool, saved: dict):
@@ -333,7 +352,13 @@ class Tracker:
         try:
             for name in names:
                 mine = saved.get(name) if isinstance(saved.get(name), dict) else {}
-                opened[name] = OPENERS[name](run_dir, recipe_dict, resumed, mine)
+                try:
+                    opened[name] = OPENERS[name](run_dir, recipe_dict, resumed, mine)
+                except Exception as exc:
+                    if (fault := write_fault(exc)) is None:
+                        raise
+                    log.warning("warning: train.report_to: %s cannot write in %s (%s); "
+                                "training goes on without it", name, run_dir, fault)
         except BaseException:
             cls(opened, run_dir).close(ok=False)
             raise
@@ -374,7 +399,8 @@ class Tracker:
             try:
                 backend.close(ok)
             except Exception as exc:  # noqa: BLE001 - nor hides the error that ends it
-                log.warning("warning: train.report_to: %s failed to close (%s)", name, exc)
+                if name not in self._failed:  # a failed backend was named once already
+                    log.warning("warning: train.report_to: %s failed to close (%s)", name, exc)
 
     def __enter__(self) -> Tracker:
         return self
