@@ -152,6 +152,9 @@ def train_problems(t: TrainArgs) -> list[str]:
         (t.resume in (None, "auto") or Path(t.resume).is_dir(),
          (f"train.resume: checkpoint path {t.resume!r} does not exist; use 'auto' or an "
           "existing <output_dir>/checkpoints/step-N directory")),
+        (not (t.resume and t.overwrite),
+         (f"train.resume {t.resume!r} and train.overwrite true are both set: resume continues "
+          "the run in its directory, overwrite replaces it with a new one; give one of them")),
     ])
 
 

@@ -1,36 +1,55 @@
 """The run directory's guarantees (``train.output_dir``).
 
 - One process at a time: rank 0 holds an exclusive lock, ``<parent>/.<name>.lock`` (``flock``;
-  the holder's pid, host and command inside), for the whole run; a second run into the same
-  directory exits 2 naming the first.
+  the holder's pid, host and command inside), for the whole run, and a lock on the directory it
+  writes into (the staging directory, then the run): a second run into the same directory exits
+  2 naming the first, even when the lock file was deleted meanwhile.
 - Nothing of an existing run is changed before the new run is known to be good: a new run is
   staged in ``<parent>/.<name>.new/`` while its recipe, data, tokenizer, model and DeepSpeed
   config are checked and built; only then (``commit``) does it take the directory's place,
   replacing an old run (``train.overwrite``). A run that fails before that leaves the
   directory as it found it.
+- Nothing is deleted that a run did not create: ``train.overwrite`` replaces only a directory
+  that is recognisably a pace_llm run (its ``recipe.yaml``), holding only what a run writes and
+  none of this run's inputs (model, data, DeepSpeed config, chat template); ``train.resume
+  auto`` never replaces anything (no verified checkpoint: exit 2, nothing changed); a
+  directory that is, or holds, the current directory is never replaced.
 - A finished run (it has ``adapter/``) is final: ``train.resume`` on it says so and exits 0,
   unless the recipe raises ``train.max_steps`` above one of its verified checkpoints (the
   run is then extended from that checkpoint).
 - A resumed run writes into its directory in place, from its newest verified checkpoint.
+- ``train.output_dir`` that is a symbolic link is followed: the run is written where it points.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
+
+import yaml
 
 from pace_llm import distributed as D
+from pace_llm.atomic import inside
 from pace_llm.checkpoint import find_resumable, step_of, verify
-from pace_llm.errors import UserError
+from pace_llm.errors import UserError, listing
 
+if TYPE_CHECKING:
+    from pace_llm.schema import Recipe
 
 CHECKPOINT_BYTES_PER_ELEMENT = 24
+RUN_ENTRIES = ("recipe.yaml", "engine.json", "ds_config.json", "metrics.jsonl", "curves.png",
+               "adapter", "adapter-best", "merged", "checkpoints", "base_model", "tracking.json",
+               "tensorboard", "wandb", "mlruns")
+"""What a run writes at the top of its directory (pace_llm/setup.py, results.py, trainer.py,
+tracking.py); with their temporaries (``NAME.tmp``, ``.NAME.tmp-*``, ``.NAME.old-*``)."""
+_TEMPORARY = re.compile(r"^\.(?P<name>[^/]+?)\.(tmp|old)-.*$|^(?P<file>.+)\.tmp$")
 
 
 class RunFinished(Exception):
@@ -42,21 +61,74 @@ class Start:
     """What this start does with the directory (rank 0 decides; every rank gets the same)."""
 
     mode: str
-    """new (empty or absent directory), replace (overwrite / restart), resume; committed once
-    a new run has taken the directory's place."""
+    """new (empty or absent directory), replace (overwrite), resume; committed once a new run
+    has taken the directory's place."""
     checkpoint: str | None = None
     """The checkpoint to resume from (resume only)."""
+
+
+def run_written(name: str) -> bool:
+    """Whether a top-level entry of a run directory is one a run writes."""
+    if name in RUN_ENTRIES:
+        return True
+    found = _TEMPORARY.match(name)
+    return bool(found) and (found["name"] or found["file"]) in RUN_ENTRIES
+
+
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is recognisably a pace_llm run: its recipe.yaml is a recorded recipe."""
+    try:
+        recipe = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(recipe, dict) and isinstance(recipe.get("train"), dict)
+
+
+def recipe_inputs(recipe: Recipe) -> list[tuple[str, str]]:
+    """(recipe key, path) of every local file or directory the run reads: the model (and its
+    tokenizer), the data, the evaluation data, each mixture source's, the chat template file,
+    the DeepSpeed config. Hub ids and missing paths are left out."""
+    d = recipe.data
+    given = [("model.name_or_path", recipe.model.name_or_path), ("data.path", d.path),
+             ("data.eval_path", d.eval_path), ("data.chat_template", d.chat_template),
+             ("deepspeed", recipe.deepspeed)]
+    for i, item in enumerate(d.mix or []):
+        if isinstance(item, dict):
+            given += [(f"data.mix[{i}].{k}", item.get(k)) for k in ("path", "eval_path",
+                                                                   "chat_template")]
+    return [(key, str(value)) for key, value in given
+            if isinstance(value, str) and value and Path(value).expanduser().exists()]
+
+
+def _probe(path: Path) -> bool:
+    """Whether a directory is locked by a running start (it is then left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class RunDir:
     """The directory of one run, locked for the process's lifetime (rank 0)."""
 
     def __init__(self, out: Path):
+        self._place(Path(out).expanduser().absolute())  # "." is the current directory's path
+        self.start = Start("new")
+        self._lock: IO[str] | None = None
+        self._dir_lock: int | None = None
+        self._staged = False  # this start made the staging directory (abandon removes it)
+
+    def _place(self, out: Path) -> None:
         self.out = out
         self.staging = out.parent / f".{out.name}.new"
         self.lock_file = out.parent / f".{out.name}.lock"
-        self.start = Start("new")
-        self._lock: IO[str] | None = None
 
     @property
     def path(self) -> Path:
@@ -64,21 +136,39 @@ class RunDir:
         return self.staging if self.start.mode in ("new", "replace") else self.out
 
     # ------------------------------------------------------------------ opening
-    def open(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Start:
-        """Lock and decide (every rank calls; rank 0 decides). Raises UserError (exit 2) or
+    def open(self, resume: str | None, overwrite: bool, max_steps: int, log,
+             inputs: list[tuple[str, str]] = ()) -> Start:
+        """Lock and decide (every rank calls; rank 0 decides). ``inputs``: the (key, path) of
+        what the run reads (:func:`recipe_inputs`), never replaced. Raises UserError (exit 2) or
         RunFinished."""
-        def decide() -> tuple[Start | None, str | None]:  # (start, message of a RunFinished)
+        def decide() -> tuple[Start | None, Path, str | None]:  # (start, out, RunFinished's)
+            self._follow_link(log)
             self._acquire()
             try:
-                return self._decide(resume, overwrite, max_steps, log), None
+                start = self._decide(resume, overwrite, max_steps, log, list(inputs))
             except RunFinished as done:
-                return None, str(done)
+                return None, self.out, str(done)
+            self._lock_dir(start)
+            return start, self.out, None
 
-        start, finished = D.broadcast_object(D.on_rank0(decide))
+        start, out, finished = D.broadcast_object(D.on_rank0(decide))
+        self._place(out)
         if finished is not None:
             raise RunFinished(finished)
         self.start = start
         return start
+
+    def _follow_link(self, log) -> None:
+        if not self.out.is_symlink():
+            return
+        try:
+            target = self.out.resolve(strict=False)
+        except (OSError, RuntimeError) as exc:  # a loop of links
+            raise UserError(f"train.output_dir: {self.out} is a symbolic link that cannot be "
+                            f"followed ({exc}); give a directory") from None
+        log(f"train.output_dir: {self.out} is a symbolic link; the run is written where it "
+            f"points, {target}")
+        self._place(target)
 
     def _acquire(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -105,8 +195,14 @@ class RunDir:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:300]}\n")
         handle.flush()
         self._lock = handle
+        for busy in (self.out, self.staging):  # locked by a run whose lock file was deleted
+            if _probe(busy):
+                raise UserError(f"train.output_dir: {self.out} is in use by another run (it "
+                                f"holds a lock on {busy}; its lock file {self.lock_file} was "
+                                "removed); wait for that run to end or choose another directory")
 
-    def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log) -> Start:
+    def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log,
+                inputs: list[tuple[str, str]]) -> Start:
         if self.staging.exists():  # left by a start that was killed before its commit
             shutil.rmtree(self.staging)
         if resume and resume != "auto":  # a named checkpoint must verify, wherever it is
@@ -115,28 +211,71 @@ class RunDir:
                 raise UserError(f"train.resume: {resume} is not a complete checkpoint: {problem}")
         has_files = self.out.is_dir() and any(self.out.iterdir())
         if not has_files:
-            return Start("resume", resume) if resume and resume != "auto" else Start("new")
-        if resume:
-            finished = (self.out / "adapter" / "adapter_config.json").is_file()
-            found = (find_resumable(self.out / "checkpoints", log) if resume == "auto"
-                     else Path(resume))
-            if finished and (found is None or step_of(found) >= max_steps):
-                raise RunFinished(f"{self.out} is a finished run (it has its final adapter); "
-                                  "nothing to resume, nothing changed. To train it longer, raise "
-                                  "--train.max_steps above one of its checkpoints; to train "
-                                  "again, use another train.output_dir or --train.overwrite true")
-            if resume == "auto":
-                if found is not None:
-                    return Start("resume", str(found))
-                log(f"train.resume auto: {self.out} has no complete checkpoint; the run starts "
-                    "again from step 0 and replaces it once its data and model have loaded")
-                return Start("replace")
-            return Start("resume", resume)
-        if overwrite:
-            return Start("replace")
-        raise UserError(f"train.output_dir: {self.out} is not empty; nothing was changed. Pass "
-                        "--train.resume auto to continue that run, --train.overwrite true to "
-                        "replace it, or choose another directory")
+            start = Start("resume", resume) if resume and resume != "auto" else Start("new")
+        elif resume:
+            start = self._resume(resume, max_steps, log)
+        elif overwrite:
+            self._check_replaceable(inputs)
+            start = Start("replace")
+        else:
+            raise UserError(f"train.output_dir: {self.out} is not empty; nothing was changed. "
+                            "Pass --train.resume auto to continue that run, --train.overwrite "
+                            "true to replace it, or choose another directory")
+        if start.mode != "resume" and inside(Path.cwd().resolve(), self.out.resolve()):
+            raise UserError(f"train.output_dir: {self.out} is the current directory, or holds "
+                            "it; a new run takes its directory's place as a whole: give a "
+                            "directory below this one (e.g. runs/NAME) or run from elsewhere")
+        return start
+
+    def _resume(self, resume: str, max_steps: int, log) -> Start:
+        """Resume the run in the directory: its newest verified checkpoint (auto) or the named
+        one; a finished run is final; no checkpoint: exit 2, nothing changed."""
+        if not is_run(self.out):
+            raise UserError(f"train.resume: {self.out} is not a pace_llm run (no recipe.yaml; "
+                            f"it holds {listing(sorted(p.name for p in self.out.iterdir()))}); "
+                            "nothing was changed: give the run's directory as train.output_dir")
+        finished = (self.out / "adapter" / "adapter_config.json").is_file()
+        found = (find_resumable(self.out / "checkpoints", log) if resume == "auto"
+                 else Path(resume))
+        if finished and (found is None or step_of(found) >= max_steps):
+            raise RunFinished(f"{self.out} is a finished run (it has its final adapter); "
+                              "nothing to resume, nothing changed. To train it longer, raise "
+                              "--train.max_steps above one of its checkpoints; to train "
+                              "again, use another train.output_dir or --train.overwrite true")
+        if found is None:
+            raise UserError(f"train.resume auto: {self.out} has no checkpoint that verifies "
+                            "(each one is named above); nothing was changed. To start it again "
+                            "from step 0, replacing it: --train.overwrite true without "
+                            "--train.resume; or choose another train.output_dir")
+        return Start("resume", str(found))
+
+    def _check_replaceable(self, inputs: list[tuple[str, str]]) -> None:
+        """``train.overwrite`` deletes only what a run wrote, and none of this run's inputs."""
+        out = self.out.resolve()
+        for key, path in inputs:
+            if inside(Path(path).expanduser().resolve(), out):
+                raise UserError(f"train.overwrite: {key} {path} lies inside {self.out}, the "
+                                "directory a new run would replace; nothing was changed: choose "
+                                "another train.output_dir (or move the input out)")
+        if not is_run(self.out):
+            inside_ = listing(sorted(p.name for p in self.out.iterdir()))
+            raise UserError(f"train.overwrite: {self.out} is not a pace_llm run (no recipe.yaml; "
+                            f"it holds {inside_}); overwrite replaces only a run: nothing was "
+                            "changed, choose another train.output_dir")
+        foreign = sorted(p.name for p in self.out.iterdir() if not run_written(p.name))
+        if foreign:
+            raise UserError(f"train.overwrite: {self.out} holds {listing(foreign)}, which no "
+                            "run writes; overwrite would delete it: nothing was changed, move "
+                            "it out or choose another train.output_dir")
+
+    def _lock_dir(self, start: Start) -> None:
+        """Lock the directory this start writes into (the staging one becomes the run)."""
+        where = self.out if start.mode == "resume" else self.staging
+        where.mkdir(parents=True, exist_ok=True)
+        self._staged = where == self.staging
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._dir_lock = fd
 
     def check_space(self, trainable: int, save_every: int) -> None:
         """Refuse to start when a checkpoint cannot fit (rank 0; save_every > 0 only): about 24
@@ -178,16 +317,27 @@ class RunDir:
 
     def abandon(self) -> None:
         """After a failed start: remove what this start staged (rank 0)."""
-        if D.is_main() and self.start.mode in ("new", "replace") and self.staging.exists():
+        if D.is_main() and self._staged and self.start.mode in ("new", "replace"):
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def release(self) -> None:
-        """Drop the lock (rank 0); the lock file goes with it."""
+        """Drop the locks (rank 0); the lock file goes with them, if it is still this run's."""
+        if self._dir_lock is not None:
+            os.close(self._dir_lock)
+            self._dir_lock = None
         if self._lock is None:
             return
         try:
-            self.lock_file.unlink(missing_ok=True)
+            if _same_file(self._lock, self.lock_file):
+                self.lock_file.unlink()
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+
+def _same_file(handle: IO[Any], path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False

@@ -40,7 +40,7 @@ from pace_llm.objective import FastHistory, PaceObjective
 from pace_llm.model import check_model
 from pace_llm.resume import resume
 from pace_llm.run import Run
-from pace_llm.rundir import RunDir
+from pace_llm.rundir import RunDir, recipe_inputs
 from pace_llm.schema import Recipe, dump_recipe, recipe_to_dict
 from pace_llm.stepper import build_stepper, describe, require_deepspeed, summary
 from pace_llm.tinymodel import build_base
@@ -73,7 +73,8 @@ def started(recipe: Recipe) -> Iterator[Trainer]:
     check_installed(recipe.train.report_to)  # every rank: all exit 2 together
     rundir = RunDir(Path(recipe.train.output_dir))
     try:
-        rundir.open(recipe.train.resume, recipe.train.overwrite, recipe.train.max_steps, _log)
+        rundir.open(recipe.train.resume, recipe.train.overwrite, recipe.train.max_steps, _log,
+                    recipe_inputs(recipe))
         run = build_run(recipe, rundir)
         checkpoint = rundir.start.checkpoint
         tracker = _open_tracker(run, resumed=checkpoint is not None)
