@@ -36,10 +36,14 @@ __all__ = ["Command", "build_parser", "load_recipe", "parse_command"]
 # --- Raw-file checks: every unknown key and every value jsonargparse refuses, all at once.
 
 def _allowed(tp: Any) -> str:
-    """A field type as a user reads it: "one of 'a', 'b'", "int", "str | None"."""
+    """A field type as a user reads it: "one of 'a', 'b'", "int", "str | None", "a list of
+    'a', 'b' (e.g. [a])"."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list and typing.get_origin(item := typing.get_args(tp)[0]) is Literal:
+        names = typing.get_args(item)
+        return f"a list of {', '.join(map(repr, names))} (e.g. [{names[0]}])"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -189,6 +193,7 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     parser = build_parser(prog, description)
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
+    files = _recipe_files(argv)
     argv, problems = _read_recipe_files(argv, parser)
     try:
         ns = parser.parse_args(argv)
@@ -196,9 +201,32 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
         raise RecipeError([*problems, _clean_jsonargparse_error(exc)]) from None
     recipe = namespace_to_recipe(parser, ns)
     _resolve_flag_paths(recipe, argv)
+    if preflight and not print_config:
+        problems += _remote_code_problems(recipe, argv, files)
     check(recipe, about_to_run=preflight, found=problems)
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
+
+
+REMOTE_CODE_FLAG = "--model.trust_remote_code"
+
+
+def _remote_code_problems(recipe: Recipe, argv: list[str], files: list[str]) -> list[str]:
+    """``model.trust_remote_code: true`` counts only on the command line: a recipe file (a run's
+    recorded recipe.yaml, one received from someone else) never makes this command run the
+    model repository's own Python code."""
+    if not recipe.model.trust_remote_code or any(
+            a == REMOTE_CODE_FLAG or a.startswith(REMOTE_CODE_FLAG + "=") for a in argv):
+        return []
+    return [f"model.trust_remote_code: true comes from the recipe file {' / '.join(files)}; a "
+            "model repository's own Python code runs only when the command line asks for it: "
+            f"add {REMOTE_CODE_FLAG} true (only for a model you trust), or set it false"]
+
+
+def _recipe_files(argv: list[str]) -> list[str]:
+    """The files given with ``--recipe``, in order."""
+    return [a.split("=", 1)[1] if a.startswith("--recipe=") else b
+            for a, b in zip(argv, [*argv[1:], ""]) if a == "--recipe" or a.startswith("--recipe=")]
 
 
 def load_recipe(argv: list[str] | None = None) -> Recipe:

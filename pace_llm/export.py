@@ -11,12 +11,19 @@ put in place.
     pace-llm export --run DIR [--step N] --out DIR [--dtype D]    re-export (cast) an adapter
     pace-llm export --run DIR --out DIR --merge                     merged HF model (pace_llm.merge)
     pace-llm export --adapter DIR --check vllm [--max-lora-rank R]  check only
+
+A run directory is data: nothing read from it (its recipe's ``model.trust_remote_code``
+included) makes export run code; the base model's own code runs only with
+``--trust-remote-code`` on this command line. ``--out`` never replaces what export reads: the
+run, the adapter, the base model, or a part of the run.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pace_llm.atomic import atomic_dir, refuse_nonempty
+from pace_llm.atomic import WriteFault, atomic_dir, inside, refuse_nonempty
 from pace_llm.config import load_recipe
 from pace_llm.data.sources import looks_like_path
 from pace_llm.distributed import on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES, PRECISION_DTYPES
-from pace_llm.errors import UserError, run_command
+from pace_llm.errors import UserError, first_line, run_command
 from pace_llm.lora import NoisyLoRALinear, lora_layers
 from pace_llm.merge import merge_adapter_dir
 from pace_llm.peft_format import (
@@ -39,6 +46,7 @@ from pace_llm.peft_format import (
     read_adapter,
     write_adapter,
 )
+from pace_llm.rundir import RUN_ENTRIES
 from pace_llm.vllm_contract import check_vllm_contract
 
 if TYPE_CHECKING:
@@ -91,7 +99,7 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
     With check_vllm the written copy is checked against vLLM's contract before it is moved into
     place; a violation raises UserError and leaves out_dir as it was.
     """
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, what="adapter") as tmp:
         write_adapter(tmp, config, tensors)
         if pace_notes is not None:
             (tmp / "pace_config.json").write_text(json.dumps(pace_notes, indent=2, default=str)
@@ -101,9 +109,30 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
     return Path(out_dir)
 
 
+def _rescued(fault: WriteFault, out_dir: str | Path, config: dict[str, Any],
+             tensors: dict[str, torch.Tensor], notes: dict[str, Any]) -> WriteFault:
+    """After the filesystem refused the adapter: the same adapter written to the system's
+    temporary directory (often another filesystem), and one message saying where it is, or
+    that it could not be kept."""
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    out = Path(out_dir)
+    rescue = Path(tempfile.mkdtemp(prefix=f"pace_llm-{out.parent.name}-{out.name}-"))
+    try:
+        write_adapter_dir(rescue / "adapter", config, tensors, notes)
+    except (UserError, OSError) as again:
+        shutil.rmtree(rescue, ignore_errors=True)
+        return WriteFault(f"{fault}; the adapter needs about {need} bytes; writing it to "
+                          f"{rescue} failed too ({first_line(again)}): the trained adapter "
+                          "could not be kept", fault.kind, fault.path)
+    return WriteFault(f"{fault}; the adapter needs about {need} bytes. The trained adapter was "
+                      f"written to {rescue / 'adapter'} instead: move it to {out_dir} once "
+                      "there is room (it is the run's result)", fault.kind, fault.path)
+
+
 def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str,
                    task_type: str, dtype: torch.dtype, head_modules: Sequence[str] = (),
-                   pace_info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                   pace_info: dict[str, Any] | None = None, overwrite: bool = False,
+                   rescue: bool = False) -> Path:
     """Write the model's adapters as a PEFT LoRA directory (plus pace_config.json).
 
     Call on every rank of a ZeRO-3 run (the adapter params are gathered); rank 0 writes.
@@ -117,10 +146,13 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
         head_modules: trainable head modules saved in PEFT's modules_to_save form (SEQ_CLS).
         pace_info: recipe dict recorded in pace_config.json (σ, λ, mode, schedule, ...).
         overwrite: replace a non-empty out_dir.
+        rescue: when the filesystem refuses out_dir (full, read-only, ...), write the adapter
+            to the system's temporary directory instead and say so (a run's final adapter).
 
     Raises:
-        UserError: no adapters, every lora_B zero, bad task_type/head, out_dir not empty, or
-            (CAUSAL_LM) the written adapter breaks vLLM's contract.
+        UserError: no adapters, every lora_B zero, bad task_type/head, out_dir not empty,
+            (CAUSAL_LM) the written adapter breaks vLLM's contract, or the filesystem refused
+            the write (WriteFault, naming where a rescued copy is).
     """
     if task_type not in TASK_TYPES:
         raise UserError(f"task_type {task_type!r} is not supported; use one of {TASK_TYPES}")
@@ -147,9 +179,18 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
                             base_model_name_or_path=base_model_name_or_path,
                             head_modules=head_modules)
     notes = _pace_notes(model, layers, task_type, pace_info)
-    on_rank0(lambda: write_adapter_dir(out_dir, config, tensors, notes, overwrite=overwrite,
-                                       check_vllm=task_type == "CAUSAL_LM",
-                                       base_config=getattr(model, "config", None)))
+
+    def write() -> None:
+        try:
+            write_adapter_dir(out_dir, config, tensors, notes, overwrite=overwrite,
+                              check_vllm=task_type == "CAUSAL_LM",
+                              base_config=getattr(model, "config", None))
+        except WriteFault as fault:
+            if not rescue:
+                raise
+            raise _rescued(fault, out_dir, config, tensors, notes) from None
+
+    on_rank0(write)
     return Path(out_dir)
 
 
@@ -178,6 +219,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--base", type=str, help="base model directory; null = adapter_config's "
                                             "base_model_name_or_path, then <run>/base_model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="--merge: run the base model's own Python code (config.json auto_map); "
+                        "only for a model you trust. A run's recipe.yaml never turns it on")
     return p
 
 
@@ -278,6 +322,24 @@ def _reexport(src: Path, out: str, dtype: torch.dtype | None, base: str | None,
     print(f"adapter written to {out}")
 
 
+def _refuse_own_inputs(out: str, args: Namespace, src: Path, base: str | None) -> None:
+    """--out may not be, or hold, what this export reads (the run, the adapter, a local base
+    model), nor a part of the run (its adapter, checkpoints, ...): --overwrite would replace it."""
+    target = Path(out).expanduser().resolve()
+    reads = [("the run", args.run), ("the adapter", str(src)),
+             ("the base model", base if _local(base) else None)]
+    for what, path in reads:
+        if path and inside(Path(path).expanduser().resolve(), target):
+            raise UserError(f"--out {out} is, or holds, {what} this export reads ({path}); "
+                            "writing there would replace it: choose another directory")
+    if args.run:
+        run = Path(args.run).expanduser().resolve()
+        if inside(target, run) and target != run and target.relative_to(run).parts[0] in RUN_ENTRIES:
+            raise UserError(f"--out {out} is part of the run {args.run} (its "
+                            f"{target.relative_to(run).parts[0]}); writing there would replace "
+                            "it: choose a directory outside the run, or a new name inside it")
+
+
 def _command(argv: list[str] | None) -> int:
     args = _parse(argv)
     if isinstance(args, int):
@@ -291,13 +353,16 @@ def _command(argv: list[str] | None) -> int:
     recipe = _run_recipe(Path(args.run)) if args.run else None
     config, _ = read_adapter(src, strict=True)  # a malformed adapter_config.json: one message
     base = _base_dir(args, config)
+    if args.out:
+        _refuse_own_inputs(args.out, args, src, base)
     if args.check == "vllm":
         print("\n".join(check_vllm_contract(src, _local(base), max_lora_rank=args.max_lora_rank)))
     if args.out and not args.merge:
         _reexport(src, args.out, _export_dtype(args, recipe), base, args.overwrite)
     if args.merge:
         merge_adapter_dir(src, args.out, base=base, recipe=recipe,
-                          dtype=_export_dtype(args, recipe), overwrite=args.overwrite)
+                          dtype=_export_dtype(args, recipe), overwrite=args.overwrite,
+                          trust_remote_code=args.trust_remote_code)
         print(f"merged model written to {args.out}")
     return 0
 

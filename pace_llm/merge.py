@@ -24,6 +24,7 @@ from pace_llm.distributed import gathered, on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.lora import NoisyLoRALinear, lora_layers
+from pace_llm.model import note_own_code, remote_code_error
 from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
 from pace_llm import quant as Q
 from pace_llm.quant import is_quantized_linear
@@ -154,7 +155,7 @@ def merge_and_save(model: nn.Module, out_dir: str | Path, *, tokenizer: Any = No
             model.set_submodule(name, module)
 
     def write() -> None:
-        with atomic_dir(out_dir, overwrite) as tmp:
+        with atomic_dir(out_dir, overwrite, what="merged model") as tmp:
             _save_hf_dir(model, tmp, sd, dtype, tokenizer)
 
     on_rank0(write)
@@ -212,22 +213,30 @@ def saved_dtype(base: str | None) -> torch.dtype | None:
     return FLOAT_DTYPES.get(config.get("dtype") or config.get("torch_dtype") or "")
 
 
-def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tuple[nn.Module, Any]:
+EXPORT_CODE_FLAG = "--trust-remote-code"
+"""What an export command line says to run the base model's own code."""
+
+
+def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None,
+              trust_remote_code: bool = False, flag: str = EXPORT_CODE_FLAG
+              ) -> tuple[nn.Module, Any]:
     """(model, tokenizer or None): the base for --merge, as the run's recipe loaded it.
 
     A QLoRA run's base is loaded 4/8-bit, so the merge folds the adapter into the (dequantized)
     weights it was trained against; any other base is loaded in fp32. A SEQ_CLS adapter's
-    classifier config (num_labels, id2label, ...) comes from its pace_config.json.
+    classifier config (num_labels, id2label, ...) comes from its pace_config.json. The base's
+    own code runs only with ``trust_remote_code`` (the command line's ``flag``): the recipe's
+    value is data read from a run directory, never a permission.
     """
     import transformers
 
     config, _ = read_adapter(adapter_dir)
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model; pass --base DIR")
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": trust_remote_code}
     if recipe is not None:
-        kwargs.update(trust_remote_code=recipe.model.trust_remote_code,
-                      revision=recipe.model.revision)
+        kwargs["revision"] = recipe.model.revision
+    note_own_code(base, trust_remote_code, flag)
     notes_path = adapter_dir / "pace_config.json"
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else {}
     if config.get("task_type") == "SEQ_CLS":
@@ -247,11 +256,16 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tup
             model = auto.from_pretrained(base, **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load the base model {base!r}: {exc}") from None
+    except ValueError as exc:
+        if (refusal := remote_code_error(base, exc, flag)) is not None:
+            raise refusal from None
+        raise
     if bits is not None:
         print(f"base loaded {bits}-bit as the run trained it; the merged weights are the "
               "dequantized base plus the adapter", file=sys.stderr)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         print(f"warning: no tokenizer loaded from {base} ({exc}); the merged directory has none",
               file=sys.stderr)
@@ -261,19 +275,22 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tup
 
 def merge_adapter_dir(adapter_dir: Path, out_dir: str | Path, *, base: str | None,
                       recipe: Recipe | None = None, dtype: torch.dtype | None = None,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, trust_remote_code: bool = False,
+                      flag: str = EXPORT_CODE_FLAG) -> Path:
     """Merge a PEFT adapter directory into its base and write the HF model to out_dir.
 
     Args:
         adapter_dir: the PEFT adapter directory.
         out_dir: target directory, written atomically.
         base: base model directory or hub id.
-        recipe: the run's recipe (quantization, trust_remote_code, revision), if any.
+        recipe: the run's recipe (quantization, revision), if any.
         dtype: dtype of the written weights; None = the dtype the base was saved in, else fp32.
         overwrite: replace a non-empty out_dir.
+        trust_remote_code: run the base model's own code: only what this command's line says
+            (``flag``), never a value read from a run directory.
     """
     refuse_nonempty(out_dir, overwrite)
-    model, tokenizer = load_base(adapter_dir, base, recipe)
+    model, tokenizer = load_base(adapter_dir, base, recipe, trust_remote_code, flag)
     load_peft_adapter(model, adapter_dir)
     return merge_and_save(model, out_dir, tokenizer=tokenizer, dtype=dtype or saved_dtype(base),
                           overwrite=overwrite)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pace_llm.data.sources import looks_like_path
+from pace_llm.distributed import is_main
 from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
 from pace_llm.errors import UserError, first_line, listing, problems_error
@@ -28,10 +29,50 @@ log = logging.getLogger(__name__)
 
 
 def _hub_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """revision, and trust_remote_code: the recipe's value, which counts only when the command
+    line set it (pace_llm/config.py refuses it from a recipe file)."""
     kw: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.revision:
         kw["revision"] = recipe.model.revision
     return kw
+
+
+TRAIN_CODE_FLAG = "--model.trust_remote_code true"
+"""What a train or data-check command line says to run a model repository's own code."""
+
+
+def own_code(name_or_path: str) -> dict[str, str]:
+    """A local model directory's ``config.json`` ``auto_map`` (class -> its own Python code),
+    empty for a hub id or a model without one."""
+    path = Path(name_or_path).expanduser() / "config.json" if name_or_path else None
+    if path is None or not looks_like_path(name_or_path) or not path.is_file():
+        return {}
+    try:
+        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return {}  # reported when the model loads
+    return {str(k): str(v) for k, v in auto_map.items()} if isinstance(auto_map, dict) else {}
+
+
+def note_own_code(name_or_path: str, trusted: bool, flag: str) -> None:
+    """Say (once per load) that a model's own code is not run, and how to run it."""
+    code = own_code(name_or_path)
+    if code and not trusted and is_main():
+        shown = ", ".join(f"{k}: {v}" for k, v in list(code.items())[:3])
+        log.warning("note: %s ships its own Python code (config.json auto_map: %s); it is not "
+                    "run: transformers' built-in classes load the model. To run that code (only "
+                    "for a model you trust): %s", name_or_path, shown, flag)
+
+
+def remote_code_error(name_or_path: str, exc: Exception, flag: str) -> UserError | None:
+    """The one message for transformers refusing a model that needs its own code; None for
+    any other error."""
+    if "trust_remote_code" not in str(exc):
+        return None
+    code = ", ".join(f"{k}: {v}" for k, v in list(own_code(name_or_path).items())[:3])
+    return UserError(f"{name_or_path} can only be loaded by running its own Python code"
+                     + (f" (config.json auto_map: {code})" if code else "") + "; pace_llm runs "
+                     f"it only when the command line asks: {flag} (only for a model you trust)")
 
 
 OFFLINE_HINT = ("give a local model directory instead (--model.name_or_path /path/to/model, "
@@ -105,6 +146,10 @@ def load_tokenizer(name_or_path: str, recipe: Recipe, need_model: bool = True):
         tok = AutoTokenizer.from_pretrained(name_or_path, **_hub_kwargs(recipe))
     except OSError as exc:
         raise UserError(_load_failure("a tokenizer", name_or_path, exc)) from None
+    except ValueError as exc:
+        if (refusal := remote_code_error(name_or_path, exc, TRAIN_CODE_FLAG)) is not None:
+            raise refusal from None
+        raise
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token_id is None:
@@ -124,6 +169,7 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_model_dir(name_or_path)
+    note_own_code(name_or_path, recipe.model.trust_remote_code, TRAIN_CODE_FLAG)
     kw: dict[str, Any] = dict(_hub_kwargs(recipe), dtype=dtype)
     if recipe.model.attn_implementation:
         kw["attn_implementation"] = recipe.model.attn_implementation
@@ -144,6 +190,8 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
         except (OSError, SafetensorError) as exc:
             raise UserError(_load_failure("the model", name_or_path, exc)) from None
         except (ImportError, ValueError) as exc:  # an attention backend not installed/supported
+            if (refusal := remote_code_error(name_or_path, exc, TRAIN_CODE_FLAG)) is not None:
+                raise refusal from None
             if not recipe.model.attn_implementation or "ttention" not in str(exc):
                 raise
             raise UserError(f"model.attn_implementation: {recipe.model.attn_implementation!r} "
