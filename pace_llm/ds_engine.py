@@ -173,6 +173,10 @@ class DeepSpeedStepper:
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False,
                                     exclude_frozen_parameters=True)
 
+    def steps_taken(self) -> int:
+        """DeepSpeed's global step count (restored from its checkpoint files)."""
+        return int(self.engine.global_steps)
+
     def load(self, directory: Path) -> None:
         """Restore ``directory/ds``; pickles are read weights-only (:func:`weights_only_loads`).
         Frozen base weights are not in the checkpoint; the caller checks the trainable ones

@@ -108,6 +108,10 @@ class FlatStepper:
                 {"shards": self.optimizer.shards, "param_group": group, "scheduler": schedule},
                 indent=1))
 
+    def steps_taken(self) -> int:
+        """The schedule's step count (a skipped step advances it too)."""
+        return int(self.scheduler.last_epoch)
+
     def load(self, directory: Path) -> None:
         """Restore the shard, the param group and the schedule written by :meth:`save`."""
         meta_file = directory / SCHEDULE_FILE

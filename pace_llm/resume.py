@@ -20,6 +20,7 @@ from pace_llm import checkpoint as ckpt
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_write
 from pace_llm.data.batches import Cursor
+from pace_llm.data.files import data_changes
 from pace_llm.errors import UserError, bulleted
 from pace_llm.results import write_adapter
 from pace_llm.schedule import apply_schedule
@@ -44,7 +45,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
     state = {"step": trainer.step, "cursor": cursors[0], "cursors": cursors,
              "bad_in_a_row": trainer.bad_in_a_row, "bad_total": trainer.bad_total,
              **trainer.stopping.state(), "engine": run.engine["engine"],
-             "recipe": recipe_to_dict(run.recipe)}
+             "recipe": recipe_to_dict(run.recipe), "data": run.task.identity}
     history = trainer.history.values if trainer.history is not None else None
     return ckpt.save(run.stepper, run.out / "checkpoints", trainer.step, state,
                      trainable_state(run.model), history, run.recipe.train.keep_last,
@@ -66,10 +67,16 @@ def resume(trainer: Trainer, path: Path) -> None:
             "values or start a new run (another train.output_dir or --train.overwrite true)",
             refused))
     _check_engine(path, saved, run.engine["engine"])
+    _check_data(path, saved, run.task.identity, run.recipe.train.accept_data_change,
+                trainer.log)
     state, history, trainable = ckpt.load(run.stepper, path)
     _check_trainable(path, trainable, trainable_state(run.model))
+    if run.stepper.steps_taken() != state["step"]:
+        raise UserError(f"checkpoint {path}: its state.json is of step {state['step']}, the "
+                        f"engine's files of step {run.stepper.steps_taken()}; the checkpoint was "
+                        "assembled from two saves: resume from another one")
     trainer.step = state["step"]
-    trainer.cursor = _cursor(state, run.task.streaming, trainer.rank)
+    trainer.cursor = _cursor(path, state, run)
     trainer.bad_in_a_row, trainer.bad_total = state["bad_in_a_row"], state["bad_total"]
     trainer.stopping.restore(state)
     if history is not None:
@@ -115,12 +122,44 @@ def _check_trainable(path: Path, saved: dict[str, torch.Tensor],
                             "trainable.safetensors; the checkpoint is inconsistent")
 
 
-def _cursor(state: dict[str, Any], streaming: bool, rank: int) -> Cursor:
+def _check_data(path: Path, saved: dict[str, Any], now: dict[str, Any] | None, accept: bool,
+                log) -> None:
+    """The training data are those the checkpoint was trained on (pace_llm/data/files.py
+    ``data_changes``), or ``train.accept_data_change`` says to go on with them as they are."""
+    then = saved.get("data")
+    if then is None or now is None:
+        log(f"resume: checkpoint {path} records no identity of its data (an older pace_llm); "
+            "the data cannot be compared with what it was trained on")
+        return
+    changes = data_changes(then, now)
+    if not changes:
+        return
+    if accept:
+        log(f"resume: the data changed since {path} ({'; '.join(changes)}); "
+            "train.accept_data_change: training goes on with the data as they are now")
+        return
+    raise UserError(bulleted(
+        f"train.resume: the training data changed since checkpoint {path} was written, so the "
+        "run would not see the examples an uninterrupted run sees; nothing was changed. Restore "
+        "the data, or pass --train.accept_data_change true to go on with the data as they are "
+        "now", changes))
+
+
+def _cursor(path: Path, state: dict[str, Any], run: Any) -> Cursor:
     """The data cursor to go on from: the run's, or (streaming) this rank's own place in the
-    stream (a checkpoint resumes with its own number of ranks: checked at load)."""
-    if streaming:
-        return Cursor(*state["cursors"][rank])
-    return Cursor(*state["cursor"])
+    stream (a checkpoint resumes with its own number of ranks: checked at load), placed in the
+    batch order; a cursor outside its epoch (every rank checks its own) is refused."""
+    raw = state.get("cursors" if run.task.streaming else "cursor")
+    if run.task.streaming:
+        raw = raw[D.rank()] if isinstance(raw, list) and len(raw) > D.rank() else None
+    ok = (isinstance(raw, list) and len(raw) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in raw))
+    problem = run.batches.seek(Cursor(*raw)) if ok else f"{raw!r} is not [epoch, position]"
+    problems = [p for p in D.all_gather_objects(problem) if p]
+    if problems:
+        raise UserError(f"checkpoint {path}: its data cursor is outside the data: {problems[0]}; "
+                        "the checkpoint does not belong to this data: resume from another one")
+    return Cursor(*raw)
 
 
 def drop_metrics_after(metrics_file: Path, step: int) -> None:

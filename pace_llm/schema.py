@@ -184,7 +184,11 @@ class TrainArgs:
     resume: str | None = None
     """auto = newest complete checkpoint in output_dir; or a checkpoint path."""
     overwrite: bool = False
-    """Allow writing into a non-empty output_dir (deletes what is there)."""
+    """Replace the run in output_dir with a new one (only a pace_llm run, holding none of this
+    run's inputs; not with resume)."""
+    accept_data_change: bool = False
+    """Resume although the training data changed since the checkpoint (a file edited, cut or
+    reordered; another tokenizer): training goes on with the data as they are now."""
     max_bad_steps: int = 5
     """Stop after this many consecutive non-finite losses (each such step is skipped; counted
     when the trainer reads its statistics: at logging steps and checkpoints)."""

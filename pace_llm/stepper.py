@@ -62,6 +62,10 @@ class Stepper(Protocol):
 
     def load(self, directory: Path) -> None: ...
 
+    def steps_taken(self) -> int:
+        """Optimizer steps the engine's state has taken (after ``load``: the checkpoint's)."""
+        ...
+
 
 def build_stepper(engine: str, objective: nn.Module, params: list[nn.Parameter],
                   recipe: Recipe, ds_config: dict[str, Any], max_steps: int,

@@ -75,6 +75,11 @@ class BatchOrder(Protocol):
         """Examples of each source in a global batch (a mixture), else None."""
         ...
 
+    def seek(self, cursor: Cursor) -> str | None:
+        """Check a resumed cursor against the data (and place the order there): None, or why
+        the cursor lies outside the data (negative, past its epoch)."""
+        ...
+
 
 class EpochOrder:
     """Global batches of a shuffled epoch, length-grouped: every epoch's order is a pure function
@@ -115,6 +120,12 @@ class EpochOrder:
             epoch, batch = epoch + 1, 0
 
     def source_counts(self, global_batch: list[int]) -> dict[str, int] | None:
+        return None
+
+    def seek(self, cursor: Cursor) -> str | None:
+        if cursor.epoch < 0 or not 0 <= cursor.batch < self.steps_per_epoch:
+            return (f"epoch {cursor.epoch}, global batch {cursor.batch}: an epoch has global "
+                    f"batches 0..{self.steps_per_epoch - 1}")
         return None
 
 
@@ -183,6 +194,12 @@ class MixtureOrder:
                 b += 1
                 yield Cursor(0, b), ids.tolist()
 
+    def seek(self, cursor: Cursor) -> str | None:
+        if cursor.epoch != 0 or cursor.batch < 0:
+            return (f"epoch {cursor.epoch}, global batch {cursor.batch}: a mixture counts its "
+                    "global batches from 0 in epoch 0")
+        return None
+
     def source_counts(self, global_batch: list[int]) -> dict[str, int]:
         """Examples of each source in a global batch."""
         which = np.searchsorted(self.offsets, np.asarray(global_batch), side="right") - 1
@@ -244,6 +261,7 @@ class StreamOrder:
         self.micro, self.accum, self.world, self.rank = micro, accum, world, rank
         self.seed, self.buffer = seed, buffer
         self.global_batch = micro * accum * world
+        self._placed: tuple[Cursor, Iterator[Record]] | None = None  # seek's reading
 
     def share(self, epoch: int, skip: int = 0) -> Iterator[Record]:
         """This rank's records of the epoch's order, from its ``skip``-th on."""
@@ -251,10 +269,25 @@ class StreamOrder:
         mine = (r for p, r in enumerate(order) if (p // self.micro) % self.world == self.rank)
         return islice(mine, skip, None)
 
+    def seek(self, cursor: Cursor) -> str | None:
+        """Read this rank's share of the cursor's epoch up to it (no tokenizing): a cursor past
+        the share's end, or negative, is refused; else :meth:`batches_from` goes on from there
+        without reading it again."""
+        if cursor.epoch < 0 or cursor.batch < 0:
+            return f"rank {self.rank}: epoch {cursor.epoch}, row {cursor.batch} is negative"
+        records = self.share(cursor.epoch)
+        read = sum(1 for _ in islice(records, cursor.batch))
+        if read < cursor.batch:
+            return (f"rank {self.rank}: row {cursor.batch} of epoch {cursor.epoch}, but its share "
+                    f"of the epoch has {read} rows")
+        self._placed = (cursor, records)
+        return None
+
     def batches_from(self, cursor: Cursor) -> Iterator[tuple[Cursor, list[int]]]:
         """Yield (cursor after, global batch) forever, starting at ``cursor``."""
         epoch, consumed = cursor.epoch, cursor.batch
-        records = self.share(epoch, consumed)
+        placed, self._placed = self._placed, None
+        records = placed[1] if placed and placed[0] == cursor else self.share(epoch, consumed)
         need = self.micro * self.accum
         whole_epoch_unused = False  # a whole epoch of this rank's share had no usable row
         while True:

@@ -9,6 +9,10 @@ example functions), whose output files are the cache, in a temporary directory r
 place when complete. The other ranks wait at a barrier and memory-map the same files: N ranks
 tokenize once and hold no copy. A start whose key exists loads it ("task cache hit") and
 replays the build's log lines. Evaluation rows (small) are stored as JSON beside them.
+
+Every entry ends with ``MANIFEST.json`` (each file's size and SHA-256), written last; a start
+reads an entry only after every file matches it, and builds an entry that does not again
+(logged). Its :func:`identity` goes into every checkpoint, so a resume notices changed data.
 """
 
 from __future__ import annotations
@@ -252,6 +256,53 @@ def _build_into(spec: TaskSpec, data: Any, tok: Any, out: Path, material: dict,
     del raw
     shutil.rmtree(work)
     (out / "meta.json").write_text(json.dumps({"stats": stats, "max_id": max_id, "logs": logs}))
+    _write_manifest(out)
+
+
+# ------------------------------------------------------------------------------ verification
+MANIFEST = "MANIFEST.json"
+"""Every file of an entry with its size and SHA-256, written last by the builder."""
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entry_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.name != MANIFEST and not p.is_dir())
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in _entry_files(directory)}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_entry(directory: Path) -> str | None:
+    """None if the entry holds exactly the files of its manifest, each of its size and SHA-256
+    (none a symbolic link); else what is wrong. Every byte is read: about 1 s per GB."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MANIFEST} is unreadable ({exc})"
+    present = {str(p.relative_to(directory)): p for p in _entry_files(directory)}
+    for rel, path in present.items():
+        if path.is_symlink() or not path.is_file():
+            return f"{rel} is not a regular file"
+    if set(present) != set(files):
+        odd = sorted(set(present) ^ set(files))[0]
+        return f"{odd} is {'not in' if odd in present else 'missing from the entry but in'} " \
+               f"its {MANIFEST}"
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or present[rel].stat().st_size != meta.get("size"):
+            return f"{rel} has another size than its {MANIFEST} records (truncated or changed)"
+        if _sha256_file(present[rel]) != meta.get("sha256"):
+            return f"{rel} does not match its SHA-256 in {MANIFEST} (the file was changed)"
+    return None
 
 
 @contextmanager
@@ -286,13 +337,18 @@ class _Capture(logging.Handler):
 
 
 def _complete(directory: Path) -> bool:
-    return (directory / "meta.json").is_file()  # written last
+    return (directory / MANIFEST).is_file()  # written last
 
 
 def _make(spec: TaskSpec, data: Any, tok: Any, directory: Path, material: dict) -> bool:
-    """Build ``directory`` unless it is complete; True if this call built it."""
-    if _complete(directory):
+    """Build ``directory`` unless it is complete and verifies (:func:`verify_entry`); an entry
+    that does not is named and built again. True if this call built it."""
+    problem = verify_entry(directory) if _complete(directory) else None
+    if _complete(directory) and problem is None:
         return False
+    if problem is not None:
+        log.warning("warning: task cache: %s does not verify (%s); building it again",
+                    directory, problem)
     host = socket.gethostname()
     parent = directory.parent
     try:
@@ -309,8 +365,8 @@ def _make(spec: TaskSpec, data: Any, tok: Any, directory: Path, material: dict) 
         logging.getLogger(name).addHandler(capture)
     try:
         _build_into(spec, data, tok, tmp, material, capture.lines)
-        if directory.exists() and not _complete(directory):
-            shutil.rmtree(directory)  # an incomplete directory is no cache
+        if directory.exists() and (problem is not None or not _complete(directory)):
+            shutil.rmtree(directory)  # an incomplete or changed directory is no cache
         try:
             os.rename(tmp, directory)
         except OSError:  # another process finished the same key first: use theirs
@@ -393,4 +449,14 @@ def build(spec: TaskSpec, data: Any, tok: Any) -> TaskData:
         raise UserError(next(e for e in errors if e))
     if D.is_main() and not built:
         log.info("task cache hit: %s", directory)
-    return load(spec, directory, replay=not built)
+    task = load(spec, directory, replay=not built)
+    task.identity = identity(key, material)
+    return task
+
+
+def identity(key: str, material: dict[str, Any]) -> dict[str, Any]:
+    """What identifies cached data in a checkpoint: the cache key, every data file's SHA-256,
+    and a hash of each other part of the key (pace_llm/data/files.py compares them)."""
+    parts = {k: _sha(json.dumps(material[k], sort_keys=True, default=repr))
+             for k in ("code", "versions", "tokenizer", "task", "data")}
+    return {"kind": "cache", "key": key, "files": material["files"], "parts": parts}

@@ -73,7 +73,18 @@ def mix_problems(data: Any) -> list[str]:
             p.append(f"{at}: source name {name!r} is also data.mix[{names[name]}]'s; give each "
                      "source a distinct name: key")
         names.setdefault(name, i)
-    return p
+    return p + _weight_sum_problems(mix)
+
+
+def _weight_sum_problems(mix: list[Any]) -> list[str]:
+    """The weights' sum must be a finite number (each is checked on its own above)."""
+    weights = [item.get("weight", 1.0) for item in mix if isinstance(item, dict)]
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+               and w > 0 for w in weights) or math.isfinite(sum(weights)):
+        return []
+    shown = ", ".join(map(repr, weights))
+    return [f"data.mix: the weights ({shown}) sum to more than the largest float; only their "
+            "ratios matter: scale them down (e.g. 1 and 1)"]
 
 
 def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:

@@ -181,6 +181,10 @@ class TaskData:
     """``data.mix``: the :class:`pace_llm.data.mix.Mixture` (names, weights, sizes)."""
     streaming: bool = False
     """``data.streaming``: ``train`` is a :class:`pace_llm.data.stream.StreamExamples`."""
+    identity: dict[str, Any] | None = None
+    """What identifies the training data (the task cache's key and the files' hashes, a
+    stream's file sizes and ends, a mixture's sources'): kept in checkpoints, compared on resume
+    (pace_llm/data/files.py ``data_changes``); None when not known (``build_lists``)."""
 
     def __post_init__(self) -> None:
         if type(self.train) is list:

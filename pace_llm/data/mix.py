@@ -108,7 +108,8 @@ def build(data: Any, tok: Any, build_one: Callable[[Any, Any], TaskData]) -> Tas
                     stats={**stats, "eval_rows": len(first.eval)}, metric=first.metric,
                     name="mix(" + ", ".join(names) + ")", main_metric=first.main_metric,
                     extra_eval=extra, extra_metrics=metrics,
-                    mixture=Mixture(names, weights, [len(t.train) for t in tasks]))
+                    mixture=Mixture(names, weights, [len(t.train) for t in tasks]),
+                    identity={"kind": "mix", "sources": [t.identity for t in tasks]})
 
 
 class ConcatExamples(ExampleSequence):

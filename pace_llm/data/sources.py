@@ -229,7 +229,7 @@ def _read_csv(path: Path) -> Rows:
                 if not any(fields):
                     continue  # a blank line
                 if header is None:
-                    header = [h.strip() for h in fields]
+                    header = _header(path, line, [h.strip() for h in fields])
                     continue
                 n += 1
                 if line != n + 1:
@@ -243,6 +243,18 @@ def _read_csv(path: Path) -> Rows:
                                 "starts with a header naming its columns")
     rows = Rows(str(path), header_lines=1, stream=lambda: _counted(path, stream()))
     return rows
+
+
+def _header(path: Path, line: int, names: list[str]) -> list[str]:
+    """A CSV/TSV header whose column names are distinct (a repeated name would let its last
+    column's values replace the first's in every row)."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name in seen:
+            raise UserError(f"{path} line {line}: the header names column {name!r} twice "
+                            f"(columns {seen[name]} and {i}); rename or remove one of them")
+        seen[name] = i
+    return names
 
 
 def _read_json(path: Path) -> Rows:
@@ -292,6 +304,15 @@ def find_in_dir(directory: Path, names: tuple[str, ...],
     return None
 
 
+def eval_sibling(train_file: Path, names: tuple[str, ...] = EVAL_NAMES) -> Path | None:
+    """The evaluation file beside a ``train.<ext>`` file: ``test``/``validation``/``dev`` with
+    the same extension first, else with any data extension (a test.jsonl beside a train.csv)."""
+    if train_file.stem != "train":
+        return None
+    return (find_in_dir(train_file.parent, names, (train_file.suffix,))
+            or find_in_dir(train_file.parent, names))
+
+
 def load_splits(path: str, eval_path: str | None, config: str | None, eval_split: str | None,
                 reader=read_local, eval_names: tuple[str, ...] = EVAL_NAMES,
                 columns: dict[str, str] | None = None, streaming: bool = False
@@ -333,8 +354,7 @@ def _load_splits(path: str, eval_path: str | None, config: str | None, eval_spli
         eval_file = find_in_dir(local, eval_names)
     else:
         train_file = local
-        eval_file = find_in_dir(local.parent, eval_names, (local.suffix,)) if (
-            local.stem == "train") else None
+        eval_file = eval_sibling(local, eval_names)
     train = reader(train_file)
     if eval_rows is None and eval_path is not None:
         raise UserError(f"data.eval_path {eval_path!r}: not a file (a split name only works "

@@ -15,6 +15,7 @@ from itertools import islice
 from typing import Any
 
 from pace_llm.data.examples import ExampleSequence, TaskData, TaskSpec
+from pace_llm.data.files import stream_identity
 from pace_llm.data.length import LengthPolicy
 from pace_llm.errors import UserError
 
@@ -88,5 +89,7 @@ def build(spec: TaskSpec, data: Any, tok: Any) -> TaskData:
     examples = StreamExamples(head, source)
     evals = spec.eval_fn(tok, spec.ctx, eval_records)
     extra = {name: spec.eval_fn(tok, spec.ctx, read()) for name, read in splits.extra.items()}
-    return spec.task(examples, evals, {"streaming_shuffle_buffer": data.shuffle_buffer}, extra,
+    task = spec.task(examples, evals, {"streaming_shuffle_buffer": data.shuffle_buffer}, extra,
                      streaming=True)
+    task.identity = {"kind": "stream", "files": stream_identity((data.path, data.eval_path))}
+    return task
