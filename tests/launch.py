@@ -202,7 +202,8 @@ def ckpt_exists(out: Path, step: int) -> Callable[[], bool]:
 
 
 # ------------------------------------------------------------------ a command in a forked child
-def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str,
+               before: Callable[[], None] | None = None) -> None:
     own_locks()
     for path, fd in ((out, 1), (err, 2)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -215,6 +216,8 @@ def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: st
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # see _child
     logging.root.handlers.clear()  # pytest's capture handlers: log records go to stderr, as in
     logging.root.setLevel(logging.WARNING)  # a fresh process
+    if before is not None:  # the case's world in this child only (a mount, a file-size limit)
+        before()
     from pace_llm import cli
 
     try:
@@ -229,17 +232,18 @@ def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: st
     os._exit(code)
 
 
-def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 180
-        ) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 180,
+        before: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
     """``pace-llm ARGS`` run in ``cwd`` with environment ``env``, as a child forked from the test
     process (its imports are paid once, not per command): the exit code and what it printed, as
     ``subprocess.run(..., capture_output=True, text=True)`` returns them. The environment must
-    not change what the parent's imports already read (tests/conftest.py sets those)."""
+    not change what the parent's imports already read (tests/conftest.py sets those).
+    ``before()`` runs in the child first (what the case changes in that process only)."""
     ctx = mp.get_context("fork")
     logs = Path(tempfile.mkdtemp(prefix="cli-"))
     out, err = logs / "stdout", logs / "stderr"
     child = ctx.Process(target=_cli_child, args=(list(args), str(cwd), dict(env), str(out),
-                                                 str(err)))
+                                                 str(err), before))
     child.start()
     child.join(timeout)
     if child.is_alive():

@@ -310,8 +310,8 @@ CASES = [
      "a parent of {w}/a_file.txt/run is a file"),
     ("rundir-output-is-a-file", train("--train.output_dir", "{w}/a_file.txt"),
      "train.output_dir: {w}/a_file.txt is a file"),
-    ("resume-not-a-checkpoint", train("--train.resume", "{w}/empty_dir",
-                                      "--train.output_dir", "{w}/resume_target"),
+    ("resume-not-a-checkpoint", train("--train.resume", "{w}/empty_dir", "--train.overwrite",
+                                      "false", "--train.output_dir", "{w}/resume_target"),
      "train.resume: {w}/empty_dir is not a complete checkpoint: no MANIFEST.json"),
     # after the model loads (pace_llm.model.check_model, before DeepSpeed starts)
     ("preflight-vocab", train("--model.name_or_path", "{w}/small_vocab"), "100 embedding rows"),

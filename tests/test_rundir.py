@@ -186,7 +186,8 @@ def test_exports_are_readable_as_the_umask_says(tmp_path):
     assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o755
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_message(tiny_base, tmp_path):
+def test_a_file_size_limit_during_a_checkpoint_is_one_message(tiny_base, tmp_path):
+    """ulimit -f is told apart from a full disk (a full disk: tests/test_edges.py)."""
     common = dict(train__max_steps=8, train__save_every=2, train__keep_last=3)
     out = tmp_path / "run"
     _killed_at(tiny_base, out, tmp_path / "killed", 2, **common)
@@ -197,7 +198,8 @@ def test_a_full_disk_during_a_checkpoint_is_one_message(tiny_base, tmp_path):
                   file_size_limit=limit)
     assert ranks.wait(120) == [2], ranks.output()
     log = ranks.output()
-    assert "no space left on the device while writing checkpoint" in log, log
+    assert "reached this process's file-size limit (ulimit -f: " in log, log
+    assert "the disk is not full" in log and "no space left" not in log, log
     assert "earlier checkpoints are intact" in log and "Traceback" not in log
     assert tree_hash(out / "checkpoints" / "step-2") == intact
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-2"]

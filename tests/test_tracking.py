@@ -125,7 +125,8 @@ def test_unknown_backend(tmp_path, bad):
     from pace_llm.config import load_recipe
 
     (tmp_path / "r.yaml").write_text(json.dumps({"train": {"report_to": bad}}))
-    with pytest.raises(UserError, match="train.report_to: .* is not allowed; expected list"):
+    with pytest.raises(UserError, match="train.report_to: .* is not allowed; expected a list of "
+                       "'tensorboard', 'wandb', 'mlflow'"):
         load_recipe(["--recipe", str(tmp_path / "r.yaml"), "--model.name_or_path", "org/x"])
 
 
