@@ -218,9 +218,9 @@ def _remote_code_problems(recipe: Recipe, argv: list[str], files: list[str]) -> 
     if not recipe.model.trust_remote_code or any(
             a == REMOTE_CODE_FLAG or a.startswith(REMOTE_CODE_FLAG + "=") for a in argv):
         return []
-    return [f"model.trust_remote_code: true comes from the recipe file {' / '.join(files)}; a "
-            "model repository's own Python code runs only when the command line asks for it: "
-            f"add {REMOTE_CODE_FLAG} true (only for a model you trust), or set it false"]
+    return [(f"model.trust_remote_code: true comes from the recipe file {' / '.join(files)}; a "
+             "model repository's own Python code runs only when the command line asks for it: "
+             f"add {REMOTE_CODE_FLAG} true (only for a model you trust), or set it false")]
 
 
 def _recipe_files(argv: list[str]) -> list[str]:

@@ -334,10 +334,11 @@ def _refuse_own_inputs(out: str, args: Namespace, src: Path, base: str | None) -
                             "writing there would replace it: choose another directory")
     if args.run:
         run = Path(args.run).expanduser().resolve()
-        if inside(target, run) and target != run and target.relative_to(run).parts[0] in RUN_ENTRIES:
-            raise UserError(f"--out {out} is part of the run {args.run} (its "
-                            f"{target.relative_to(run).parts[0]}); writing there would replace "
-                            "it: choose a directory outside the run, or a new name inside it")
+        part = target.relative_to(run).parts[0] if target != run and inside(target, run) else ""
+        if part in RUN_ENTRIES:
+            raise UserError(f"--out {out} is part of the run {args.run} (its {part}); writing "
+                            "there would replace it: choose a directory outside the run, or a "
+                            "new name inside it")
 
 
 def _command(argv: list[str] | None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +178,13 @@ def _served_name(base_dir: str) -> str:
 
 def record_run(recipe: Recipe, engine: dict[str, Any], where: Path) -> None:
     """Rank 0 writes the resolved recipe, engine.json (what runs) and, when DeepSpeed's engine
-    runs, ds_config.json: the config it received."""
+    runs, ds_config.json: the config it received. ``train.accept_data_change`` is a permission
+    for this start only: recorded as false, so a later resume from recipe.yaml asks again."""
     if not D.is_main():
         return
     where.mkdir(parents=True, exist_ok=True)
-    atomic_write(where / "recipe.yaml", dump_recipe(recipe))
+    recorded = replace(recipe, train=replace(recipe.train, accept_data_change=False))
+    atomic_write(where / "recipe.yaml", dump_recipe(recorded))
     atomic_write(where / "engine.json", json.dumps(engine, indent=2) + "\n")
     if engine["deepspeed_config"] is not None:
         save_json(engine["deepspeed_config"], where / "ds_config.json")

@@ -49,8 +49,9 @@ RUN = ["--model.name_or_path", "{base}", "--data.task", "gsm8k", "--data.max_len
 KINDS = {"r0": ["--data.path", "{w}/data/train.jsonl"],
          "rs": ["--data.path", "{w}/data/train.jsonl", "--data.streaming", "true",
                 "--data.shuffle_buffer", "8"],
-         "rm": ["--data.mix", '[{{"path": "{w}/data/train.jsonl"}}, {{"path": '
-                '"{w}/mix/b.jsonl", "eval_path": "{w}/mix/b_test.jsonl", "name": "b"}}]']}
+         "rm": ["--data.mix", ('[{{"path": "{w}/data/train.jsonl"}}, {{"path": '
+                               '"{w}/mix/b.jsonl", "eval_path": "{w}/mix/b_test.jsonl", "name": '
+                               '"b"}}]')]}
 
 
 def train(kind: str, out: str, *more: str) -> list[str]:
@@ -280,8 +281,10 @@ def cut(data: bytes) -> bytes:
 
 
 def accepted(c: Path, res: subprocess.CompletedProcess) -> None:
+    """Said in the log, and not recorded: a resume from recipe.yaml would ask again."""
     assert "train.accept_data_change: training goes on" in res.stdout, res.stdout[-2000:]
     assert (c / "run" / "adapter" / "adapter_config.json").is_file()
+    assert "accept_data_change: false" in (c / "run" / "recipe.yaml").read_text()
 
 
 RUN_CHANGES = ("run/adapter", "run/curves.png", "run/metrics.jsonl", "run/recipe.yaml",
@@ -523,9 +526,9 @@ SURPRISE = [
     Case("csv-beside-a-test-jsonl", ["data-check", *RUN, "--data.path", "{c}/csv/train.csv"],
          "first evaluation input", 0, csv_files,
          check=lambda c, res: "eval_rows: 8" in res.stdout),
-    Case("mixture-weights-overflow", ["train", *RUN, "--data.mix", '[{{"path": '
+    Case("mixture-weights-overflow", ["train", *RUN, "--data.mix", ('[{{"path": '
                                       '"{w}/data/train.jsonl", "weight": 1e308}}, {{"path": '
-                                      '"{w}/mix/b.jsonl", "weight": 1e308}}]',
+                                      '"{w}/mix/b.jsonl", "weight": 1e308}}]'),
                                       "--train.output_dir", "{c}/run"],
          "data.mix: the weights (1e+308, 1e+308) sum to more than the largest float"),
     Case("resume-and-overwrite", train("r0", "{c}/run", "--train.resume", "auto",
@@ -600,9 +603,9 @@ def test_a_deleted_lock_file_does_not_let_a_second_run_in(world, tmp_path):
     assert first.wait(120) == [0], first.output()
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: train.output_dir: {out} is in use by another run (it holds a lock "
-                      f"on {out}; its lock file {tmp_path / '.run.lock'} was removed); wait for "
-                      "that run to end or choose another directory"], res.stderr
+    assert errors == [(f"error: train.output_dir: {out} is in use by another run (it holds a "
+                       f"lock on {out}; its lock file {tmp_path / '.run.lock'} was removed); "
+                       "wait for that run to end or choose another directory")], res.stderr
     assert "stop requested" in first.output() and (out / "checkpoints").is_dir()
 
 

@@ -83,8 +83,8 @@ def _weight_sum_problems(mix: list[Any]) -> list[str]:
                and w > 0 for w in weights) or math.isfinite(sum(weights)):
         return []
     shown = ", ".join(map(repr, weights))
-    return [f"data.mix: the weights ({shown}) sum to more than the largest float; only their "
-            "ratios matter: scale them down (e.g. 1 and 1)"]
+    return [(f"data.mix: the weights ({shown}) sum to more than the largest float; only their "
+             "ratios matter: scale them down (e.g. 1 and 1)")]
 
 
 def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:

@@ -108,8 +108,8 @@ def data_changes(old: dict, new: dict, where: str = "") -> list[str]:
     if old == new:
         return []
     if old.get("kind") != new.get("kind"):
-        return [f"{where}the data is read another way now ({old.get('kind')} -> "
-                f"{new.get('kind')})"]
+        return [(f"{where}the data is read another way now ({old.get('kind')} -> "
+                 f"{new.get('kind')})")]
     if old.get("kind") == "mix":
         olds, news = old.get("sources", []), new.get("sources", [])
         if len(olds) != len(news):
