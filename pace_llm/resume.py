@@ -127,11 +127,11 @@ def _check_data(path: Path, saved: dict[str, Any], now: dict[str, Any] | None, a
     """The training data are those the checkpoint was trained on (pace_llm/data/files.py
     ``data_changes``), or ``train.accept_data_change`` says to go on with them as they are."""
     then = saved.get("data")
-    if then is None or now is None:
+    if D.broadcast_object(then is None or now is None):
         log(f"resume: checkpoint {path} records no identity of its data (an older pace_llm); "
             "the data cannot be compared with what it was trained on")
         return
-    changes = data_changes(then, now)
+    changes = D.broadcast_object(data_changes(then, now))  # rank 0's view: every rank agrees
     if not changes:
         return
     if accept:

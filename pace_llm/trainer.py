@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pace_llm import distributed as D
 from pace_llm import resume as R
+from pace_llm.atomic import as_fault
 from pace_llm.data.batches import Cursor, micro_batch_slice, rank_micro_batches
 from pace_llm.data.collate import supervised_count, supervised_index
 from pace_llm.errors import UserError
@@ -59,6 +60,7 @@ class Trainer:
         self.window = Window()  # the steps since the last log line
         self._unsettled: list[tuple[int, dict[str, Any]]] = []  # steps whose skip is unread
         self.metrics_file = run.out / "metrics.jsonl"
+        self._metrics_lost: int | None = None  # the first step whose record the disk refused
         self.on_step_start: list[StepHook] = []
         self.on_step_end: list[StepEndHook] = []
 
@@ -78,12 +80,24 @@ class Trainer:
             sys.stdout.flush()
 
     def write_metrics(self, record: dict[str, Any]) -> None:
-        """One record in metrics.jsonl and in every tracking backend (rank 0)."""
-        if D.is_main():
+        """One record in metrics.jsonl and in every tracking backend (rank 0). A disk that
+        refuses the record is one warning, with the step from which records are missing, and
+        training goes on (the adapter is what a run must not lose)."""
+        if not D.is_main():
+            return
+        try:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if self.tracker is not None:
-                self.tracker.log(record)
+        except OSError as exc:
+            fault = as_fault(exc, "metrics", self.metrics_file)
+            if fault is None:
+                raise
+            if self._metrics_lost is None:
+                self._metrics_lost = record.get("step", self.step)
+                self.log(f"warning: {fault}; training goes on, and metrics.jsonl misses the "
+                         f"records from step {self._metrics_lost} on")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:

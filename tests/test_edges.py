@@ -432,16 +432,34 @@ def disk(rel: str, size: str = "128k", readonly: bool = False, full: bool = Fals
                           f"size={size}".encode()) != 0:
                 raise OSError(ctypes.get_errno(), f"mount tmpfs at {c / rel}")
             if full:
-                with open(c / rel / "filler", "wb", buffering=0) as f:
-                    try:
-                        while True:
-                            f.write(b"\0" * 4096)
-                    except OSError as exc:
-                        assert exc.errno == errno.ENOSPC
-                    f.truncate(max(0, f.tell() - leave))
+                _fill(c / rel / "filler", leave)
             tempfile.tempdir = str(c / "tmp")  # where a rescued adapter goes
         return before
     return for_case
+
+
+def run_on_a_disk(leave: int) -> Callable[[Path], Callable[[], None]]:
+    """Before the command: {c}/run_src copied onto a tmpfs at {c}/run, then filled up but for
+    ``leave`` bytes (the lock file, beside the run, stays on the real disk)."""
+    def for_case(c: Path) -> Callable[[], None]:
+        def before() -> None:
+            libc = _own_mounts()
+            if libc.mount(b"tmpfs", bytes(c / "run"), b"tmpfs", 0, b"size=4m") != 0:
+                raise OSError(ctypes.get_errno(), f"mount tmpfs at {c / 'run'}")
+            shutil.copytree(c / "run_src", c / "run", dirs_exist_ok=True, symlinks=True)
+            _fill(c / "run" / "filler", leave)
+        return before
+    return for_case
+
+
+def _fill(path: Path, leave: int) -> None:
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        f.truncate(max(0, f.tell() - leave))
 
 
 def file_size_limit(limit: int) -> Callable[[Path], Callable[[], None]]:
@@ -470,6 +488,14 @@ def one_warning(backend: str) -> Callable[[Path, subprocess.CompletedProcess], N
     return check
 
 
+def metrics_warning(c: Path, res: subprocess.CompletedProcess) -> None:
+    """The full disk refused a metrics record: one warning, training went on to its end."""
+    warned = [line for line in res.stdout.splitlines() if "metrics" in line and "warning" in line]
+    assert len(warned) == 1 and "no space left on the device while writing metrics" in warned[0]
+    assert "training goes on, and metrics.jsonl misses the records from step" in warned[0]
+    assert "earlier checkpoints are intact" in res.stderr
+
+
 BIG = ["--lora.r", "64", "--lora.alpha", "64", "--train.save_every", "0"]  # a 0.5 MB adapter
 FAULTS = [
     Case("final-adapter-on-a-full-disk", train("r0", "{c}/disk/run", *BIG),
@@ -496,6 +522,12 @@ FAULTS = [
          "done:", 0, then(copy("r0"), write("run/tensorboard/.keep", "")),
          disk("run/tensorboard", size="1m", full=True, leave=4096),
          changes=(*RUN_CHANGES, "run/tracking.json"), check=one_warning("tensorboard")),
+    Case("metrics-then-checkpoint-on-a-full-disk",
+         train("r0", "{c}/run", "--train.resume", "auto", "--train.max_steps", "40",
+               "--train.log_every", "1", "--train.save_every", "0"),
+         "no space left on the device while writing checkpoint {c}/run/checkpoints/.tmp-step-40",
+         2, lambda c, w: (shutil.copytree(w / "r0", c / "run_src"), (c / "run").mkdir()),
+         run_on_a_disk(leave=4096), check=metrics_warning),
     Case("mlflow-on-a-read-only-folder", train("r0", "{c}/run", "--train.resume", "auto",
                                                "--train.max_steps", "5", "--train.report_to",
                                                "[mlflow]"),
