@@ -208,19 +208,27 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 
 
-REMOTE_CODE_FLAG = "--model.trust_remote_code"
+CODE_KEYS = {"trust_remote_code": lambda v: v is True,
+             "attn_implementation": lambda v: isinstance(v, str) and "/" in v}
+"""model.* keys that make a command run code from elsewhere (the model repository's own Python,
+a hub attention kernel) when set so."""
 
 
 def _remote_code_problems(recipe: Recipe, argv: list[str], files: list[str]) -> list[str]:
-    """``model.trust_remote_code: true`` counts only on the command line: a recipe file (a run's
-    recorded recipe.yaml, one received from someone else) never makes this command run the
-    model repository's own Python code."""
-    if not recipe.model.trust_remote_code or any(
-            a == REMOTE_CODE_FLAG or a.startswith(REMOTE_CODE_FLAG + "=") for a in argv):
-        return []
-    return [(f"model.trust_remote_code: true comes from the recipe file {' / '.join(files)}; a "
-             "model repository's own Python code runs only when the command line asks for it: "
-             f"add {REMOTE_CODE_FLAG} true (only for a model you trust), or set it false")]
+    """A key that runs code from elsewhere (:data:`CODE_KEYS`) counts only on the command line:
+    a recipe file (a run's recorded recipe.yaml, one received from someone else) never makes
+    this command run the model repository's Python or a hub kernel."""
+    problems = []
+    for key, runs_code in CODE_KEYS.items():
+        value, flag = getattr(recipe.model, key), f"--model.{key}"
+        if not runs_code(value) or any(a == flag or a.startswith(flag + "=") for a in argv):
+            continue
+        shown = "true" if value is True else value
+        problems.append(f"model.{key}: {shown} comes from the recipe file {' / '.join(files)}; "
+                        "code from outside pace_llm (a model's own Python, a hub kernel) runs "
+                        f"only when the command line asks for it: add {flag} {shown} (only for "
+                        "code you trust), or set it otherwise")
+    return problems
 
 
 def _recipe_files(argv: list[str]) -> list[str]:

@@ -203,6 +203,10 @@ TRUST = [
     Case("received-data-check", ["data-check", "--recipe", "{c}/run/recipe.yaml"],
          "model.trust_remote_code: true comes from the recipe file {c}/run/recipe.yaml", 2,
          received(), check=no_marker),
+    Case("received-hub-kernel", ["data-check", "--recipe", "{c}/kernel.yaml"],
+         "model.attn_implementation: kernels-community/flash-attn comes from the recipe file",
+         prepare=write("kernel.yaml", "model: {name_or_path: x, attn_implementation: "
+                                      "kernels-community/flash-attn}\n")),
     Case("received-resume", ["train", "--recipe", "{c}/run/recipe.yaml", "--train.resume",
                              "auto", "--train.output_dir", "{c}/run"],
          "add --model.trust_remote_code true", 2, received(), check=no_marker),
