@@ -181,22 +181,23 @@ def load_model(name_or_path: str, recipe: Recipe, *, causal: bool, num_labels: i
         kw.update(num_labels=num_labels, pad_token_id=pad_token_id)
         if num_labels == 1:
             kw["problem_type"] = "regression"
-    if recipe.quant.bits in (4, 8):
-        model = load_quantized(cls, name_or_path, recipe.quant, dtype,
-                               zero_stage(ds_config) if ds_config else 0, **kw)
-    else:
-        try:
-            model = cls.from_pretrained(name_or_path, **kw)
-        except (OSError, SafetensorError) as exc:
-            raise UserError(_load_failure("the model", name_or_path, exc)) from None
-        except (ImportError, ValueError) as exc:  # an attention backend not installed/supported
-            if (refusal := remote_code_error(name_or_path, exc, TRAIN_CODE_FLAG)) is not None:
-                raise refusal from None
-            if not recipe.model.attn_implementation or "ttention" not in str(exc):
-                raise
-            raise UserError(f"model.attn_implementation: {recipe.model.attn_implementation!r} "
-                            f"cannot be used here ({first_line(exc)}); use sdpa or eager, or "
-                            "install its package") from None
+    try:
+        if recipe.quant.bits in (4, 8):
+            model = load_quantized(cls, name_or_path, recipe.quant, dtype,
+                                   zero_stage(ds_config) if ds_config else 0, **kw)
+        else:
+            try:
+                model = cls.from_pretrained(name_or_path, **kw)
+            except (OSError, SafetensorError) as exc:
+                raise UserError(_load_failure("the model", name_or_path, exc)) from None
+    except (ImportError, ValueError) as exc:  # its own code, or an attention backend
+        if (refusal := remote_code_error(name_or_path, exc, TRAIN_CODE_FLAG)) is not None:
+            raise refusal from None
+        if not recipe.model.attn_implementation or "ttention" not in str(exc):
+            raise
+        raise UserError(f"model.attn_implementation: {recipe.model.attn_implementation!r} "
+                        f"cannot be used here ({first_line(exc)}); use sdpa or eager, or "
+                        "install its package") from None
     if causal and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     if recipe.model.gradient_checkpointing:
