@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pace_llm import console
 from pace_llm.config import parse_command
 from pace_llm.data.build import build_task, task_texts
 from pace_llm.data.examples import IGNORE, TaskData
@@ -93,6 +94,7 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the data check; 0 on success, 2 (one message on stderr) on bad input."""
+    console.configure()
     from jsonargparse.typing import NonNegativeInt
 
     def body() -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pace_llm import console
 from pace_llm.atomic import atomic_dir, refuse_nonempty
 from pace_llm.config import load_recipe
 from pace_llm.data.sources import looks_like_path
@@ -304,6 +305,7 @@ def _command(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit code (2 with one ``error:`` line on stderr for bad input)."""
+    console.configure()
     return run_command(lambda: _command(argv))
 
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 from pace_llm.data.examples import Splits, TaskSpec, split_records
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import Rows, load_splits
-from pace_llm.data.tokens import (chat_segments, chat_template, eos_id, generation_example,
-                                  render_default, segments_to_example)
+from pace_llm.data.tokens import (Reply, chat_segments, chat_template, eos_id,
+                                  generation_example, render_default, reply_format,
+                                  segments_to_example)
 from pace_llm.errors import UserError
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ def _read(data: DataArgs) -> Splits:
 class Ctx:
     template: str
     eos: int
+    reply: Reply
+    """How the template lays out a reply (where generation stops, what is scored)."""
 
 
 def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
@@ -140,15 +143,18 @@ def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
 
 
 def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
-    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos) for r in records]
+    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos, ctx.reply)
+            for r in records]
 
 
 def eval_example(tok: Any, where: str, messages: list[dict[str, str]], template: str,
-                 eos: int) -> dict[str, Any]:
-    """Prompt = the conversation up to the last assistant turn; reference = that turn's text."""
+                 eos: int, reply: Reply | None = None) -> dict[str, Any]:
+    """Prompt = the conversation up to the last assistant turn; reference = that turn's text;
+    ``reply``: where its generation stops (the template's end of turn)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     segments = chat_segments(tok, messages[: last + 1], template, where)
-    return generation_example(tok, segments, eos, messages[last]["content"])
+    return generation_example(tok, segments, eos, messages[last]["content"],
+                              reply if reply is not None else reply_format(tok, template))
 
 
 def _words(text: str) -> list[str]:
@@ -176,7 +182,8 @@ def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     template = chat_template(tok, data.prompt_style, data.chat_template)
     return TaskSpec(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
                     main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
-                    train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
+                    train_fn=train_examples, eval_fn=eval_examples,
+                    ctx=Ctx(template, eos, reply_format(tok, template)),
                     key={"template": template, "eos": eos})
 
 
