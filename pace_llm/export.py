@@ -1,7 +1,9 @@
 """Export a PACE-trained model's adapter as a PEFT LoRA directory vLLM can serve; the CLI.
 
 At inference a PACE adapter is a plain LoRA (the noise is training-only), so the export is
-PEFT's on-disk format (pace_llm.peft_format) plus a pace_config.json recording the recipe.
+PEFT's on-disk format (pace_llm.peft_format) plus a pace_config.json recording the recipe and,
+for a run whose data was rendered with a chat template, that template (chat_template.jinja):
+what a served model must be prompted with.
 Under DeepSpeed ZeRO-3 only the adapter and head parameters are gathered; every rank takes
 part in the gather and rank 0 writes. Writes go to a temporary directory that is renamed into
 place, so a crash never leaves half an adapter; a CAUSAL_LM adapter is checked against vLLM's
@@ -38,6 +40,7 @@ from pace_llm.peft_format import (
     adapter_tensors,
     peft_targets,
     read_adapter,
+    read_chat_template,
     write_adapter,
 )
 from pace_llm.vllm_contract import check_vllm_contract
@@ -86,14 +89,14 @@ def _pace_notes(model: nn.Module, layers: list[tuple[str, NoisyLoRALinear]], tas
 def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
                       tensors: dict[str, torch.Tensor], pace_notes: dict[str, Any] | None, *,
                       overwrite: bool = False, check_vllm: bool = False,
-                      base_config: Any = None) -> Path:
-    """Write the adapter (and pace_config.json) atomically.
+                      base_config: Any = None, chat_template: str | None = None) -> Path:
+    """Write the adapter (and pace_config.json, and the training chat template) atomically.
 
     With check_vllm the written copy is checked against vLLM's contract before it is moved into
     place; a violation raises UserError and leaves out_dir as it was.
     """
     with atomic_dir(out_dir, overwrite) as tmp:
-        write_adapter(tmp, config, tensors)
+        write_adapter(tmp, config, tensors, chat_template)
         if pace_notes is not None:
             (tmp / "pace_config.json").write_text(json.dumps(pace_notes, indent=2, default=str)
                                                   + "\n")
@@ -104,8 +107,10 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
 
 def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str,
                    task_type: str, dtype: torch.dtype, head_modules: Sequence[str] = (),
-                   pace_info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write the model's adapters as a PEFT LoRA directory (plus pace_config.json).
+                   pace_info: dict[str, Any] | None = None, overwrite: bool = False,
+                   chat_template: str | None = None) -> Path:
+    """Write the model's adapters as a PEFT LoRA directory (plus pace_config.json and the
+    training chat template).
 
     Call on every rank of a ZeRO-3 run (the adapter params are gathered); rank 0 writes.
 
@@ -118,6 +123,8 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
         head_modules: trainable head modules saved in PEFT's modules_to_save form (SEQ_CLS).
         pace_info: recipe dict recorded in pace_config.json (σ, λ, mode, schedule, ...).
         overwrite: replace a non-empty out_dir.
+        chat_template: the template the training data was rendered with (chat_template.jinja;
+            None: the run trained no chat layout).
 
     Raises:
         UserError: no adapters, every lora_B zero, bad task_type/head, out_dir not empty, or
@@ -150,7 +157,8 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
     notes = _pace_notes(model, layers, task_type, pace_info)
     on_rank0(lambda: write_adapter_dir(out_dir, config, tensors, notes, overwrite=overwrite,
                                        check_vllm=task_type == "CAUSAL_LM",
-                                       base_config=getattr(model, "config", None)))
+                                       base_config=getattr(model, "config", None),
+                                       chat_template=chat_template))
     return Path(out_dir)
 
 
@@ -275,7 +283,8 @@ def _reexport(src: Path, out: str, dtype: torch.dtype | None, base: str | None,
     notes_path = src / "pace_config.json"
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else None
     write_adapter_dir(out, config, tensors, notes, overwrite=overwrite,
-                      check_vllm=config.get("task_type") == "CAUSAL_LM", base_config=_local(base))
+                      check_vllm=config.get("task_type") == "CAUSAL_LM", base_config=_local(base),
+                      chat_template=read_chat_template(src))
     print(f"adapter written to {out}")
 
 

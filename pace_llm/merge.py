@@ -24,7 +24,8 @@ from pace_llm.distributed import gathered, on_rank0, unwrap
 from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.lora import NoisyLoRALinear, lora_layers
-from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
+from pace_llm.peft_format import (PREFIX, TEMPLATE_FILE, adapted_modules, lora_key,
+                                  read_adapter, read_chat_template)
 from pace_llm import quant as Q
 from pace_llm.quant import is_quantized_linear
 
@@ -250,13 +251,27 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None) -> tup
     if bits is not None:
         print(f"base loaded {bits}-bit as the run trained it; the merged weights are the "
               "dequantized base plus the adapter", file=sys.stderr)
+    return model.eval(), _tokenizer(adapter_dir, base)
+
+
+def _tokenizer(adapter_dir: Path, base: str) -> Any:
+    """The base's tokenizer with the adapter's training chat template (chat_template.jinja), so
+    that the merged model is prompted as the run trained; None (a warning) if the base has no
+    tokenizer."""
+    import transformers
+
+    template = read_chat_template(adapter_dir)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as exc:
-        print(f"warning: no tokenizer loaded from {base} ({exc}); the merged directory has none",
-              file=sys.stderr)
-        tokenizer = None
-    return model.eval(), tokenizer
+        extra = (f"; serve it with --chat-template {adapter_dir / TEMPLATE_FILE}"
+                 if template is not None else "")
+        print(f"warning: no tokenizer loaded from {base} ({exc}); the merged directory has "
+              f"none{extra}", file=sys.stderr)
+        return None
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def merge_adapter_dir(adapter_dir: Path, out_dir: str | Path, *, base: str | None,

@@ -32,7 +32,8 @@ def write_adapter(run: Run, out_dir: Path, overwrite: bool = False, quiet: bool 
                    task_type="CAUSAL_LM" if run.causal else "SEQ_CLS",
                    dtype=resolve(run.recipe.export.dtype, run.precision),
                    head_modules=[] if run.causal else classifier_head(run.model),
-                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite)
+                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite,
+                   chat_template=run.chat_template)
     if not quiet and D.is_main():
         print(f"[pace_llm] adapter written: {out_dir}", flush=True)
 

@@ -21,7 +21,7 @@ import torch
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_dir, atomic_write
 from pace_llm.data.batches import batch_order
-from pace_llm.data.build import build_task, task_texts
+from pace_llm.data.build import build_task, task_texts, trained_template
 from pace_llm.data.collate import collator
 from pace_llm.data.examples import TaskData
 from pace_llm.dsconfig import (
@@ -137,7 +137,8 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
                engine=record, tokenizer=tokenizer, task=task, model=model, adapted=adapted,
                stepper=stepper, collate=collate, pad_multiple=multiple,
                batches=batches, max_steps=max_steps, history=_fast_history(recipe, task),
-               served_name=_served_name(base_model_dir(recipe, rundir.out)))
+               served_name=_served_name(base_model_dir(recipe, rundir.out)),
+               chat_template=trained_template(recipe.data, tokenizer))
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], precision: str, uniform: bool) -> str:

@@ -11,8 +11,13 @@ import torch
 from conftest import save_fixture_tokenizer, tiny_llama
 
 from pace_llm.data import templates
-from pace_llm.data.tokens import (chat_segments, encode_continuation, generation_example,
-                                  reply_format, reply_text)
+from pace_llm.data.tokens import (
+    chat_segments,
+    encode_continuation,
+    generation_example,
+    reply_format,
+    reply_text,
+)
 from pace_llm.evaluate import greedy_generate
 
 

@@ -128,7 +128,9 @@ def test_plain_style_uses_default_layout_even_with_a_template(tok, tmp_path):
     task = build_task(DataArgs(task="instruct", path=str(tmp_path), prompt_style="plain"), tok)
     assert [text for _, text in runs(tok, task.train[0])] == [
         "<s> ### User:\nSay hi.\n\n### Assistant:\n", "Hi!</s>"]
-    assert tok.chat_template == CHATML  # untouched
+    # the tokenizer's own is replaced by the layout the rows were rendered with: the exported
+    # model's tokenizer (and the adapter's chat_template.jinja) serve what was trained
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
 def test_template_without_eos_gets_eos_on_the_last_turn(tok, tmp_path):

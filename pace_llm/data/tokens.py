@@ -66,15 +66,20 @@ def chat_template(tok: Any, prompt_style: str, name: str | None = None) -> str:
 
     ``name`` is ``data.chat_template`` (see :func:`pace_llm.data.templates.resolve`). None
     means the tokenizer's own; a tokenizer without one gets :data:`DEFAULT_CHAT_TEMPLATE` set
-    on it explicitly, with a log line. A built-in or file template is set on the tokenizer too,
-    so a tokenizer saved with the merged model serves with the layout it was trained on.
+    on it explicitly, with a log line. The template conversations are rendered with is set on
+    the tokenizer (a built-in, a file, or for ``plain`` pace_llm's layout), so the tokenizer
+    saved with the merged model, and the adapter's chat_template.jinja, serve the layout the
+    model was trained on.
     """
     check_prompt_style(prompt_style, name)
     template = templates.resolve(name, tok)
-    if not templates.is_tokenizer_own(name) and tok.chat_template != template:
-        log.info("chat template %s set on the tokenizer", templates.describe(name))
-        tok.chat_template = template
-    return template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+    rendered = template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+    if tok.chat_template != rendered:
+        what = templates.describe(name) if prompt_style == "chat" else "pace_llm's plain layout"
+        log.info("chat template %s set on the tokenizer (what the conversations are rendered "
+                 "with)", what)
+        tok.chat_template = rendered
+    return rendered
 
 
 def check_prompt_style(prompt_style: str, name: str | None) -> None:

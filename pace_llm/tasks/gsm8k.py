@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pace_llm.data.examples import Splits, TaskSpec
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import Rows, load_splits
-from pace_llm.data.tokens import (Reply, Segment, chat_segments, chat_template,
+from pace_llm.data.tokens import (Segment, chat_segments, chat_template,
                                   check_prompt_style, eos_id, generation_example, render_default,
                                   reply_format, segments_to_example)
 from pace_llm.errors import UserError
@@ -96,8 +96,6 @@ class Ctx:
     prompt_style: str
     template: str | None
     eos: int
-    reply: Reply | None = None
-    """chat: how the template lays out a reply (where generation stops, what is scored)."""
 
 
 RECORD = {"where": "string", "question": "string", "answer": "string"}
@@ -122,10 +120,11 @@ def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
 
 
 def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
-    """One generation example per record."""
+    """One generation example per record (chat: with where its reply stops)."""
+    reply = reply_format(tok, ctx.template) if ctx.template is not None else None
     return [generation_example(tok, segments(tok, r["question"], r["answer"], ctx.prompt_style,
                                              ctx.template, r["where"]), ctx.eos, r["answer"],
-                               ctx.reply)
+                               reply)
             for r in records]
 
 
@@ -144,9 +143,7 @@ def task_spec_from_rows(read: Callable[[], tuple[Rows, Rows]], data: DataArgs, t
 
     return TaskSpec(kind="causal_lm", name=name, num_labels=None, metric=exact_match,
                     main_metric="exact_match", read=splits, schema=RECORD, train_fn=train_examples,
-                    eval_fn=eval_examples,
-                    ctx=Ctx(data.prompt_style, template, eos,
-                            reply_format(tok, template) if template is not None else None),
+                    eval_fn=eval_examples, ctx=Ctx(data.prompt_style, template, eos),
                     key={"template": template, "eos": eos})
 
 

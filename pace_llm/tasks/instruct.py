@@ -130,8 +130,6 @@ def _read(data: DataArgs) -> Splits:
 class Ctx:
     template: str
     eos: int
-    reply: Reply
-    """How the template lays out a reply (where generation stops, what is scored)."""
 
 
 def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
@@ -143,7 +141,8 @@ def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
 
 
 def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
-    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos, ctx.reply)
+    reply = reply_format(tok, ctx.template)  # where generation stops, what is scored
+    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos, reply)
             for r in records]
 
 
@@ -182,8 +181,7 @@ def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     template = chat_template(tok, data.prompt_style, data.chat_template)
     return TaskSpec(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
                     main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
-                    train_fn=train_examples, eval_fn=eval_examples,
-                    ctx=Ctx(template, eos, reply_format(tok, template)),
+                    train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
                     key={"template": template, "eos": eos})
 
 
