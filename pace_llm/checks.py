@@ -11,10 +11,12 @@ together as one :class:`~pace_llm.errors.RecipeError`.
     DeepSpeedJSON.problems                the DeepSpeed JSON's structure (pace_llm/dsconfig.py)
     optimizer_path_problems               train.optimizer_path: flat against the ZeRO stage,
                                           the precision and CPU offload
-  a command about to run (train, data-check) also:
+  a command about to run (train, data-check) also (train: the trackers too):
     model_path_problems                   a local model.name_or_path is a directory
     qlora_problems                        QLoRA's rules under the JSON's ZeRO stage
                                           (bitsandbytes installed; pace_llm/quant.py)
+    tracking.readiness_problems           train.report_to: each backend installed, W&B
+                                          logged in (or offline)
 
 Then each key set to no effect in the chosen mode is logged as a warning (:func:`inert_keys`).
 
@@ -42,15 +44,17 @@ from pace_llm.model import model_dir_problem
 from pace_llm.quant import quant_bits, quant_problems
 from pace_llm.schema import SECTIONS, DataArgs, EvalArgs, LoraArgs, ModelArgs, Recipe, TrainArgs
 from pace_llm.tinymodel import build_problem
+from pace_llm.tracking import readiness_problems
 
 log = logging.getLogger(__name__)
 
 
-def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = ()) -> None:
+def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
+          tracking: bool = False) -> None:
     """Raise one RecipeError listing ``found`` (what the parser found first) and every problem
-    of ``recipe``; else, for a command ``about_to_run``, log each key set to no effect as a
-    warning (once: rank 0)."""
-    problems = [*found, *recipe_problems(recipe, about_to_run)]
+    of ``recipe`` (``tracking``: the trackers' readiness too); else, for a command
+    ``about_to_run``, log each key set to no effect as a warning (once: rank 0)."""
+    problems = [*found, *recipe_problems(recipe, about_to_run, tracking)]
     if problems:
         raise RecipeError(problems)
     if about_to_run and os.environ.get("RANK", "0") == "0":
@@ -58,9 +62,11 @@ def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = ())
             log.warning("warning: %s", line)
 
 
-def recipe_problems(recipe: Recipe, about_to_run: bool = False) -> list[str]:
+def recipe_problems(recipe: Recipe, about_to_run: bool = False,
+                    tracking: bool = False) -> list[str]:
     """Every problem of a parsed recipe (empty = valid). ``about_to_run``: also what this
-    machine must hold for the run (a local base model, bitsandbytes for QLoRA)."""
+    machine must hold for the run (a local base model, bitsandbytes for QLoRA); ``tracking``:
+    and for its trackers (installed, W&B logged in)."""
     ds = DeepSpeedJSON.read(recipe.deepspeed)
     problems = [*model_problems(recipe.model), *lora_problems(recipe.lora),
                 *pace_problems(recipe), *train_problems(recipe.train),
@@ -69,6 +75,8 @@ def recipe_problems(recipe: Recipe, about_to_run: bool = False) -> list[str]:
                 *optimizer_path_problems(recipe.train, ds)]
     if about_to_run:
         problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds)]
+    if tracking:
+        problems += readiness_problems(recipe.train.report_to)
     return problems
 
 

@@ -94,13 +94,15 @@ EXAMPLES = """examples:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the data check; 0 on success, 2 (one message on stderr) on bad input."""
-    console.configure()
     from jsonargparse.typing import NonNegativeInt
 
+    console.configure()
+    example = {"type": NonNegativeInt, "default": 0,
+               "help": "Index of the training example to render."}
+
     def body() -> None:
-        command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES, extra={
-            "--example": {"type": NonNegativeInt, "default": 0,
-                          "help": "Index of the training example to render."}})
+        command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES,
+                                tracking=False, extra={"--example": example})
         print(check(command.recipe, command.extra["example"]))
 
     return run_command(body)

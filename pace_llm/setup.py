@@ -68,7 +68,7 @@ def seed(recipe: Recipe, stage: str) -> None:
 def started(recipe: Recipe) -> Iterator[Trainer]:
     """The process group, the locked run directory, the built run and its trainer (resumed if
     the recipe asks, with its trackers); the lock is released when the block ends, and a start
-    that failed before its commit leaves no trace."""
+    that failed before its trackers opened leaves the directory as it was."""
     D.init_distributed()
     check_installed(recipe.train.report_to)  # every rank: all exit 2 together
     rundir = RunDir(Path(recipe.train.output_dir))
@@ -77,6 +77,7 @@ def started(recipe: Recipe) -> Iterator[Trainer]:
         run = build_run(recipe, rundir)
         checkpoint = rundir.start.checkpoint
         tracker = _open_tracker(run, resumed=checkpoint is not None)
+        rundir.settle()  # a failure from here on leaves the run in place
         ok = False
         try:
             yield _trainer(run, tracker, checkpoint)

@@ -102,6 +102,7 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
         "bad.jinja": "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}",
         "no_wandb/wandb/__init__.py": "raise ModuleNotFoundError(\"No module named 'wandb'\", "
                                       "name='wandb')\n",
+        "fake_wandb/wandb/__init__.py": FAKE_WANDB,
     }
     for name, body in files.items():
         path = w / name
@@ -125,6 +126,38 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
                        "ad_alpha": _adapter_config(run, lora_alpha="sixteen")}.items():
         shutil.copytree(run / "adapter", w / name)
         (w / name / "adapter_config.json").write_text(text)
+
+
+FAKE_WANDB = """
+import os
+
+
+class Table:
+    def __init__(self, columns, data):
+        pass
+
+
+class _Run:
+    id, project, entity = "fake-run", "pace-llm", None
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, data):
+        with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+            f.write(str(data.get("step")) + "\\n")
+
+    def finish(self, exit_code=0):
+        pass
+
+
+def init(**kwargs):  # as W&B: a key is needed; "unreachable": the key is fine, the network not
+    if not os.environ.get("WANDB_API_KEY"):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=...)")
+    if os.environ["WANDB_API_KEY"] == "unreachable":
+        raise ConnectionError("cannot reach https://api.wandb.ai")
+    return _Run()
+"""
 
 
 def _adapter_config(run: Path, drop: str | None = None, **changes) -> str:
@@ -407,7 +440,37 @@ def test_check_model_lists_every_problem():
     check_model(recipe, model, Tok(), small)
 
 
+def test_a_failed_tracker_start_leaves_the_folder_and_the_fixed_command_runs(world):
+    """W&B without a login is refused before anything is built or written; a tracker that
+    cannot start after the run was built (W&B's network) undoes the start, putting back the
+    run it was to replace; the fixed command (logged in) then trains in the same folder."""
+    tracked = world["w"] / "tracked"
+    fake = world["w"] / "fake_wandb"
+    log = world["w"] / "wandb-steps.txt"
+
+    def start(key: str | None, out: Path, overwrite: bool) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in ENV.items() if k != "WANDB_API_KEY"}
+        env.update({"FAKE_WANDB_LOG": str(log)}, **({"WANDB_API_KEY": key} if key else {}))
+        args = train("--train.report_to", "[wandb]", "--train.output_dir", str(out),
+                     "--train.overwrite", str(overwrite).lower())
+        return cli([a.format(**world) for a in args], world["w"] / "cwd", env, path=[fake])
+
+    res = start(None, tracked, overwrite=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: train.report_to: wandb has no login here (no WANDB_API_KEY"), res.stderr
+    assert "run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline" in res.stderr
+    assert not tracked.exists()
+    res = start("unreachable", world["run"], overwrite=True)
+    assert res.returncode == 2 and "wandb could not start a run (cannot reach" in res.stderr
+    assert hashes(world["run"]) == world["hashes"]  # the run it was to replace: back in place
+    res = start("a-key", tracked, overwrite=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tracked / "adapter" / "adapter_config.json").is_file()
+    assert log.read_text().split() == ["0", "1", "1"]  # eval at 0, the step, the last eval
+
+
 def test_the_finished_run_is_untouched(world):
     """Last: every train case above pointed --train.output_dir at this run, with overwrite."""
     assert hashes(world["run"]) == world["hashes"]
-    assert not (world["w"] / ".run.new").exists()  # no half-built replacement left behind
+    for left in (".run.new", ".run.old"):  # no half-built replacement, no run kept aside
+        assert not (world["w"] / left).exists()

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from pace_llm.data.mix import KEYS, source_name
+from pace_llm.data.templates import name_problem
 from pace_llm.schema import TASKS
 from pace_llm.tasks.glue import GLUE_TASKS
 
@@ -31,6 +32,8 @@ def data_problems(recipe: Any) -> list[str]:
          f"data.pad_to_multiple_of: {d.pad_to_multiple_of} must be >= 1 (1 = no rounding)")
     need(d.shuffle_buffer >= 1, f"data.shuffle_buffer: {d.shuffle_buffer} must be >= 1 "
          "(1 = file order)")
+    if (problem := name_problem(d.chat_template)) is not None:
+        p.append(problem)
     if d.streaming:
         need(t.max_steps > 0, "data.streaming needs train.max_steps > 0: a stream has no known "
              "length, so train.epochs cannot be turned into steps")
@@ -106,4 +109,7 @@ def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:
     for key in ("name", "eval_path", "hub_config", "chat_template", "glue_task"):
         if item.get(key) is not None and not isinstance(item[key], str):
             p.append(f"{at}.{key}: {item[key]!r} must be a string")
+    template = item.get("chat_template")
+    if isinstance(template, str) and (problem := name_problem(template, f"{at}.chat_template")):
+        p.append(problem)
     return p
