@@ -264,6 +264,9 @@ RULES: list[Rule] = [
      lambda r: f"data.task '{r.data.task}' is a classifier (it applies to causal LMs)", ""),
     (("data.glue_task",), lambda r: r.data.task != "glue",
      lambda r: f"data.task is '{r.data.task}', not glue", "set --data.task glue"),
+    (("data.holdout",), lambda r: r.data.task != "instruct" and not r.data.mix,
+     lambda r: (f"data.task is '{r.data.task}' (only instruct data without an evaluation split "
+                "is held out)"), "give --data.eval_path for an evaluation file"),
     (("data.num_examples", "data.seed"), lambda r: r.data.task != "synthetic",
      lambda r: f"data.task is '{r.data.task}' (only the synthetic task generates examples)", ""),
     (("data.path", "data.eval_path", "data.hub_config"), lambda r: r.data.task == "synthetic",

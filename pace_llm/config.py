@@ -51,7 +51,27 @@ ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "d
            "max_seq_length": "max_length", "model_name_or_path": "name_or_path"}
 
 
+LENGTH_GROUPING = ("pace_llm does not pack examples into one sequence: each global batch is "
+                   "grouped by length (always on), so a micro-batch pads little; remove it")
+PEERS = {
+    "load_in_4bit": "4-bit loading is quant.bits here: --quant.bits 4 (QLoRA, nf4 by default)",
+    "load_in_8bit": "8-bit loading is quant.bits here: --quant.bits 8",
+    "bnb_4bit_quant_type": "the 4-bit type is quant.type here (nf4 or fp4)",
+    "bnb_4bit_use_double_quant": "double quantization is quant.double_quant here",
+    "bnb_4bit_compute_dtype": "the 4-bit compute dtype is quant.compute_dtype here",
+    "val_set_size": ("the evaluation hold-out is data.holdout here: the fraction of the training "
+                     "rows held out when there is no evaluation split (default 0.05; at least 1, "
+                     "at most 200 rows), e.g. --data.holdout 0.1; or give data.eval_path"),
+    "packing": LENGTH_GROUPING, "sample_packing": LENGTH_GROUPING,
+    "group_by_length": "batches are always grouped by length here; remove it",
+}
+"""Keys users bring from peers (transformers, PEFT, TRL, axolotl) that are not one of our keys
+under another name: where their meaning lives here (or what we do instead)."""
+
+
 def _nearest(key: str, options: list[str]) -> str:
+    if key in PEERS:
+        return PEERS[key]
     if ALIASES.get(key) in options:
         return f"did you mean '{ALIASES[key]}'?"
     near = difflib.get_close_matches(key, options, n=1, cutoff=0.5)

@@ -74,6 +74,7 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
         "binary.yaml": b"\x00\x01\x02\xff recipe", "broken.yaml": "model: {name_or_path: x\n  bad: [\n",
         "latin1.yaml": "model: {name_or_path: caf\xe9}\n".encode("latin-1"),
         "values.yaml": "pace: {sigma: -0.5, consistency_weight: -2}\ntrain: {warmup_steps: -1}\n",
+        "packing.yaml": "data: {packing: true}\n",
         # gsm8k data
         "binary.jsonl": b"\x00\x01\x02\xff\xfe",
         "latin1.jsonl": (line + '{"question": "caf\xe9?", "answer": "#### 1"}\n').encode("latin-1"),
@@ -214,6 +215,19 @@ CASES = [
     ("recipe-directory", train("--recipe", "{w}/a_dir"), "is a directory; give a YAML file"),
     ("recipe-values", train("--recipe", "{w}/values.yaml"), "3 problem(s) in recipe", True),
     ("flag-typo", train("--pace.sigmaa", "1"), "--pace.sigmaa: did you mean 'sigma'?"),
+    # keys users bring from peers: where their meaning lives here
+    ("peer-load-in-4bit", train("--model.load_in_4bit", "true"),
+     "--model.load_in_4bit: 4-bit loading is quant.bits here: --quant.bits 4"),
+    ("peer-val-set-size", train("--data.val_set_size", "0.1"),
+     "--data.val_set_size: the evaluation hold-out is data.holdout here: the fraction of the "
+     "training rows held out when there is no evaluation split"),
+    ("peer-packing", train("--data.packing", "true"),
+     "--data.packing: pace_llm does not pack examples into one sequence: each global batch is "
+     "grouped by length"),
+    ("peer-packing-in-a-recipe", train("--recipe", "{w}/packing.yaml"),
+     "unknown key 'data.packing' in {w}/packing.yaml: pace_llm does not pack examples"),
+    ("holdout-range", train("--data.holdout", "5"),
+     "data.holdout: 5.0 must be a fraction between 0 and 1"),
     # data (gsm8k, glue, instruct): through train (its finished run underneath) or data-check
     ("data-missing", check(*gsm8k("{w}/missing.jsonl")),
      "data file '{w}/missing.jsonl' does not exist"),

@@ -28,6 +28,8 @@ def data_problems(recipe: Any) -> list[str]:
              f"expected one of {', '.join(GLUE_TASKS)}")
     need(d.num_examples > 0, f"data.num_examples: {d.num_examples} must be > 0")
     need(d.limit is None or d.limit > 0, f"data.limit: {d.limit} must be > 0 or null")
+    need(0 < d.holdout < 1, f"data.holdout: {d.holdout} must be a fraction between 0 and 1 "
+         "(e.g. 0.05: the last 5% of the training rows are evaluated, at least 1, at most 200)")
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
          f"data.pad_to_multiple_of: {d.pad_to_multiple_of} must be >= 1 (1 = no rounding)")
     need(d.shuffle_buffer >= 1, f"data.shuffle_buffer: {d.shuffle_buffer} must be >= 1 "

@@ -99,13 +99,15 @@ class Ctx:
 
 
 RECORD = {"where": "string", "question": "string", "answer": "string"}
+FIELDS = ("question", "answer")
+"""A row's fields (data.columns maps other names to them)."""
 
 
 def records(rows: Rows, limit: int | None = None) -> Iterator[dict[str, str]]:
     """Validated {where, question, answer} records of the first ``limit`` rows."""
     for n, row in rows.nonempty().head(limit):
-        yield {"where": rows.where(n), "question": rows.get(n, row, "question"),
-               "answer": rows.get(n, row, "answer")}
+        yield {"where": rows.where(n), "question": rows.get(n, row, "question", fields=FIELDS),
+               "answer": rows.get(n, row, "answer", fields=FIELDS)}
 
 
 def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
