@@ -215,7 +215,9 @@ class EvalArgs:
     """Evaluate once before the first step (the base model's figures)."""
     patience: int = 0
     """Early stopping: stop after this many evaluations (eval.every) without a better task
-    metric; the best adapter becomes adapter/ (0 = off)."""
+    metric; the best adapter becomes adapter/ (0 = off). Without save_best the best adapter is
+    kept meanwhile in the hidden <output_dir>/.adapter-best (removed if the run does not stop
+    early); an early stop is recorded in metrics.jsonl."""
 
 
 @dataclass

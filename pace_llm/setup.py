@@ -207,12 +207,20 @@ def _evaluator(run: Run) -> Evaluator:
         whole_weights=run.stepper.whole_weights))
 
 
+def _epochs(run: Run) -> str:
+    """The length of the run in passes over the training set, for the start line."""
+    if run.task.streaming:
+        return " (a stream: its length in epochs is not known)"
+    epochs = run.max_steps * run.batches.global_batch / max(len(run.task.train), 1)
+    return f" = {epochs:.3g} epoch(s) of {len(run.task.train)} examples"
+
+
 def _trainer(run: Run, tracker: Tracker | None, checkpoint: str | None) -> Trainer:
     """The loop over a built run, resumed from ``checkpoint`` if given, with the dropout
     stream seeded."""
     trainer = Trainer(run, _evaluator(run), tracker)
     trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
-                f"{run.batches.global_batch} examples; {D.world_size()} rank(s); "
+                f"{run.batches.global_batch} examples{_epochs(run)}; {D.world_size()} rank(s); "
                 f"{summary(run.engine)}")
     if checkpoint is not None:
         resume(trainer, Path(checkpoint))

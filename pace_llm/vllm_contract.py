@@ -356,8 +356,6 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     modules = adapted_modules(tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    need = required_max_lora_rank(r)
-    base = config.get("base_model_name_or_path") or "<base model>"
     template = (Path(shown) / TEMPLATE_FILE).resolve()
     has_template = (Path(adapter_dir) / TEMPLATE_FILE).is_file()
     return [
@@ -369,9 +367,22 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         f"  {shape_note}",
         (f"  chat template: {template} (the layout the adapter was trained on)" if has_template
          else "  chat template: none (no chat layout was trained: prompt with the training text)"),
-        (f"  serve: vllm serve {base} --enable-lora --max-lora-rank {need} "
-         f"--lora-modules pace={Path(shown).resolve()}"
-         + (f" --chat-template {template}" if has_template else "")
-         + ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
-            f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")),
+        f"  serve: {serve_command(adapter_dir, shown)}",
     ]
+
+
+def serve_command(adapter_dir: str | Path, shown_as: str | Path | None = None) -> str:
+    """The ``vllm serve`` command for an adapter that passed the check: its base, the rank it
+    needs, the adapter, and its training chat template (``--chat-template``) when it has one.
+    ``shown_as``: the directory the command names (default ``adapter_dir``)."""
+    config, _ = read_adapter(adapter_dir)
+    shown = Path(shown_as if shown_as is not None else adapter_dir).resolve()
+    r = config["r"]
+    need = required_max_lora_rank(r)
+    base = config.get("base_model_name_or_path") or "<base model>"
+    template = (f" --chat-template {shown / TEMPLATE_FILE}"
+                if (Path(adapter_dir) / TEMPLATE_FILE).is_file() else "")
+    note = ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
+            f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")
+    return (f"vllm serve {base} --enable-lora --max-lora-rank {need} --lora-modules "
+            f"pace={shown}{template}{note}")

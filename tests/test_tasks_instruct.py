@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, runs
+from PIL import Image
 
 from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
@@ -239,6 +240,15 @@ def test_trl_rows_train_through_the_cli(tiny_base, tmp_path):
     evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
              .splitlines() if '"eval"' in x]
     assert evals[-1]["examples"] == 2
+    # what the console says: the run's length in epochs, the eval loss, what to do next
+    assert "1 steps of 2 examples = 0.333 epoch(s) of 6 examples;" in first.stdout
+    assert f"eval at step 1: exact_match {evals[-1]['metrics']['exact_match']:.4g}, " in first.stdout
+    assert f"eval_loss {evals[-1]['eval_loss']:.4g}\n" in first.stdout
+    steps = first.stdout.split("[pace_llm] next steps:\n")[1].splitlines()
+    assert steps[0].startswith(f"  pace-llm data-check --recipe {tmp_path / 'run' / 'recipe.yaml'}")
+    assert steps[2].startswith("  vllm serve ") and "--chat-template" in steps[2], steps
+    with Image.open(tmp_path / "run" / "curves.png") as png:
+        assert png.text["Description"].endswith("| eval loss (held-out answers)")
     again = cli(args, tmp_path, env)
     assert again.returncode == 0, again.stderr[-3000:]
     hit = [line for line in again.stderr.splitlines() if "task cache hit: " in line]

@@ -72,7 +72,12 @@ def trained_template(data: DataArgs, tokenizer: Any) -> str | None:
 
 
 def task_texts(data: DataArgs) -> list[str]:
-    """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
+    """The task's training text (prompts and targets as rendered), to train a tokenizer on; a
+    progress bar shows once it takes more than two seconds."""
+    from tqdm import tqdm
+
     if data.mix:
         return [text for source in mix.source_args(data) for text in task_texts(source)]
-    return MODULES[data.task].texts(data)
+    rows = MODULES[data.task].texts(data)
+    return list(tqdm(rows, desc=f"model.build: rendering the {data.task} rows", unit=" rows",
+                     delay=2, leave=False, dynamic_ncols=True))

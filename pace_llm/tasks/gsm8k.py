@@ -172,10 +172,10 @@ def render_text(question: str, answer: str, prompt_style: str) -> str:
                            {"role": "assistant", "content": answer}])
 
 
-def texts(data: DataArgs) -> list[str]:
-    """Rendered training problems (for training an offline base's tokenizer)."""
+def texts(data: DataArgs) -> Iterator[str]:
+    """Rendered training problems, as read (for training an offline base's tokenizer)."""
     train, _ = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test",
                            columns=data.columns)
-    return [render_text(r["question"], r["answer"], data.prompt_style)
-            for r in records(train, data.limit)]
+    return (render_text(r["question"], r["answer"], data.prompt_style)
+            for r in records(train, data.limit))
 

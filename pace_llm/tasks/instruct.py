@@ -215,8 +215,8 @@ def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
                     key={"template": template, "eos": eos, "holdout": data.holdout})
 
 
-def texts(data: DataArgs) -> list[str]:
+def texts(data: DataArgs) -> Iterator[str]:
     """Training conversations in the default layout (for training an offline tokenizer)."""
     splits = _read(data)
     train, _ = split_records(splits, list(splits.train))
-    return [render_default(r["messages"]) for r in train]
+    return (render_default(r["messages"]) for r in train)
