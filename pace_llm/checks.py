@@ -11,12 +11,16 @@ together as one :class:`~pace_llm.errors.RecipeError`.
     DeepSpeedJSON.problems                the DeepSpeed JSON's structure (pace_llm/dsconfig.py)
     optimizer_path_problems               train.optimizer_path: flat against the ZeRO stage,
                                           the precision and CPU offload
-  a command about to run (train, data-check) also (train: the trackers too):
+  a command about to run (train, data-check) also:
     model_path_problems                   a local model.name_or_path is a directory
-    qlora_problems                        QLoRA's rules under the JSON's ZeRO stage
-                                          (bitsandbytes installed; pace_llm/quant.py)
+    hub_problems                          the hub ids it names: the hub reachable (one
+                                          probe), or offline, each in the cache (pace_llm/hub.py)
+  a command that trains also:
+    length_problems                       data.max_length against the model's config
     tracking.readiness_problems           train.report_to: each backend installed, W&B
                                           logged in (or offline)
+    qlora_problems                        QLoRA's rules under the JSON's ZeRO stage
+                                          (bitsandbytes installed; pace_llm/quant.py)
 
 Then each key set to no effect in the chosen mode is logged as a warning (:func:`inert_keys`).
 
@@ -36,11 +40,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pace_llm import hub
 from pace_llm.data.checks import data_problems
+from pace_llm.data.sources import LOCAL_EXTS, looks_like_path
 from pace_llm.dsconfig import flat_misfit, offloads_optimizer, read_ds_json, zero_stage
 from pace_llm.errors import RecipeError
 from pace_llm.families import PRESET_NAMES
-from pace_llm.model import model_dir_problem
+from pace_llm.hub import HubId
+from pace_llm.model import config_dict, max_length_problem, model_dir_problem, position_limit
 from pace_llm.quant import quant_bits, quant_problems
 from pace_llm.schema import SECTIONS, DataArgs, EvalArgs, LoraArgs, ModelArgs, Recipe, TrainArgs
 from pace_llm.tinymodel import build_problem
@@ -50,11 +57,11 @@ log = logging.getLogger(__name__)
 
 
 def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
-          tracking: bool = False) -> None:
+          training: bool = False) -> None:
     """Raise one RecipeError listing ``found`` (what the parser found first) and every problem
-    of ``recipe`` (``tracking``: the trackers' readiness too); else, for a command
+    of ``recipe`` (``training``: what a training run needs too); else, for a command
     ``about_to_run``, log each key set to no effect as a warning (once: rank 0)."""
-    problems = [*found, *recipe_problems(recipe, about_to_run, tracking)]
+    problems = [*found, *recipe_problems(recipe, about_to_run, training)]
     if problems:
         raise RecipeError(problems)
     if about_to_run and os.environ.get("RANK", "0") == "0":
@@ -63,10 +70,11 @@ def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
 
 
 def recipe_problems(recipe: Recipe, about_to_run: bool = False,
-                    tracking: bool = False) -> list[str]:
+                    training: bool = False) -> list[str]:
     """Every problem of a parsed recipe (empty = valid). ``about_to_run``: also what this
-    machine must hold for the run (a local base model, bitsandbytes for QLoRA); ``tracking``:
-    and for its trackers (installed, W&B logged in)."""
+    machine must hold for the run (a local base model, bitsandbytes for QLoRA, the hub ids it
+    names); ``training``: and what training needs (data.max_length within the model's
+    positions, its trackers installed and W&B logged in)."""
     ds = DeepSpeedJSON.read(recipe.deepspeed)
     problems = [*model_problems(recipe.model), *lora_problems(recipe.lora),
                 *pace_problems(recipe), *train_problems(recipe.train),
@@ -74,9 +82,10 @@ def recipe_problems(recipe: Recipe, about_to_run: bool = False,
                 *resource_problems(recipe.model), *ds.problems,
                 *optimizer_path_problems(recipe.train, ds)]
     if about_to_run:
-        problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds)]
-    if tracking:
-        problems += readiness_problems(recipe.train.report_to)
+        problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds),
+                     *hub_problems(recipe)]
+    if about_to_run and training:
+        problems += [*length_problems(recipe), *readiness_problems(recipe.train.report_to)]
     return problems
 
 
@@ -238,6 +247,39 @@ def model_path_problems(m: ModelArgs) -> list[str]:
     checked when the model loads: data-check needs only the tokenizer)."""
     problem = model_dir_problem(m.name_or_path, need_model=False) if m.build is None else None
     return [problem] if problem else []
+
+
+def length_problems(recipe: Recipe) -> list[str]:
+    """data.max_length against the model's positions, from its config (a local directory's,
+    the hub cache's, model.build), before anything loads."""
+    if model_path_problems(recipe.model):
+        return []  # the path's own problem says it
+    config = config_dict(recipe)
+    problem = max_length_problem(recipe, position_limit(config)) if config else None
+    return [problem] if problem else []
+
+
+def hub_ids(recipe: Recipe) -> list[HubId]:
+    """The hub ids a recipe names: model.name_or_path and each data path that is no local
+    file (the synthetic task reads none)."""
+    ids: list[HubId] = []
+    name = recipe.model.name_or_path
+    if recipe.model.build is None and name and not looks_like_path(name):
+        ids.append(("model.name_or_path", name, "model"))
+    d = recipe.data
+    sources = ([(f"data.mix[{i}].path", item.get("path"), item.get("task", d.task))
+                for i, item in enumerate(d.mix) if isinstance(item, dict)]
+               if d.mix else [("data.path", d.path, d.task)])
+    for key, path, task in sources:
+        if task != "synthetic" and isinstance(path, str) and path and not looks_like_path(
+                path, LOCAL_EXTS):
+            ids.append((key, path, "dataset"))
+    return ids
+
+
+def hub_problems(recipe: Recipe) -> list[str]:
+    """The hub ids of the recipe that this start cannot get (pace_llm/hub.py): all at once."""
+    return hub.problems(hub_ids(recipe))
 
 
 def qlora_problems(recipe: Recipe, ds: DeepSpeedJSON) -> list[str]:

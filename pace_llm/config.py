@@ -195,15 +195,16 @@ class Command:
 def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
                   extra: dict[str, dict[str, Any]] | None = None,
                   description: str = TRAIN_EXAMPLES, preflight: bool = True,
-                  tracking: bool | None = None) -> Command:
+                  training: bool = True) -> Command:
     """Parse ``--recipe FILE`` plus ``--section.key value`` overrides (and ``extra`` flags:
     name -> add_argument kwargs) into a validated recipe.
 
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
     ``preflight`` (a command about to run): also what the machine must hold (a local model
     path exists, QLoRA's package), and keys set to no effect in the chosen mode are logged as
-    warnings (pace_llm/checks.py); ``tracking`` (default: ``preflight``): train.report_to's
-    backends can start (installed, W&B logged in), checked before anything is built.
+    warnings (pace_llm/checks.py); with ``training`` also what a training run needs
+    (data.max_length within the model's positions, train.report_to's backends installed and
+    W&B logged in), before anything is built.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     print_config = "--print_config" in argv
@@ -219,7 +220,7 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     recipe = namespace_to_recipe(parser, ns)
     _resolve_flag_paths(recipe, argv)
     check(recipe, about_to_run=preflight, found=problems,
-          tracking=preflight if tracking is None else tracking)
+          training=training and not print_config)  # printing the recipe trains nothing
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 

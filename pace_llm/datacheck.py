@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES,
-                                tracking=False, extra={"--example": example})
+                                training=False, extra={"--example": example})
         print(check(command.recipe, command.extra["example"]))
 
     return run_command(body)

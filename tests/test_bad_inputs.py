@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import DATA, save_fixture_tokenizer, save_tiny_base
 
+from pace_llm.hub import OFFLINE_FORM
 from tests.launch import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +249,8 @@ CASES = [
      "int_answer.jsonl row 2: field 'answer' is int 7; expected str"),
     ("data-not-json", check(*gsm8k("{w}/not_json.jsonl")), "not_json.jsonl row 2: not valid JSON"),
     ("data-hub-offline", check("--data.task", "gsm8k", "--data.path", "nobody/no-dataset"),
-     "HF_HUB_OFFLINE=1"),
+     "HF_HUB_OFFLINE is set and the hub cache holds no copy of data.path 'nobody/no-dataset'; "
+     "give local copies"),
     ("glue-missing-field", check(*GLUE, "--data.path", "{w}/glue_missing.jsonl",
                                  "--data.eval_path", "{w}/glue_missing.jsonl"),
      "glue_missing.jsonl row 1: missing field 'sentence'"),
@@ -282,7 +285,12 @@ CASES = [
     ("model-attn-implementation", train("--model.attn_implementation", "fast_attention"),
      "model.attn_implementation: 'fast_attention' is not allowed"),
     ("model-hub-offline", train("--model.name_or_path", "nobody/no-model"),
-     "HF_HUB_OFFLINE=1 skips the network retries"),
+     "HF_HUB_OFFLINE is set and the hub cache holds no copy of model.name_or_path "
+     "'nobody/no-model'; give local copies"),
+    ("hub-offline-model-and-data", train("--model.name_or_path", "nobody/no-model",
+                                         "--data.task", "gsm8k", "--data.path", "openai/gsm8k",
+                                         synthetic=False),
+     "no copy of model.name_or_path 'nobody/no-model' or data.path 'openai/gsm8k'"),
     ("model-build-typo", train("--recipe", "{root}/recipes/demo.yaml", "--model.build",
                                "{{model_type: lama, hidden_size: 32}}", model=False),
      "model.build: model_type 'lama' is not a transformers model type; did you mean 'llama'?"),
@@ -393,6 +401,30 @@ def test_a_tracker_that_is_not_installed(world):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == (
         "error: train.report_to: wandb is not installed; pip install 'pace-llm[wandb]'")
+
+
+def test_an_unreachable_hub_fails_in_seconds(world):
+    """The mission command (recipes/gsm8k.yaml: a hub model and a hub dataset) where the hub
+    cannot be reached and HF_HUB_OFFLINE is not set (a real process: the hub libraries read it
+    at import): exit 2 in seconds, both hub ids in one message that points at the offline
+    form, no retries, nothing written."""
+    env = {k: v for k, v in ENV.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: no network
+    out = world["w"] / "mission"
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "pace_llm.cli", "train", "--recipe",
+                          str(ROOT / "recipes" / "gsm8k.yaml"), "--train.output_dir", str(out)],
+                         capture_output=True, check=False, text=True, cwd=world["w"] / "cwd",
+                         timeout=120, env=env)
+    elapsed = time.monotonic() - started
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "Retrying" not in res.stderr + res.stdout and elapsed < 30, (elapsed, res.stderr)
+    assert res.stderr.strip().splitlines() == [
+        "error: the Hugging Face hub (http://127.0.0.1:9) cannot be reached ([Errno 111] "
+        "Connection refused), and the recipe names hub ids: model.name_or_path "
+        f"'microsoft/Phi-3-mini-4k-instruct', data.path 'openai/gsm8k'; {OFFLINE_FORM}"]
+    assert not out.exists()
 
 
 def test_keys_without_effect_are_warnings(world):

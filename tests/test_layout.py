@@ -22,7 +22,7 @@ MODULE_BUDGET = 600  # lines; above it a module asks for a look at its design, n
 LAYERS: list[tuple[str, set[str]]] = [
     ("recipe", {"schema", "errors", "dtypes", "families", "atomic", "console"}),
     ("foundations", {"lora", "noise", "plot", "records", "distributed", "dsconfig", "schedule",
-                     "flat_optim", "tracking", "tinymodel", "checkpoint", "rundir"}),
+                     "flat_optim", "tracking", "tinymodel", "checkpoint", "rundir", "hub"}),
     ("data", {"data", "data.sources", "data.files", "data.tokens", "data.templates",
               "data.length", "data.examples", "data.cache", "data.stream", "data.mix",
               "data.batches", "data.collate", "data.build", "data.checks", "tasks", "tasks.gsm8k",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pace_llm.errors import UserError, check_text, first_line, listing, read_text
+from pace_llm.hub import OFFLINE_FORM
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +302,7 @@ def read_hub(name: str, config: str | None, split: str, streaming: bool = False)
     except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split name
         raise UserError(f"data.path: cannot load hub dataset {label}: {first_line(exc)}. There "
                         f"is no local file or directory {name!r} here either: for local data give "
-                        "its path (./x.jsonl or /abs/dir); offline, HF_HUB_OFFLINE=1 skips the "
-                        "network retries") from None
+                        f"its path (./x.jsonl or /abs/dir); {OFFLINE_FORM}") from None
     if streaming:
         log.info("streaming hub dataset %s", label)
     else:
