@@ -13,9 +13,10 @@ together as one :class:`~pace_llm.errors.RecipeError`.
                                           the precision and CPU offload
   a command about to run (train, data-check) also:
     model_path_problems                   a local model.name_or_path is a directory
+  a command that loads (train and data-check, not --print_config) also:
     hub_problems                          the hub ids it names: the hub reachable (one
                                           probe), or offline, each in the cache (pace_llm/hub.py)
-  a command that trains also:
+  and one that trains:
     length_problems                       data.max_length against the model's config
     tracking.readiness_problems           train.report_to: each backend installed, W&B
                                           logged in (or offline)
@@ -57,11 +58,11 @@ log = logging.getLogger(__name__)
 
 
 def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
-          training: bool = False) -> None:
+          loads: bool = False, trains: bool = False) -> None:
     """Raise one RecipeError listing ``found`` (what the parser found first) and every problem
-    of ``recipe`` (``training``: what a training run needs too); else, for a command
+    of ``recipe`` (``loads``, ``trains``: see :func:`recipe_problems`); else, for a command
     ``about_to_run``, log each key set to no effect as a warning (once: rank 0)."""
-    problems = [*found, *recipe_problems(recipe, about_to_run, training)]
+    problems = [*found, *recipe_problems(recipe, about_to_run, loads, trains)]
     if problems:
         raise RecipeError(problems)
     if about_to_run and os.environ.get("RANK", "0") == "0":
@@ -69,12 +70,13 @@ def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
             log.warning("warning: %s", line)
 
 
-def recipe_problems(recipe: Recipe, about_to_run: bool = False,
-                    training: bool = False) -> list[str]:
+def recipe_problems(recipe: Recipe, about_to_run: bool = False, loads: bool = False,
+                    trains: bool = False) -> list[str]:
     """Every problem of a parsed recipe (empty = valid). ``about_to_run``: also what this
-    machine must hold for the run (a local base model, bitsandbytes for QLoRA, the hub ids it
-    names); ``training``: and what training needs (data.max_length within the model's
-    positions, its trackers installed and W&B logged in)."""
+    machine must hold for the run (a local base model, bitsandbytes for QLoRA); ``loads`` (the
+    command loads the model or data): the hub ids it names can be had; ``trains``: what
+    training needs (data.max_length within the model's positions, its trackers installed and
+    W&B logged in)."""
     ds = DeepSpeedJSON.read(recipe.deepspeed)
     problems = [*model_problems(recipe.model), *lora_problems(recipe.lora),
                 *pace_problems(recipe), *train_problems(recipe.train),
@@ -82,9 +84,10 @@ def recipe_problems(recipe: Recipe, about_to_run: bool = False,
                 *resource_problems(recipe.model), *ds.problems,
                 *optimizer_path_problems(recipe.train, ds)]
     if about_to_run:
-        problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds),
-                     *hub_problems(recipe)]
-    if about_to_run and training:
+        problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds)]
+    if loads:
+        problems += hub_problems(recipe)
+    if trains:
         problems += [*length_problems(recipe), *readiness_problems(recipe.train.report_to)]
     return problems
 

@@ -202,9 +202,10 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
     ``preflight`` (a command about to run): also what the machine must hold (a local model
     path exists, QLoRA's package), and keys set to no effect in the chosen mode are logged as
-    warnings (pace_llm/checks.py); with ``training`` also what a training run needs
-    (data.max_length within the model's positions, train.report_to's backends installed and
-    W&B logged in), before anything is built.
+    warnings (pace_llm/checks.py); unless it only prints the recipe, the hub ids it names can
+    be had, and with ``training`` what a training run needs (data.max_length within the
+    model's positions, train.report_to's backends installed and W&B logged in), all before
+    anything is built.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     print_config = "--print_config" in argv
@@ -219,8 +220,9 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
         raise RecipeError([*problems, _clean_jsonargparse_error(exc)]) from None
     recipe = namespace_to_recipe(parser, ns)
     _resolve_flag_paths(recipe, argv)
-    check(recipe, about_to_run=preflight, found=problems,
-          training=training and not print_config)  # printing the recipe trains nothing
+    loads = preflight and not print_config  # printing the recipe loads nothing
+    check(recipe, about_to_run=preflight, found=problems, loads=loads,
+          trains=loads and training)
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 

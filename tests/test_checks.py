@@ -80,8 +80,10 @@ def test_optimizer_path_rule_waits_for_a_readable_stage(tmp_path):
 
 
 def _qlora_recipe(tmp_path: Path, bits: int, ds: str) -> list[str]:
+    (tmp_path / "model").mkdir(exist_ok=True)  # a local base (a hub id: the hub's rules too)
     (tmp_path / "r.yaml").write_text(json.dumps({
-        "model": {"name_or_path": "org/model"}, "quant": {"bits": bits}, "deepspeed": ds}))
+        "model": {"name_or_path": str(tmp_path / "model")}, "quant": {"bits": bits},
+        "deepspeed": ds}))
     return ["--recipe", str(tmp_path / "r.yaml")]
 
 
@@ -119,8 +121,8 @@ def test_model_path_only_for_a_command_about_to_run(tmp_path):
         parse_command(argv)
 
 
-def test_inert_keys_are_warnings_of_a_command_about_to_run(caplog):
-    argv = ["--model.name_or_path", "org/model", "--pace.lazy_interval", "4"]
+def test_inert_keys_are_warnings_of_a_command_about_to_run(caplog, tmp_path):
+    argv = ["--model.name_or_path", str(tmp_path), "--pace.lazy_interval", "4"]
     load_recipe(argv)
     assert not caplog.records
     parse_command(argv)
