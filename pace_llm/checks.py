@@ -317,10 +317,8 @@ RULES: list[Rule] = [
     (("data.path", "data.eval_path", "data.hub_config"), lambda r: r.data.task == "synthetic",
      lambda r: "data.task is 'synthetic' (its problems are generated, nothing is read)",
      "set --data.task gsm8k, glue or instruct to read data"),
-    (("data.chat_template",), lambda r: r.data.prompt_style != "chat" or not r.is_causal_lm,
-     lambda r: (f"data.prompt_style is '{r.data.prompt_style}'" if r.is_causal_lm else
-                f"data.task '{r.data.task}' is a classifier") + " (only chat prompts use it)",
-     "set --data.prompt_style chat"),
+    (("data.chat_template",), lambda r: not r.is_causal_lm,  # causal + plain: an error
+     lambda r: f"data.task '{r.data.task}' is a classifier (only chat prompts use it)", ""),
     (("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.storage_dtype"),
      lambda r: r.quant.bits == "none", lambda r: "quant.bits is 'none' (no quantization)",
      "set --quant.bits 4"),

@@ -101,3 +101,16 @@ def test_generation_stops_at_the_end_of_turn_and_scores_the_content(fixture_tok,
     else:  # stopped right after the end-of-turn text, before the next turn
         assert text.endswith(reply["end"]) and text.count(reply["end"]) == 1, text
     assert reply_text(tok, ids, reply) == "Paris"
+
+
+def test_the_console_line_of_an_evaluation():
+    """The metrics, the held-out loss (the only signal while a metric is still 0) and every
+    extra set (a mixture's sources, MNLI mismatched) as extra.<name>."""
+    from pace_llm.trainer import eval_line
+
+    record = {"metrics": {"exact_match": 0.0, "token_f1": 0.123456}, "eval_loss": 2.3456789,
+              "extra": {"seed": {"token_f1": 0.5}, "mismatched": {"accuracy": 0.25}},
+              "fp_distance": 0.1}
+    assert eval_line(record) == ("exact_match 0, token_f1 0.1235, eval_loss 2.346; "
+                                 "extra.seed: token_f1 0.5; extra.mismatched: accuracy 0.25")
+    assert eval_line({"metrics": {}}) == "no metric"

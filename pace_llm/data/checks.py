@@ -9,6 +9,7 @@ from typing import Any
 
 from pace_llm.data.mix import KEYS, source_name
 from pace_llm.data.templates import name_problem
+from pace_llm.data.tokens import prompt_style_problem
 from pace_llm.schema import TASKS
 from pace_llm.tasks.glue import GLUE_TASKS
 
@@ -35,6 +36,9 @@ def data_problems(recipe: Any) -> list[str]:
     need(d.shuffle_buffer >= 1, f"data.shuffle_buffer: {d.shuffle_buffer} must be >= 1 "
          "(1 = file order)")
     if (problem := name_problem(d.chat_template)) is not None:
+        p.append(problem)
+    elif TASKS[d.task] == "causal_lm" and not d.mix and (
+            problem := prompt_style_problem(d.prompt_style, d.chat_template)) is not None:
         p.append(problem)
     if d.streaming:
         need(t.max_steps > 0, "data.streaming needs train.max_steps > 0: a stream has no known "
@@ -114,4 +118,9 @@ def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:
     template = item.get("chat_template")
     if isinstance(template, str) and (problem := name_problem(template, f"{at}.chat_template")):
         p.append(problem)
+    style, template = item.get("prompt_style", data.prompt_style), item.get(
+        "chat_template", data.chat_template)
+    if TASKS.get(task) == "causal_lm" and isinstance(template, (str, type(None))) and (
+            problem := prompt_style_problem(style, template)):
+        p.append(f"{at}: {problem}")
     return p

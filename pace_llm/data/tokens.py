@@ -84,10 +84,19 @@ def chat_template(tok: Any, prompt_style: str, name: str | None = None) -> str:
 
 def check_prompt_style(prompt_style: str, name: str | None) -> None:
     """A chosen ``data.chat_template`` needs ``prompt_style: chat`` (plain would ignore it)."""
+    problem = prompt_style_problem(prompt_style, name)
+    if problem is not None:
+        raise UserError(problem)
+
+
+def prompt_style_problem(prompt_style: str, name: str | None) -> str | None:
+    """:func:`check_prompt_style`'s rule as a problem (the recipe's checks list it at parse
+    time for a causal task)."""
     if prompt_style != "chat" and not templates.is_tokenizer_own(name):
-        raise UserError(f"data.chat_template is {name!r} but data.prompt_style is "
-                        f"{prompt_style!r}, which does not use a chat template; set "
-                        "data.prompt_style: chat, or remove data.chat_template")
+        return (f"data.chat_template is {name!r} but data.prompt_style is {prompt_style!r}, "
+                "which does not use a chat template; set data.prompt_style: chat, or remove "
+                "data.chat_template")
+    return None
 
 
 def render(tok: Any, messages: list[dict[str, str]], template: str, generation: bool,
