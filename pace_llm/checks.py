@@ -13,6 +13,13 @@ together as one :class:`~pace_llm.errors.RecipeError`.
                                           the precision and CPU offload
   a command about to run (train, data-check) also:
     model_path_problems                   a local model.name_or_path is a directory
+  a command that loads (train and data-check, not --print_config) also:
+    hub_problems                          the hub ids it names: the hub reachable (one
+                                          probe), or offline, each in the cache (pace_llm/hub.py)
+  and one that trains:
+    length_problems                       data.max_length against the model's config
+    tracking.readiness_problems           train.report_to: each backend installed, W&B
+                                          logged in (or offline)
     qlora_problems                        QLoRA's rules under the JSON's ZeRO stage
                                           (bitsandbytes installed; pace_llm/quant.py)
 
@@ -34,23 +41,28 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pace_llm import hub
 from pace_llm.data.checks import data_problems
+from pace_llm.data.sources import LOCAL_EXTS, looks_like_path
 from pace_llm.dsconfig import flat_misfit, offloads_optimizer, read_ds_json, zero_stage
 from pace_llm.errors import RecipeError
 from pace_llm.families import PRESET_NAMES
-from pace_llm.model import model_dir_problem
+from pace_llm.hub import HubId
+from pace_llm.model import config_dict, max_length_problem, model_dir_problem, position_limit
 from pace_llm.quant import quant_bits, quant_problems
 from pace_llm.schema import SECTIONS, DataArgs, EvalArgs, LoraArgs, ModelArgs, Recipe, TrainArgs
 from pace_llm.tinymodel import build_problem
+from pace_llm.tracking import readiness_problems
 
 log = logging.getLogger(__name__)
 
 
-def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = ()) -> None:
+def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
+          loads: bool = False, trains: bool = False) -> None:
     """Raise one RecipeError listing ``found`` (what the parser found first) and every problem
-    of ``recipe``; else, for a command ``about_to_run``, log each key set to no effect as a
-    warning (once: rank 0)."""
-    problems = [*found, *recipe_problems(recipe, about_to_run)]
+    of ``recipe`` (``loads``, ``trains``: see :func:`recipe_problems`); else, for a command
+    ``about_to_run``, log each key set to no effect as a warning (once: rank 0)."""
+    problems = [*found, *recipe_problems(recipe, about_to_run, loads, trains)]
     if problems:
         raise RecipeError(problems)
     if about_to_run and os.environ.get("RANK", "0") == "0":
@@ -58,9 +70,13 @@ def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = ())
             log.warning("warning: %s", line)
 
 
-def recipe_problems(recipe: Recipe, about_to_run: bool = False) -> list[str]:
+def recipe_problems(recipe: Recipe, about_to_run: bool = False, loads: bool = False,
+                    trains: bool = False) -> list[str]:
     """Every problem of a parsed recipe (empty = valid). ``about_to_run``: also what this
-    machine must hold for the run (a local base model, bitsandbytes for QLoRA)."""
+    machine must hold for the run (a local base model, bitsandbytes for QLoRA); ``loads`` (the
+    command loads the model or data): the hub ids it names can be had; ``trains``: what
+    training needs (data.max_length within the model's positions, its trackers installed and
+    W&B logged in)."""
     ds = DeepSpeedJSON.read(recipe.deepspeed)
     problems = [*model_problems(recipe.model), *lora_problems(recipe.lora),
                 *pace_problems(recipe), *train_problems(recipe.train),
@@ -69,6 +85,10 @@ def recipe_problems(recipe: Recipe, about_to_run: bool = False) -> list[str]:
                 *optimizer_path_problems(recipe.train, ds)]
     if about_to_run:
         problems += [*model_path_problems(recipe.model), *qlora_problems(recipe, ds)]
+    if loads:
+        problems += hub_problems(recipe)
+    if trains:
+        problems += [*length_problems(recipe), *readiness_problems(recipe.train.report_to)]
     return problems
 
 
@@ -235,6 +255,39 @@ def model_path_problems(m: ModelArgs) -> list[str]:
     return [problem] if problem else []
 
 
+def length_problems(recipe: Recipe) -> list[str]:
+    """data.max_length against the model's positions, from its config (a local directory's,
+    the hub cache's, model.build), before anything loads."""
+    if model_path_problems(recipe.model):
+        return []  # the path's own problem says it
+    config = config_dict(recipe)
+    problem = max_length_problem(recipe, position_limit(config)) if config else None
+    return [problem] if problem else []
+
+
+def hub_ids(recipe: Recipe) -> list[HubId]:
+    """The hub ids a recipe names: model.name_or_path and each data path that is no local
+    file (the synthetic task reads none)."""
+    ids: list[HubId] = []
+    name = recipe.model.name_or_path
+    if recipe.model.build is None and name and not looks_like_path(name):
+        ids.append(("model.name_or_path", name, "model"))
+    d = recipe.data
+    sources = ([(f"data.mix[{i}].path", item.get("path"), item.get("task", d.task))
+                for i, item in enumerate(d.mix) if isinstance(item, dict)]
+               if d.mix else [("data.path", d.path, d.task)])
+    for key, path, task in sources:
+        if task != "synthetic" and isinstance(path, str) and path and not looks_like_path(
+                path, LOCAL_EXTS):
+            ids.append((key, path, "dataset"))
+    return ids
+
+
+def hub_problems(recipe: Recipe) -> list[str]:
+    """The hub ids of the recipe that this start cannot get (pace_llm/hub.py): all at once."""
+    return hub.problems(hub_ids(recipe))
+
+
 def qlora_problems(recipe: Recipe, ds: DeepSpeedJSON) -> list[str]:
     """QLoRA's rules (bitsandbytes installed, ZeRO-3's limits, the storage dtype, a
     pre-quantized base) under the DeepSpeed JSON's ZeRO stage."""
@@ -259,15 +312,16 @@ RULES: list[Rule] = [
      lambda r: f"data.task '{r.data.task}' is a classifier (it applies to causal LMs)", ""),
     (("data.glue_task",), lambda r: r.data.task != "glue",
      lambda r: f"data.task is '{r.data.task}', not glue", "set --data.task glue"),
+    (("data.holdout",), lambda r: r.data.task != "instruct" and not r.data.mix,
+     lambda r: (f"data.task is '{r.data.task}' (only instruct data without an evaluation split "
+                "is held out)"), "give --data.eval_path for an evaluation file"),
     (("data.num_examples", "data.seed"), lambda r: r.data.task != "synthetic",
      lambda r: f"data.task is '{r.data.task}' (only the synthetic task generates examples)", ""),
     (("data.path", "data.eval_path", "data.hub_config"), lambda r: r.data.task == "synthetic",
      lambda r: "data.task is 'synthetic' (its problems are generated, nothing is read)",
      "set --data.task gsm8k, glue or instruct to read data"),
-    (("data.chat_template",), lambda r: r.data.prompt_style != "chat" or not r.is_causal_lm,
-     lambda r: (f"data.prompt_style is '{r.data.prompt_style}'" if r.is_causal_lm else
-                f"data.task '{r.data.task}' is a classifier") + " (only chat prompts use it)",
-     "set --data.prompt_style chat"),
+    (("data.chat_template",), lambda r: not r.is_causal_lm,  # causal + plain: an error
+     lambda r: f"data.task '{r.data.task}' is a classifier (only chat prompts use it)", ""),
     (("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.storage_dtype"),
      lambda r: r.quant.bits == "none", lambda r: "quant.bits is 'none' (no quantization)",
      "set --quant.bits 4"),

@@ -55,7 +55,27 @@ ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "d
            "max_seq_length": "max_length", "model_name_or_path": "name_or_path"}
 
 
+LENGTH_GROUPING = ("pace_llm does not pack examples into one sequence: each global batch is "
+                   "grouped by length (always on), so a micro-batch pads little; remove it")
+PEERS = {
+    "load_in_4bit": "4-bit loading is quant.bits here: --quant.bits 4 (QLoRA, nf4 by default)",
+    "load_in_8bit": "8-bit loading is quant.bits here: --quant.bits 8",
+    "bnb_4bit_quant_type": "the 4-bit type is quant.type here (nf4 or fp4)",
+    "bnb_4bit_use_double_quant": "double quantization is quant.double_quant here",
+    "bnb_4bit_compute_dtype": "the 4-bit compute dtype is quant.compute_dtype here",
+    "val_set_size": ("the evaluation hold-out is data.holdout here: the fraction of the training "
+                     "rows held out when there is no evaluation split (default 0.05; at least 1, "
+                     "at most 200 rows), e.g. --data.holdout 0.1; or give data.eval_path"),
+    "packing": LENGTH_GROUPING, "sample_packing": LENGTH_GROUPING,
+    "group_by_length": "batches are always grouped by length here; remove it",
+}
+"""Keys users bring from peers (transformers, PEFT, TRL, axolotl) that are not one of our keys
+under another name: where their meaning lives here (or what we do instead)."""
+
+
 def _nearest(key: str, options: list[str]) -> str:
+    if key in PEERS:
+        return PEERS[key]
     if ALIASES.get(key) in options:
         return f"did you mean '{ALIASES[key]}'?"
     near = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
@@ -178,14 +198,18 @@ class Command:
 
 def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
                   extra: dict[str, dict[str, Any]] | None = None,
-                  description: str = TRAIN_EXAMPLES, preflight: bool = True) -> Command:
+                  description: str = TRAIN_EXAMPLES, preflight: bool = True,
+                  training: bool = True) -> Command:
     """Parse ``--recipe FILE`` plus ``--section.key value`` overrides (and ``extra`` flags:
     name -> add_argument kwargs) into a validated recipe.
 
     Raises RecipeError listing every problem (unknown keys, bad types, bad values, cross-field).
     ``preflight`` (a command about to run): also what the machine must hold (a local model
     path exists, QLoRA's package), and keys set to no effect in the chosen mode are logged as
-    warnings (pace_llm/checks.py).
+    warnings (pace_llm/checks.py); unless it only prints the recipe, the hub ids it names can
+    be had, and with ``training`` what a training run needs (data.max_length within the
+    model's positions, train.report_to's backends installed and W&B logged in), all before
+    anything is built.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     print_config = "--print_config" in argv
@@ -201,9 +225,11 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
         raise RecipeError([*problems, _clean_jsonargparse_error(exc)]) from None
     recipe = namespace_to_recipe(parser, ns)
     _resolve_flag_paths(recipe, argv)
-    if preflight and not print_config:
+    loads = preflight and not print_config  # printing the recipe loads nothing
+    if loads:
         problems += _remote_code_problems(recipe, argv, files)
-    check(recipe, about_to_run=preflight, found=problems)
+    check(recipe, about_to_run=preflight, found=problems, loads=loads,
+          trains=loads and training)
     return Command(recipe, print_config, {k.lstrip("-").replace("-", "_"): ns.get(
         k.lstrip("-").replace("-", "_")) for k in (extra or {})})
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pace_llm import console
 from pace_llm.config import parse_command
 from pace_llm.data.build import build_task, task_texts
 from pace_llm.data.examples import IGNORE, TaskData
@@ -95,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the data check; 0 on success, 2 (one message on stderr) on bad input."""
     from jsonargparse.typing import NonNegativeInt
 
+    console.configure()
+    example = {"type": NonNegativeInt, "default": 0,
+               "help": "Index of the training example to render."}
+
     def body() -> None:
-        command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES, extra={
-            "--example": {"type": NonNegativeInt, "default": 0,
-                          "help": "Index of the training example to render."}})
+        command = parse_command(argv, prog="pace-llm data-check", description=EXAMPLES,
+                                training=False, extra={"--example": example})
         print(check(command.recipe, command.extra["example"]))
 
     return run_command(body)

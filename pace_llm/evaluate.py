@@ -20,6 +20,7 @@ from torch import nn
 from pace_llm import distributed as D
 from pace_llm import probes
 from pace_llm.data.examples import IGNORE, TaskData
+from pace_llm.data.tokens import reply_text
 from pace_llm.lora import noise_free
 from pace_llm.schema import EvalArgs
 
@@ -59,20 +60,43 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def stop_at_text(tokenizer: Any, width: int, ends: list[str]) -> Any:
+    """A transformers stopping criterion: row i of a batch is done once the text it generated
+    after the ``width`` prompt columns contains ``ends[i]`` (special tokens kept: a marker
+    may be a special token or plain text of several tokens); an empty end never stops a row."""
+    from transformers import StoppingCriteria
+
+    class StopAtText(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            done = [bool(end) and end in tokenizer.decode(row[width:][-(4 * len(end) + 8):],
+                                                          skip_special_tokens=False)
+                    for row, end in zip(input_ids.tolist(), ends)]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopAtText()
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: list[list[int]], tokenizer: Any,
                     max_new_tokens: int, batch_size: int, device: torch.device,
-                    on_batch: Callable[[int], Any] | None = None) -> list[list[int]]:
+                    on_batch: Callable[[int], Any] | None = None,
+                    ends: list[str] | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids, EOS excluded) for each prompt; batched, left-padded,
-    KV-cached. ``on_batch(n)`` is told each finished batch's size (progress)."""
+    KV-cached. A prompt's generation also stops once its text holds ``ends[i]`` (a chat
+    template's end of turn; the marker's tokens are kept). ``on_batch(n)`` is told each
+    finished batch's size (progress)."""
     eos = tokenizer.eos_token_id
     outputs = []
     for s in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[s:s + batch_size], tokenizer.pad_token_id)
+        batch_ends = (ends or [])[s:s + batch_size]
+        stop = ([stop_at_text(tokenizer, ids.shape[1], batch_ends)] if any(batch_ends)
+                else None)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                              pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                             num_beams=1, temperature=None, top_p=None, top_k=None)
+                             num_beams=1, temperature=None, top_p=None, top_k=None,
+                             stopping_criteria=stop)
         for row in gen[:, ids.shape[1]:].tolist():
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
@@ -132,12 +156,14 @@ class Evaluator:
         if ctx.causal:  # generation is the slow part: rank 0 shows its shard's progress
             from tqdm import tqdm
 
+            replies = [e.get("reply") for e in examples]  # a chat layout: its end of turn
             with tqdm(total=len(examples), desc="eval (generation, rank 0's share)", leave=False,
                       disable=not D.is_main(), dynamic_ncols=True) as bar:
                 rows = greedy_generate(ctx.model, [e["prompt_ids"] for e in examples],
                                        ctx.tokenizer, ctx.args.max_new_tokens,
-                                       ctx.args.batch_size, ctx.device, on_batch=bar.update)
-            return [ctx.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+                                       ctx.args.batch_size, ctx.device, on_batch=bar.update,
+                                       ends=[(r or {}).get("end", "") for r in replies])
+            return [reply_text(ctx.tokenizer, row, reply) for row, reply in zip(rows, replies)]
         preds = []
         bs = ctx.args.batch_size
         for s in range(0, len(examples), bs):

@@ -1,7 +1,9 @@
 """Export a PACE-trained model's adapter as a PEFT LoRA directory vLLM can serve; the CLI.
 
 At inference a PACE adapter is a plain LoRA (the noise is training-only), so the export is
-PEFT's on-disk format (pace_llm.peft_format) plus a pace_config.json recording the recipe.
+PEFT's on-disk format (pace_llm.peft_format) plus a pace_config.json recording the recipe and,
+for a run whose data was rendered with a chat template, that template (chat_template.jinja):
+what a served model must be prompted with.
 Under DeepSpeed ZeRO-3 only the adapter and head parameters are gathered; every rank takes
 part in the gather and rank 0 writes. Writes go to a temporary directory that is renamed into
 place, so a crash never leaves half an adapter; a CAUSAL_LM adapter is checked against vLLM's
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pace_llm import console
 from pace_llm.atomic import WriteFault, atomic_dir, inside, refuse_nonempty
 from pace_llm.config import load_recipe
 from pace_llm.data.sources import looks_like_path
@@ -44,6 +47,7 @@ from pace_llm.peft_format import (
     adapter_tensors,
     peft_targets,
     read_adapter,
+    read_chat_template,
     write_adapter,
 )
 from pace_llm.rundir import RUN_ENTRIES
@@ -93,14 +97,14 @@ def _pace_notes(model: nn.Module, layers: list[tuple[str, NoisyLoRALinear]], tas
 def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
                       tensors: dict[str, torch.Tensor], pace_notes: dict[str, Any] | None, *,
                       overwrite: bool = False, check_vllm: bool = False,
-                      base_config: Any = None) -> Path:
-    """Write the adapter (and pace_config.json) atomically.
+                      base_config: Any = None, chat_template: str | None = None) -> Path:
+    """Write the adapter (and pace_config.json, and the training chat template) atomically.
 
     With check_vllm the written copy is checked against vLLM's contract before it is moved into
     place; a violation raises UserError and leaves out_dir as it was.
     """
     with atomic_dir(out_dir, overwrite, what="adapter") as tmp:
-        write_adapter(tmp, config, tensors)
+        write_adapter(tmp, config, tensors, chat_template)
         if pace_notes is not None:
             (tmp / "pace_config.json").write_text(json.dumps(pace_notes, indent=2, default=str)
                                                   + "\n")
@@ -110,7 +114,8 @@ def write_adapter_dir(out_dir: str | Path, config: dict[str, Any],
 
 
 def _rescued(fault: WriteFault, out_dir: str | Path, config: dict[str, Any],
-             tensors: dict[str, torch.Tensor], notes: dict[str, Any]) -> WriteFault:
+             tensors: dict[str, torch.Tensor], notes: dict[str, Any],
+             chat_template: str | None) -> WriteFault:
     """After the filesystem refused the adapter: the same adapter written to the system's
     temporary directory (often another filesystem), and one message saying where it is, or
     that it could not be kept."""
@@ -118,7 +123,8 @@ def _rescued(fault: WriteFault, out_dir: str | Path, config: dict[str, Any],
     out = Path(out_dir)
     rescue = Path(tempfile.mkdtemp(prefix=f"pace_llm-{out.parent.name}-{out.name}-"))
     try:
-        write_adapter_dir(rescue / "adapter", config, tensors, notes)
+        write_adapter_dir(rescue / "adapter", config, tensors, notes,
+                          chat_template=chat_template)
     except (UserError, OSError) as again:
         shutil.rmtree(rescue, ignore_errors=True)
         return WriteFault(f"{fault}; the adapter needs about {need} bytes; writing it to "
@@ -132,8 +138,9 @@ def _rescued(fault: WriteFault, out_dir: str | Path, config: dict[str, Any],
 def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str,
                    task_type: str, dtype: torch.dtype, head_modules: Sequence[str] = (),
                    pace_info: dict[str, Any] | None = None, overwrite: bool = False,
-                   rescue: bool = False) -> Path:
-    """Write the model's adapters as a PEFT LoRA directory (plus pace_config.json).
+                   chat_template: str | None = None, rescue: bool = False) -> Path:
+    """Write the model's adapters as a PEFT LoRA directory (plus pace_config.json and the
+    training chat template).
 
     Call on every rank of a ZeRO-3 run (the adapter params are gathered); rank 0 writes.
 
@@ -146,6 +153,8 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
         head_modules: trainable head modules saved in PEFT's modules_to_save form (SEQ_CLS).
         pace_info: recipe dict recorded in pace_config.json (σ, λ, mode, schedule, ...).
         overwrite: replace a non-empty out_dir.
+        chat_template: the template the training data was rendered with (chat_template.jinja;
+            None: the run trained no chat layout).
         rescue: when the filesystem refuses out_dir (full, read-only, ...), write the adapter
             to the system's temporary directory instead and say so (a run's final adapter).
 
@@ -184,11 +193,12 @@ def export_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_
         try:
             write_adapter_dir(out_dir, config, tensors, notes, overwrite=overwrite,
                               check_vllm=task_type == "CAUSAL_LM",
-                              base_config=getattr(model, "config", None))
+                              base_config=getattr(model, "config", None),
+                              chat_template=chat_template)
         except WriteFault as fault:
             if not rescue:
                 raise
-            raise _rescued(fault, out_dir, config, tensors, notes) from None
+            raise _rescued(fault, out_dir, config, tensors, notes, chat_template) from None
 
     on_rank0(write)
     return Path(out_dir)
@@ -318,7 +328,8 @@ def _reexport(src: Path, out: str, dtype: torch.dtype | None, base: str | None,
     notes_path = src / "pace_config.json"
     notes = json.loads(notes_path.read_text()) if notes_path.is_file() else None
     write_adapter_dir(out, config, tensors, notes, overwrite=overwrite,
-                      check_vllm=config.get("task_type") == "CAUSAL_LM", base_config=_local(base))
+                      check_vllm=config.get("task_type") == "CAUSAL_LM", base_config=_local(base),
+                      chat_template=read_chat_template(src))
     print(f"adapter written to {out}")
 
 
@@ -370,6 +381,7 @@ def _command(argv: list[str] | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit code (2 with one ``error:`` line on stderr for bad input)."""
+    console.configure()
     return run_command(lambda: _command(argv))
 
 

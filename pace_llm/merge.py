@@ -25,7 +25,8 @@ from pace_llm.dtypes import FLOAT_DTYPES
 from pace_llm.errors import UserError
 from pace_llm.lora import NoisyLoRALinear, lora_layers
 from pace_llm.model import note_own_code, remote_code_error
-from pace_llm.peft_format import PREFIX, adapted_modules, lora_key, read_adapter
+from pace_llm.peft_format import (PREFIX, TEMPLATE_FILE, adapted_modules, lora_key,
+                                  read_adapter, read_chat_template)
 from pace_llm import quant as Q
 from pace_llm.quant import is_quantized_linear
 
@@ -263,14 +264,28 @@ def load_base(adapter_dir: Path, base: str | None, recipe: Recipe | None,
     if bits is not None:
         print(f"base loaded {bits}-bit as the run trained it; the merged weights are the "
               "dequantized base plus the adapter", file=sys.stderr)
+    return model.eval(), _tokenizer(adapter_dir, base, trust_remote_code)
+
+
+def _tokenizer(adapter_dir: Path, base: str, trust_remote_code: bool) -> Any:
+    """The base's tokenizer with the adapter's training chat template (chat_template.jinja), so
+    that the merged model is prompted as the run trained; None (a warning) if the base has no
+    tokenizer. Its own code runs only with ``trust_remote_code`` (see :func:`load_base`)."""
+    import transformers
+
+    template = read_chat_template(adapter_dir)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        print(f"warning: no tokenizer loaded from {base} ({exc}); the merged directory has none",
-              file=sys.stderr)
-        tokenizer = None
-    return model.eval(), tokenizer
+        extra = (f"; serve it with --chat-template {adapter_dir / TEMPLATE_FILE}"
+                 if template is not None else "")
+        print(f"warning: no tokenizer loaded from {base} ({exc}); the merged directory has "
+              f"none{extra}", file=sys.stderr)
+        return None
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def merge_adapter_dir(adapter_dir: Path, out_dir: str | Path, *, base: str | None,

@@ -22,6 +22,7 @@ from pace_llm.dsconfig import zero_stage
 from pace_llm.dtypes import resolve
 from pace_llm.errors import UserError, first_line, listing, problems_error
 from pace_llm.families import head_names
+from pace_llm.hub import OFFLINE_FORM
 from pace_llm.quant import load_quantized
 from pace_llm.schema import Recipe
 
@@ -75,9 +76,7 @@ def remote_code_error(name_or_path: str, exc: Exception, flag: str) -> UserError
                      f"it only when the command line asks: {flag} (only for a model you trust)")
 
 
-OFFLINE_HINT = ("give a local model directory instead (--model.name_or_path /path/to/model, "
-                "holding config.json, weights and tokenizer files); when offline, "
-                "HF_HUB_OFFLINE=1 skips the network retries and uses only the local cache")
+OFFLINE_HINT = OFFLINE_FORM
 
 
 def check_model_dir(name_or_path: str, need_model: bool = True,
@@ -276,17 +275,52 @@ def _vocab_problems(model: Any, tokenizer: Any, task: Any) -> list[str]:
              "embeddings (model.resize_token_embeddings) and save it")]
 
 
-def _length_problems(recipe: Recipe, model: Any, task: Any) -> list[str]:
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
+def position_limit(config: Any) -> int | None:
+    """The positions a model config gives a sequence (None: it does not say): its
+    max_position_embeddings less a learned table's offset; a config object or a dict."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    limit = get("max_position_embeddings")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None
+    return limit - POSITION_OFFSET.get(get("model_type"), 0)
+
+
+def max_length_problem(recipe: Recipe, limit: int | None) -> str | None:
+    """data.max_length beyond the model's positions (checked from config.json at parse time,
+    and again on the loaded model)."""
+    if limit is None or recipe.data.max_length <= limit:
+        return None
+    return (f"data.max_length: {recipe.data.max_length} is beyond the model's {limit} positions "
+            f"(config.max_position_embeddings); set --data.max_length {limit} (or lower)")
+
+
+def config_dict(recipe: Recipe) -> dict[str, Any] | None:
+    """The base model's config as a dict, read without loading the model (None: not known
+    here): model.build, a local directory's config.json, or one in the hub cache."""
+    if recipe.model.build is not None:
+        return dict(recipe.model.build) if isinstance(recipe.model.build, dict) else None
+    name = recipe.model.name_or_path
+    if not name:
+        return None
+    path: Any = Path(name).expanduser() / "config.json"
+    if not looks_like_path(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name, "config.json", revision=recipe.model.revision)
+    try:
+        body = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (TypeError, OSError, ValueError):  # not cached, absent or unreadable: known later
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _length_problems(recipe: Recipe, model: Any, task: Any) -> list[str]:
+    limit = position_limit(getattr(model, "config", None))
+    if limit is None:
         return []
-    limit -= POSITION_OFFSET.get(getattr(config, "model_type", None), 0)
     problems = []
-    if recipe.data.max_length > limit:
-        problems.append(f"data.max_length: {recipe.data.max_length} is beyond the model's "
-                        f"{limit} positions (config.max_position_embeddings); set "
-                        f"--data.max_length {limit} (or lower)")
+    if (problem := max_length_problem(recipe, limit)) is not None:
+        problems.append(problem)
     inputs = [r.get("prompt_ids") or r.get("input_ids") or [] for r in task.eval]
     longest = max(map(len, inputs), default=0)
     if longest > limit:

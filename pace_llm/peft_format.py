@@ -1,7 +1,9 @@
 """PEFT's on-disk LoRA adapter format: key table, target names, adapter_config.json, read/write.
 
-An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. The
-tensors are named through one key table:
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``, and,
+when the run rendered its data with a chat template, that template as ``chat_template.jinja``
+(what transformers' tokenizers save; ``vllm serve --chat-template`` reads it). The tensors are
+named through one key table:
 
     model module P (a NoisyLoRALinear)   ->  base_model.model.P.lora_A.weight   [r, d_in]
                                               base_model.model.P.lora_B.weight   [d_out, r]
@@ -33,6 +35,8 @@ PREFIX = "base_model.model."
 """Every tensor key starts with this (PEFT's wrapper around the base model)."""
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+TEMPLATE_FILE = "chat_template.jinja"
+"""The chat template the adapter was trained with (absent: no chat layout was trained)."""
 
 
 def lora_key(module: str, ab: str) -> str:
@@ -151,14 +155,29 @@ def adapter_config(layer: NoisyLoRALinear, targets: list[str], excludes: list[st
 # --------------------------------------------------------------------------------------------
 
 def write_adapter(directory: str | Path, config: Mapping[str, Any],
-                  tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write adapter_config.json and adapter_model.safetensors into an existing directory."""
+                  tensors: Mapping[str, torch.Tensor], chat_template: str | None = None) -> None:
+    """Write adapter_config.json, adapter_model.safetensors and (when given) the training chat
+    template, chat_template.jinja, into an existing directory."""
     from safetensors.torch import save_file
 
     d = Path(directory)
     (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / WEIGHTS_FILE),
               metadata={"format": "pt"})
+    if chat_template is not None:
+        (d / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
+
+
+def read_chat_template(adapter_dir: str | Path) -> str | None:
+    """The adapter's chat_template.jinja (None if it has none); UserError if it is not text."""
+    path = Path(adapter_dir) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "re-export the adapter") from None
 
 
 def read_adapter(adapter_dir: str | Path, strict: bool = False

@@ -1,6 +1,7 @@
 """The curves PNG of a run: task and consistency loss, adapter grad norm, the output gradient,
-eval metric and FP-distance against the step (the curves users compare between pace.mode off
-and full)."""
+eval metric and FP-distance, and the held-out loss against the step (the curves users compare
+between pace.mode off and full; the eval loss moves while a task metric is still 0). The PNG's
+Description text names its panels."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     train, evals = read_metrics(metrics_file)
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    fig, axes = plt.subplots(1, 6, figsize=(26, 4))
     steps = [r["step"] for r in train]
     axes[0].plot(steps, [r["task_loss"] for r in train], label="task loss")
     axes[0].set_title("task loss")
@@ -55,9 +56,15 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path:
         ax.plot(e_steps, [m if m is not None else float("nan") for m in metric], "s--",
                 color="tab:purple", label="metric")
         ax.set_ylabel("metric")
+    eval_loss = [(r["step"], r["eval"]["eval_loss"]) for r in evals
+                  if r["eval"].get("eval_loss") is not None]
+    if eval_loss:
+        axes[5].plot(*zip(*eval_loss), "o-", color="tab:blue")
+    axes[5].set_title("eval loss (held-out answers)")
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png, dpi=80)
+    panels = " | ".join(ax.get_title() for ax in axes)
+    fig.savefig(png, dpi=80, metadata={"Description": f"pace_llm curves: {panels}"})
     plt.close(fig)
     return png

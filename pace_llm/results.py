@@ -2,13 +2,17 @@
 adapter (and which of the two is the result), the merged model, the curves.
 
 Early stopping (``eval.patience``): each evaluation after step 0 either improves the task metric
-(the new best; its adapter is written to ``adapter-best/`` when ``eval.save_best`` or a
-patience is set) or counts one evaluation without gain; ``patience`` such evaluations in a row
-before the last step stop the run, and the best evaluation's adapter becomes ``adapter/``.
+(the new best) or counts one evaluation without gain; ``patience`` such evaluations in a row
+before the last step stop the run (recorded in metrics.jsonl as ``early_stop``), and the best
+evaluation's adapter becomes ``adapter/``. The best adapter is written at each new best: to
+``adapter-best/`` when ``eval.save_best`` asks for it, else (patience alone) to the hidden
+``.adapter-best/``, which is no result: an early stop moves it to ``adapter/``, a run that
+reaches its last step removes it. (On disk rather than in memory: a resumed run still has it.)
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,12 @@ from pace_llm.model import TRAIN_CODE_FLAG, classifier_head
 from pace_llm.plot import plot_metrics
 from pace_llm.run import Run
 from pace_llm.schema import recipe_to_dict
+from pace_llm.vllm_contract import serve_command
 
 BEST = "adapter-best"
+"""eval.save_best: the best evaluation's adapter, a result the user asked for."""
+KEPT = ".adapter-best"
+"""eval.patience without save_best: the best adapter kept for an early stop, hidden."""
 
 
 def write_adapter(run: Run, out_dir: Path, overwrite: bool = False, quiet: bool = False,
@@ -35,7 +43,8 @@ def write_adapter(run: Run, out_dir: Path, overwrite: bool = False, quiet: bool 
                    task_type="CAUSAL_LM" if run.causal else "SEQ_CLS",
                    dtype=resolve(run.recipe.export.dtype, run.precision),
                    head_modules=[] if run.causal else classifier_head(run.model),
-                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite, rescue=rescue)
+                   pace_info=recipe_to_dict(run.recipe), overwrite=overwrite,
+                   chat_template=run.chat_template, rescue=rescue)
     if not quiet and D.is_main():
         print(f"[pace_llm] adapter written: {out_dir}", flush=True)
 
@@ -74,9 +83,14 @@ class EarlyStopping:
                 f"{self.patience} evaluation(s) (eval.patience); best {self.best_metric:.4g} at "
                 f"step {self.best_step}, whose adapter becomes {out / 'adapter'}")
 
-    @staticmethod
-    def best_dir(out: Path) -> Path:
-        return out / BEST
+    def record(self) -> dict[str, Any]:
+        """The ``early_stop`` record of metrics.jsonl."""
+        return {"best_step": self.best_step, "best_metric": self.best_metric,
+                "patience": self.patience, "evals_without_gain": self.evals_without_gain}
+
+    def best_dir(self, out: Path) -> Path:
+        """Where the best adapter is written: adapter-best/ (save_best), else .adapter-best/."""
+        return out / (BEST if self.save_best else KEPT)
 
     def state(self) -> dict[str, Any]:
         return {"best_metric": self.best_metric, "best_step": self.best_step,
@@ -90,11 +104,13 @@ class EarlyStopping:
 def finish(run: Run, stopping: EarlyStopping, log: Any) -> None:
     """After the last step (or an early stop): the adapter (the best evaluation's after an early
     stop), the merged model if asked, the curves."""
-    adapter = run.out / "adapter"
+    adapter, kept = run.out / "adapter", run.out / KEPT
     if stopping.stopped:
         D.on_rank0(lambda: copy_dir(stopping.best_dir(run.out), adapter))
     else:
         write_adapter(run, adapter, overwrite=True, rescue=True)
+    if D.is_main() and kept.exists():  # no result: it was kept for an early stop
+        shutil.rmtree(kept)
     if run.recipe.export.merge and stopping.stopped:  # the best adapter onto the base
         D.on_rank0(lambda: merge_adapter_dir(
             adapter, run.out / "merged", base=run.served_name, recipe=run.recipe, dtype=None,
@@ -108,3 +124,21 @@ def finish(run: Run, stopping: EarlyStopping, log: Any) -> None:
         plot_metrics(run.out / "metrics.jsonl", run.out / "curves.png")
         log(f"done: recipe {run.out / 'recipe.yaml'}, metrics {run.out / 'metrics.jsonl'}, "
             f"curves {run.out / 'curves.png'}, adapter {adapter}")
+        log(next_steps(run, adapter))
+
+
+def next_steps(run: Run, adapter: Path) -> str:
+    """What to do with a finished run: look at the data as trained, merge, serve."""
+    out = run.out
+    merged = out.parent / f"{out.name}-merged"
+    lines = ["next steps:",
+             f"  pace-llm data-check --recipe {out / 'recipe.yaml'}    # one example as the model "
+             "saw it, and the data's statistics",
+             f"  pace-llm export --run {out} --out {merged} --merge    # a merged transformers "
+             "model (with its tokenizer)"]
+    if run.causal:
+        lines.append(f"  {serve_command(adapter)}")
+    else:
+        lines.append(f"  PeftModel.from_pretrained(base, '{adapter}')    # vLLM serves no "
+                     "classifier adapters: transformers + PEFT")
+    return "\n".join(lines)

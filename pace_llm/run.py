@@ -53,6 +53,9 @@ class Run:
     """pace.mode fast: last epoch's outputs."""
     served_name: str
     """What the adapter records as its base: a hub id as given, a local directory absolute."""
+    chat_template: str | None = None
+    """The chat template the data was rendered with (exported beside the adapter and with the
+    merged model's tokenizer); None: no chat layout was trained."""
 
     @property
     def causal(self) -> bool:

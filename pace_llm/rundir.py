@@ -7,8 +7,9 @@
 - Nothing of an existing run is changed before the new run is known to be good: a new run is
   staged in ``<parent>/.<name>.new/`` while its recipe, data, tokenizer, model and DeepSpeed
   config are checked and built; only then (``commit``) does it take the directory's place,
-  replacing an old run (``train.overwrite``). A run that fails before that leaves the
-  directory as it found it.
+  replacing an old run (``train.overwrite``), which is kept aside (``<parent>/.<name>.old/``)
+  until the start is complete (``settle``: its trackers are open). A start that fails before
+  that leaves the directory as it found it (``abandon`` puts the old run back).
 - Nothing is deleted that a run did not create: ``train.overwrite`` replaces only a directory
   that is recognisably a pace_llm run (its ``recipe.yaml``), holding only what a run writes and
   none of this run's inputs (model, data, DeepSpeed config, chat template); ``train.resume
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT_BYTES_PER_ELEMENT = 24
 RUN_ENTRIES = ("recipe.yaml", "engine.json", "ds_config.json", "metrics.jsonl", "curves.png",
-               "adapter", "adapter-best", "merged", "checkpoints", "base_model", "tracking.json",
+               "adapter", "adapter-best", ".adapter-best", "merged", "checkpoints", "base_model",
+               "tracking.json",
                "tensorboard", "wandb", "mlruns")
 """What a run writes at the top of its directory (pace_llm/setup.py, results.py, trainer.py,
 tracking.py); with their temporaries (``NAME.tmp``, ``.NAME.tmp-*``, ``.NAME.old-*``)."""
@@ -62,7 +64,7 @@ class Start:
 
     mode: str
     """new (empty or absent directory), replace (overwrite), resume; committed once a new run
-    has taken the directory's place."""
+    has taken the directory's place, settled once its start is complete."""
     checkpoint: str | None = None
     """The checkpoint to resume from (resume only)."""
 
@@ -129,6 +131,7 @@ class RunDir:
         self.out = out
         self.staging = out.parent / f".{out.name}.new"
         self.lock_file = out.parent / f".{out.name}.lock"
+        self.old = out.parent / f".{out.name}.old"
 
     @property
     def path(self) -> Path:
@@ -296,29 +299,42 @@ class RunDir:
 
     # ------------------------------------------------------------------ closing
     def commit(self) -> None:
-        """Put the staged run in the directory's place (every rank calls; rank 0 moves)."""
+        """Put the staged run in the directory's place (every rank calls; rank 0 moves); what
+        was there is kept aside until :meth:`settle`."""
         if self.start.mode == "resume":
             return
         D.barrier()  # every rank has loaded what it needs from the staging directory
 
         def move() -> None:
-            old = self.out.parent / f".{self.out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
+            if self.old.exists():  # left by a start killed between its commit and settle
+                shutil.rmtree(self.old)
             if self.out.exists():
-                os.replace(self.out, old)
+                os.replace(self.out, self.old)
             os.replace(self.staging, self.out)
-            if old.exists():
-                shutil.rmtree(old)
 
         D.on_rank0(move)
         self.start = Start("committed")
         D.barrier()
 
+    def settle(self) -> None:
+        """The start is complete (its trackers opened): drop what the commit kept aside (rank 0).
+        From here on a failure leaves the run in place (its checkpoints)."""
+        if self.start.mode == "committed":
+            if D.is_main() and self.old.exists():
+                shutil.rmtree(self.old)
+            self.start = Start("settled")
+
     def abandon(self) -> None:
-        """After a failed start: remove what this start staged (rank 0)."""
-        if D.is_main() and self._staged and self.start.mode in ("new", "replace"):
+        """After a failed start: remove what this start staged, or undo its commit: the new run
+        removed, the directory that was there put back (rank 0)."""
+        if not D.is_main():
+            return
+        if self.start.mode in ("new", "replace") and self._staged:
             shutil.rmtree(self.staging, ignore_errors=True)
+        elif self.start.mode == "committed":
+            shutil.rmtree(self.out, ignore_errors=True)
+            if self.old.exists():
+                os.replace(self.old, self.out)
 
     def release(self) -> None:
         """Drop the locks (rank 0); the lock file goes with them, if it is still this run's."""

@@ -114,6 +114,10 @@ class DataArgs:
     """Synthetic task: number of generated training problems."""
     limit: int | None = None
     """Use only the first N training rows (None = all)."""
+    holdout: float = 0.05
+    """Instruct data without an evaluation split (no data.eval_path, no test/validation file
+    beside the data): the fraction of the training rows, the last ones, held out for
+    evaluation (at least 1 row, at most 200)."""
     hub_config: str | None = None
     """Hub dataset config name; None = the task's default (gsm8k: main; glue: data.glue_task)."""
     seed: int = 0
@@ -215,7 +219,9 @@ class EvalArgs:
     """Evaluate once before the first step (the base model's figures)."""
     patience: int = 0
     """Early stopping: stop after this many evaluations (eval.every) without a better task
-    metric; the best adapter becomes adapter/ (0 = off)."""
+    metric; the best adapter becomes adapter/ (0 = off). Without save_best the best adapter is
+    kept meanwhile in the hidden <output_dir>/.adapter-best (removed if the run does not stop
+    early); an early stop is recorded in metrics.jsonl."""
 
 
 @dataclass

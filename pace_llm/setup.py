@@ -22,7 +22,7 @@ import torch
 from pace_llm import distributed as D
 from pace_llm.atomic import atomic_dir, atomic_write
 from pace_llm.data.batches import batch_order
-from pace_llm.data.build import build_task, task_texts
+from pace_llm.data.build import build_task, task_texts, trained_template
 from pace_llm.data.collate import collator
 from pace_llm.data.examples import TaskData
 from pace_llm.dsconfig import (
@@ -69,7 +69,7 @@ def seed(recipe: Recipe, stage: str) -> None:
 def started(recipe: Recipe) -> Iterator[Trainer]:
     """The process group, the locked run directory, the built run and its trainer (resumed if
     the recipe asks, with its trackers); the lock is released when the block ends, and a start
-    that failed before its commit leaves no trace."""
+    that failed before its trackers opened leaves the directory as it was."""
     D.init_distributed()
     check_installed(recipe.train.report_to)  # every rank: all exit 2 together
     rundir = RunDir(Path(recipe.train.output_dir))
@@ -79,6 +79,7 @@ def started(recipe: Recipe) -> Iterator[Trainer]:
         run = build_run(recipe, rundir)
         checkpoint = rundir.start.checkpoint
         tracker = _open_tracker(run, resumed=checkpoint is not None)
+        rundir.settle()  # a failure from here on leaves the run in place
         ok = False
         try:
             yield _trainer(run, tracker, checkpoint)
@@ -139,7 +140,8 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
                engine=record, tokenizer=tokenizer, task=task, model=model, adapted=adapted,
                stepper=stepper, collate=collate, pad_multiple=multiple,
                batches=batches, max_steps=max_steps, history=_fast_history(recipe, task),
-               served_name=_served_name(base_model_dir(recipe, rundir.out)))
+               served_name=_served_name(base_model_dir(recipe, rundir.out)),
+               chat_template=trained_template(recipe.data, tokenizer))
 
 
 def _engine(recipe: Recipe, ds_config: dict[str, Any], precision: str, uniform: bool) -> str:
@@ -209,12 +211,20 @@ def _evaluator(run: Run) -> Evaluator:
         whole_weights=run.stepper.whole_weights))
 
 
+def _epochs(run: Run) -> str:
+    """The length of the run in passes over the training set, for the start line."""
+    if run.task.streaming:
+        return " (a stream: its length in epochs is not known)"
+    epochs = run.max_steps * run.batches.global_batch / max(len(run.task.train), 1)
+    return f" = {epochs:.3g} epoch(s) of {len(run.task.train)} examples"
+
+
 def _trainer(run: Run, tracker: Tracker | None, checkpoint: str | None) -> Trainer:
     """The loop over a built run, resumed from ``checkpoint`` if given, with the dropout
     stream seeded."""
     trainer = Trainer(run, _evaluator(run), tracker)
     trainer.log(f"{len(run.adapted)} layers adapted; {run.task.stats}; {run.max_steps} steps of "
-                f"{run.batches.global_batch} examples; {D.world_size()} rank(s); "
+                f"{run.batches.global_batch} examples{_epochs(run)}; {D.world_size()} rank(s); "
                 f"{summary(run.engine)}")
     if checkpoint is not None:
         resume(trainer, Path(checkpoint))

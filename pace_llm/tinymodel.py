@@ -41,6 +41,8 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = DEFAULT_V
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:
         raise UserError("model.build: the task has no text to train a tokenizer on")
+    log.info("model.build: training a BPE tokenizer (at most %d pieces) on %d lines of the "
+             "task's text", vocab_size, len(lines))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, model_type="bpe",

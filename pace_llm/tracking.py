@@ -306,6 +306,50 @@ def require(name: str) -> None:
                         f"with pip install 'pace-llm[{name}]'") from exc
 
 
+WANDB_HOST = "https://api.wandb.ai"
+WANDB_NO_LOGIN_MODES = ("offline", "disabled", "dryrun")
+
+
+def wandb_login_problem() -> str | None:
+    """Why W&B could not start a run here, found without starting one (None: it can): outside
+    offline mode it needs a key, in WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE or, where
+    ``wandb login`` writes it, the netrc file ($NETRC, else ~/.netrc) for its host."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_MODE", "").lower() in WANDB_NO_LOGIN_MODES:
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    base = os.environ.get("WANDB_BASE_URL") or WANDB_HOST
+    host = urlsplit(base).netloc or base
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        if netrc.netrc(str(path)).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):  # no file, or none wandb could read either
+        pass
+    return (f"train.report_to: wandb has no login here (no WANDB_API_KEY, no key for {host} in "
+            f"{path}); run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to "
+            "log locally and upload later with `wandb sync`")
+
+
+def readiness_problems(backends: list[str]) -> list[str]:
+    """Every reason a backend of train.report_to could not start, found before the run builds
+    anything: not installed (or not importable), W&B without a login. Cheap; the parser runs
+    it on every rank."""
+    problems = []
+    for name in dict.fromkeys(backends):
+        try:
+            require(name)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if name == "wandb" and (problem := wandb_login_problem()):
+            problems.append(problem)
+    return problems
+
+
 def check_installed(backends: list[str]) -> list[str]:
     """The backend names (train.report_to: the recipe schema allows only known ones), each
     once, every one importable; a UserError otherwise. Cheap: call it on every rank before a

@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from pace_llm import console
 from pace_llm import distributed as D
 from pace_llm.config import parse_command
 from pace_llm.errors import run_command
@@ -31,6 +32,7 @@ from pace_llm.setup import started
 
 def main(argv: list[str] | None = None) -> int:
     """Run a recipe; bad input prints one message and returns 2 (no traceback)."""
+    console.configure()
 
     def body() -> None:
         command = parse_command(argv)

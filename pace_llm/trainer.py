@@ -271,14 +271,16 @@ class Trainer:
             return
         record = self.evaluator.evaluate()
         self.write_metrics({"step": self.step, "eval": record})
-        self.log(f"eval at step {self.step}: {json.dumps(record.get('metrics', {}))}")
+        self.log(f"eval at step {self.step}: {eval_line(record)}")
         if self.step == 0:
             return
         verdict = self.stopping.observe(self.step, record.get("metric"),
                                         last=self.step >= self.max_steps)
-        if verdict == "best" and self.stopping.keeps_best:
-            write_adapter(self.run, self.stopping.best_dir(self.run.out), overwrite=True)
+        if verdict == "best" and self.stopping.keeps_best:  # eval.patience alone: kept hidden
+            write_adapter(self.run, self.stopping.best_dir(self.run.out), overwrite=True,
+                          quiet=not self.stopping.save_best)
         elif verdict == "stop":
+            self.write_metrics({"step": self.step, "early_stop": self.stopping.record()})
             self.log(self.stopping.stop_message(self.step, self.run.out))
 
     def maybe_checkpoint(self) -> None:
@@ -310,6 +312,22 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         return D.all_reduce([1.0 if self.stop_requested else 0.0], op="max")[0] > 0
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    """An eval record as the console shows it: the task metrics, the held-out loss, then each
+    extra set's metrics (``extra.<name>``); the full record is in metrics.jsonl."""
+    def pairs(metrics: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in metrics.items()) or "no metric"
+
+    parts = [pairs(record.get("metrics", {}))]
+    if record.get("eval_loss") is not None:
+        parts.append(f"eval_loss {record['eval_loss']:.4g}")
+    line = ", ".join(parts)
+    for name, metrics in (record.get("extra") or {}).items():
+        line += f"; extra.{name}: {pairs(metrics)}"
+    return line
 
 
 def _reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:

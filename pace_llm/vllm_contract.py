@@ -4,9 +4,12 @@ Re-implements vLLM's own load-time checks -- ``PEFTHelper.validate_legal`` in
 vllm/lora/peft_helper.py (rank limits, DoRA, bias, required fields) and
 ``parse_fine_tuned_lora_name`` in vllm/lora/utils.py (which tensor keys are LoRA weights) --
 and adds those vLLM misses: tensor rank equal to the config ``r`` (vLLM silently rescales),
-every listed target has tensors, tensors only for listed targets, and tensor shapes against the
-base model's config (vLLM fails later, at the first forward). docs/VLLM.md describes the
-contract and how scripts/check_vllm.py cross-checks this mirror against a real vLLM.
+every listed target has tensors, tensors only for listed targets, tensor shapes against the
+base model's config (vLLM fails later, at the first forward), and the prompt layout: an adapter
+trained on chat-rendered data carries its template (chat_template.jinja, valid Jinja), which
+the serve command passes with ``--chat-template`` (a server would otherwise prompt with the
+base's own layout, without a warning). docs/VLLM.md describes the contract and how
+scripts/check_vllm.py cross-checks this mirror against a real vLLM.
 
 Export runs the check once, on the adapter directory it has just written (before moving it
 into place); ``pace-llm export --check vllm`` runs it on an existing directory.
@@ -17,6 +20,7 @@ into place); ``pace-llm export --check vllm`` runs it on an existing directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -26,11 +30,20 @@ from typing import Any
 
 import torch
 
+from pace_llm.data.build import renders_conversations
 from pace_llm.dtypes import FLOAT_DTYPES
-from pace_llm.errors import UserError, bulleted, listing
+from pace_llm.errors import UserError, bulleted, first_line, listing
 from pace_llm.families import embedding_names, expected_shape
 from pace_llm.inject import block_relative
-from pace_llm.peft_format import PREFIX, adapted_modules, peft_target_match, read_adapter
+from pace_llm.peft_format import (
+    PREFIX,
+    TEMPLATE_FILE,
+    adapted_modules,
+    peft_target_match,
+    read_adapter,
+    read_chat_template,
+)
+from pace_llm.schema import DataArgs
 
 ALLOWED_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """Values vLLM accepts for --max-lora-rank (vllm/config/lora.py); its default is 16."""
@@ -241,6 +254,49 @@ def _shape_violations(pairs: Mapping[str, Mapping[str, torch.Tensor]],
     return v
 
 
+def trained_chat_layout(adapter_dir: str | Path) -> str | None:
+    """What in the adapter's pace_config.json says its data was rendered with a chat template
+    (``data.task instruct`` / ``data.prompt_style chat``), or None (no record, or no chat)."""
+    path = Path(adapter_dir) / "pace_config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["recipe"]["data"]
+        known = {f.name for f in dataclasses.fields(DataArgs)}
+        args = DataArgs(**{k: v for k, v in data.items() if k in known})
+        chat = renders_conversations(args)
+    except (OSError, ValueError, KeyError, TypeError):  # no record of the recipe: not known
+        return None
+    if not chat:
+        return None
+    return f"data.task {args.task!r}, data.prompt_style {args.prompt_style!r}" + (
+        " (or a data.mix source's)" if args.mix else "")
+
+
+def template_violations(adapter_dir: str | Path, shown_as: str | Path | None = None) -> list[str]:
+    """The adapter's chat template: present when the run trained a chat layout, and valid
+    Jinja (the serve command hands it to vLLM with --chat-template). Messages name
+    ``shown_as`` (default ``adapter_dir``)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    path = Path(shown_as if shown_as is not None else adapter_dir) / TEMPLATE_FILE
+    text = read_chat_template(adapter_dir)
+    if text is None:
+        layout = trained_chat_layout(adapter_dir)
+        if layout is None:
+            return []
+        return [(f"no {TEMPLATE_FILE}, but the adapter was trained on conversations rendered "
+                 f"with a chat template ({layout}, pace_config.json): a server would prompt it "
+                 "with another layout, without a warning; save the template the run rendered "
+                 "with (its recipe's data.chat_template, else the tokenizer's own) as "
+                 f"{path}")]
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
+    except TemplateSyntaxError as exc:
+        return [(f"{path} line {exc.lineno} is not a valid Jinja template ({first_line(exc)}); "
+                 "vLLM's --chat-template would refuse it")]
+    return []
+
+
 def contract_violations(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
                         base_config: Any = None, max_lora_rank: int | None = None) -> list[str]:
     """Every way this adapter breaks vLLM's loading contract (empty list = servable).
@@ -291,7 +347,8 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         shape_note = f"shapes checked against {base_config}/config.json"
     else:
         shape_note = "shapes checked against the given base config"
-    problems = contract_violations(config, tensors, base_config, max_lora_rank)
+    problems = (contract_violations(config, tensors, base_config, max_lora_rank)
+                + template_violations(adapter_dir, shown))
     if problems:
         raise UserError(bulleted(f"{shown} breaks vLLM's adapter contract ({len(problems)} "
                                  "problem(s))", problems))
@@ -299,8 +356,8 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     modules = adapted_modules(tensors)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    need = required_max_lora_rank(r)
-    base = config.get("base_model_name_or_path") or "<base model>"
+    template = (Path(shown) / TEMPLATE_FILE).resolve()
+    has_template = (Path(adapter_dir) / TEMPLATE_FILE).is_file()
     return [
         f"vLLM contract: OK ({shown})",
         (f"  rank r={r}, lora_alpha={alpha}, scaling {scaling:.4g}"
@@ -308,8 +365,24 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         (f"  targets {', '.join(config['target_modules'])}: {len(modules)} modules, "
          f"{len(tensors)} tensors, dtype {', '.join(dtypes)}"),
         f"  {shape_note}",
-        (f"  serve: vllm serve {base} --enable-lora --max-lora-rank {need} "
-         f"--lora-modules pace={Path(shown).resolve()}"
-         + ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
-            f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")),
+        (f"  chat template: {template} (the layout the adapter was trained on)" if has_template
+         else "  chat template: none (no chat layout was trained: prompt with the training text)"),
+        f"  serve: {serve_command(adapter_dir, shown)}",
     ]
+
+
+def serve_command(adapter_dir: str | Path, shown_as: str | Path | None = None) -> str:
+    """The ``vllm serve`` command for an adapter that passed the check: its base, the rank it
+    needs, the adapter, and its training chat template (``--chat-template``) when it has one.
+    ``shown_as``: the directory the command names (default ``adapter_dir``)."""
+    config, _ = read_adapter(adapter_dir)
+    shown = Path(shown_as if shown_as is not None else adapter_dir).resolve()
+    r = config["r"]
+    need = required_max_lora_rank(r)
+    base = config.get("base_model_name_or_path") or "<base model>"
+    template = (f" --chat-template {shown / TEMPLATE_FILE}"
+                if (Path(adapter_dir) / TEMPLATE_FILE).is_file() else "")
+    note = ("" if need <= VLLM_DEFAULT_MAX_LORA_RANK else
+            f"   (r={r} needs --max-lora-rank {need}; vLLM's default is 16)")
+    return (f"vllm serve {base} --enable-lora --max-lora-rank {need} --lora-modules "
+            f"pace={shown}{template}{note}")

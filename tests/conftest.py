@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import site
+import tempfile
+
+# Nothing a test runs may read or write the user's home: HOME, the XDG folders, every Hugging
+# Face cache, the task cache and matplotlib's config point into one temporary folder, set here
+# at import (before huggingface_hub, datasets or a test module reads them; tests/test_bad_inputs
+# copies this environment at its import) and removed when the session ends. Forked children
+# and subprocesses inherit it.
+HOME = tempfile.mkdtemp(prefix="pace_llm-tests-home-")
+atexit.register(shutil.rmtree, HOME, ignore_errors=True)
+os.environ.setdefault("PYTHONUSERBASE", site.getuserbase())  # a --user install stays visible
+for _key, _sub in {"HOME": "", "XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config",
+                   "XDG_DATA_HOME": ".local/share", "XDG_STATE_HOME": ".local/state",
+                   "HF_HOME": ".cache/huggingface", "PACE_LLM_CACHE": ".cache/pace_llm",
+                   "MPLCONFIGDIR": ".config/matplotlib", "TORCH_HOME": ".cache/torch"}.items():
+    os.environ[_key] = os.path.join(HOME, _sub)
+for _key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
+             "HF_TOKEN", "HF_TOKEN_PATH", "NETRC", "WANDB_API_KEY", "WANDB_MODE",
+             "WANDB_IDENTITY_TOKEN_FILE", "MLFLOW_TRACKING_URI"):
+    os.environ.pop(_key, None)  # set by the user: they would point outside, or log a test in
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -64,12 +86,6 @@ def noisy_llama(checkpointing: bool) -> tuple[torch.nn.Module, list[int]]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, calls
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _task_cache(tmp_path_factory):
-    """Tokenized task caches go to a temporary directory, not the user's ~/.cache."""
-    os.environ.setdefault("PACE_LLM_CACHE", str(tmp_path_factory.mktemp("pace_llm_cache")))
 
 
 @pytest.fixture

@@ -202,9 +202,21 @@ def ckpt_exists(out: Path, step: int) -> Callable[[], bool]:
 
 
 # ------------------------------------------------------------------ a command in a forked child
+def _put_first(path: list[str]) -> None:
+    """Modules in the folders of ``path`` win over those installed (and already imported), as a
+    fresh process with ``PYTHONPATH`` would see them (a fake tracker package, say)."""
+    sys.path[:0] = path
+    for folder in path:
+        for entry in os.listdir(folder):
+            name = entry.removesuffix(".py")
+            for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+                del sys.modules[module]
+
+
 def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str,
-               before: Callable[[], None] | None = None) -> None:
+               path: list[str], before: Callable[[], None] | None = None) -> None:
     own_locks()
+    _put_first(path)
     for path, fd in ((out, 1), (err, 2)):
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(handle, fd)
@@ -233,17 +245,19 @@ def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: st
 
 
 def cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 180,
-        before: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+        path: list[Path] = (), before: Callable[[], None] | None = None
+        ) -> subprocess.CompletedProcess:
     """``pace-llm ARGS`` run in ``cwd`` with environment ``env``, as a child forked from the test
     process (its imports are paid once, not per command): the exit code and what it printed, as
     ``subprocess.run(..., capture_output=True, text=True)`` returns them. The environment must
-    not change what the parent's imports already read (tests/conftest.py sets those).
-    ``before()`` runs in the child first (what the case changes in that process only)."""
+    not change what the parent's imports already read (tests/conftest.py sets those). The
+    modules in the folders of ``path`` replace installed ones (``PYTHONPATH`` for a fork);
+    ``before()`` runs in the child first (what a case changes in that process only)."""
     ctx = mp.get_context("fork")
     logs = Path(tempfile.mkdtemp(prefix="cli-"))
     out, err = logs / "stdout", logs / "stderr"
     child = ctx.Process(target=_cli_child, args=(list(args), str(cwd), dict(env), str(out),
-                                                 str(err), before))
+                                                 str(err), [str(p) for p in path], before))
     child.start()
     child.join(timeout)
     if child.is_alive():

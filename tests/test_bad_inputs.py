@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import DATA, save_fixture_tokenizer, save_tiny_base
 
+from pace_llm.hub import OFFLINE_FORM
 from tests.launch import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +76,7 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
         "binary.yaml": b"\x00\x01\x02\xff recipe", "broken.yaml": "model: {name_or_path: x\n  bad: [\n",
         "latin1.yaml": "model: {name_or_path: caf\xe9}\n".encode("latin-1"),
         "values.yaml": "pace: {sigma: -0.5, consistency_weight: -2}\ntrain: {warmup_steps: -1}\n",
+        "packing.yaml": "data: {packing: true}\n",
         # gsm8k data
         "binary.jsonl": b"\x00\x01\x02\xff\xfe",
         "latin1.jsonl": (line + '{"question": "caf\xe9?", "answer": "#### 1"}\n').encode("latin-1"),
@@ -102,6 +105,7 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
         "bad.jinja": "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}",
         "no_wandb/wandb/__init__.py": "raise ModuleNotFoundError(\"No module named 'wandb'\", "
                                       "name='wandb')\n",
+        "fake_wandb/wandb/__init__.py": FAKE_WANDB,
     }
     for name, body in files.items():
         path = w / name
@@ -125,6 +129,38 @@ def _write_files(w: Path, base: Path, run: Path) -> None:
                        "ad_alpha": _adapter_config(run, lora_alpha="sixteen")}.items():
         shutil.copytree(run / "adapter", w / name)
         (w / name / "adapter_config.json").write_text(text)
+
+
+FAKE_WANDB = """
+import os
+
+
+class Table:
+    def __init__(self, columns, data):
+        pass
+
+
+class _Run:
+    id, project, entity = "fake-run", "pace-llm", None
+
+    def define_metric(self, *args, **kwargs):
+        pass
+
+    def log(self, data):
+        with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+            f.write(str(data.get("step")) + "\\n")
+
+    def finish(self, exit_code=0):
+        pass
+
+
+def init(**kwargs):  # as W&B: a key is needed; "unreachable": the key is fine, the network not
+    if not os.environ.get("WANDB_API_KEY"):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=...)")
+    if os.environ["WANDB_API_KEY"] == "unreachable":
+        raise ConnectionError("cannot reach https://api.wandb.ai")
+    return _Run()
+"""
 
 
 def _adapter_config(run: Path, drop: str | None = None, **changes) -> str:
@@ -181,6 +217,19 @@ CASES = [
     ("recipe-directory", train("--recipe", "{w}/a_dir"), "is a directory; give a YAML file"),
     ("recipe-values", train("--recipe", "{w}/values.yaml"), "3 problem(s) in recipe", True),
     ("flag-typo", train("--pace.sigmaa", "1"), "--pace.sigmaa: did you mean 'sigma'?"),
+    # keys users bring from peers: where their meaning lives here
+    ("peer-load-in-4bit", train("--model.load_in_4bit", "true"),
+     "--model.load_in_4bit: 4-bit loading is quant.bits here: --quant.bits 4"),
+    ("peer-val-set-size", train("--data.val_set_size", "0.1"),
+     "--data.val_set_size: the evaluation hold-out is data.holdout here: the fraction of the "
+     "training rows held out when there is no evaluation split"),
+    ("peer-packing", train("--data.packing", "true"),
+     "--data.packing: pace_llm does not pack examples into one sequence: each global batch is "
+     "grouped by length"),
+    ("peer-packing-in-a-recipe", train("--recipe", "{w}/packing.yaml"),
+     "unknown key 'data.packing' in {w}/packing.yaml: pace_llm does not pack examples"),
+    ("holdout-range", train("--data.holdout", "5"),
+     "data.holdout: 5.0 must be a fraction between 0 and 1"),
     # data (gsm8k, glue, instruct): through train (its finished run underneath) or data-check
     ("data-missing", check(*gsm8k("{w}/missing.jsonl")),
      "data file '{w}/missing.jsonl' does not exist"),
@@ -200,7 +249,8 @@ CASES = [
      "int_answer.jsonl row 2: field 'answer' is int 7; expected str"),
     ("data-not-json", check(*gsm8k("{w}/not_json.jsonl")), "not_json.jsonl row 2: not valid JSON"),
     ("data-hub-offline", check("--data.task", "gsm8k", "--data.path", "nobody/no-dataset"),
-     "HF_HUB_OFFLINE=1"),
+     "HF_HUB_OFFLINE is set and the hub cache holds no copy of data.path 'nobody/no-dataset'; "
+     "give local copies"),
     ("glue-missing-field", check(*GLUE, "--data.path", "{w}/glue_missing.jsonl",
                                  "--data.eval_path", "{w}/glue_missing.jsonl"),
      "glue_missing.jsonl row 1: missing field 'sentence'"),
@@ -235,7 +285,12 @@ CASES = [
     ("model-attn-implementation", train("--model.attn_implementation", "fast_attention"),
      "model.attn_implementation: 'fast_attention' is not allowed"),
     ("model-hub-offline", train("--model.name_or_path", "nobody/no-model"),
-     "HF_HUB_OFFLINE=1 skips the network retries"),
+     "HF_HUB_OFFLINE is set and the hub cache holds no copy of model.name_or_path "
+     "'nobody/no-model'; give local copies"),
+    ("hub-offline-model-and-data", train("--model.name_or_path", "nobody/no-model",
+                                         "--data.task", "gsm8k", "--data.path", "openai/gsm8k",
+                                         synthetic=False),
+     "no copy of model.name_or_path 'nobody/no-model' or data.path 'openai/gsm8k'"),
     ("model-build-typo", train("--recipe", "{root}/recipes/demo.yaml", "--model.build",
                                "{{model_type: lama, hidden_size: 32}}", model=False),
      "model.build: model_type 'lama' is not a transformers model type; did you mean 'llama'?"),
@@ -348,6 +403,30 @@ def test_a_tracker_that_is_not_installed(world):
         "error: train.report_to: wandb is not installed; pip install 'pace-llm[wandb]'")
 
 
+def test_an_unreachable_hub_fails_in_seconds(world):
+    """The mission command (recipes/gsm8k.yaml: a hub model and a hub dataset) where the hub
+    cannot be reached and HF_HUB_OFFLINE is not set (a real process: the hub libraries read it
+    at import): exit 2 in seconds, both hub ids in one message that points at the offline
+    form, no retries, nothing written."""
+    env = {k: v for k, v in ENV.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: no network
+    out = world["w"] / "mission"
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "pace_llm.cli", "train", "--recipe",
+                          str(ROOT / "recipes" / "gsm8k.yaml"), "--train.output_dir", str(out)],
+                         capture_output=True, check=False, text=True, cwd=world["w"] / "cwd",
+                         timeout=120, env=env)
+    elapsed = time.monotonic() - started
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "Retrying" not in res.stderr + res.stdout and elapsed < 30, (elapsed, res.stderr)
+    assert res.stderr.strip().splitlines() == [
+        "error: the Hugging Face hub (http://127.0.0.1:9) cannot be reached ([Errno 111] "
+        "Connection refused), and the recipe names hub ids: model.name_or_path "
+        f"'microsoft/Phi-3-mini-4k-instruct', data.path 'openai/gsm8k'; {OFFLINE_FORM}"]
+    assert not out.exists()
+
+
 def test_keys_without_effect_are_warnings(world):
     res = pace_llm(["train", "--model.name_or_path", str(world["base"]), "--pace.mode", "full",
                     "--pace.lazy_interval", "4", "--quant.type", "fp4", "--data.glue_task",
@@ -407,7 +486,37 @@ def test_check_model_lists_every_problem():
     check_model(recipe, model, Tok(), small)
 
 
+def test_a_failed_tracker_start_leaves_the_folder_and_the_fixed_command_runs(world):
+    """W&B without a login is refused before anything is built or written; a tracker that
+    cannot start after the run was built (W&B's network) undoes the start, putting back the
+    run it was to replace; the fixed command (logged in) then trains in the same folder."""
+    tracked = world["w"] / "tracked"
+    fake = world["w"] / "fake_wandb"
+    log = world["w"] / "wandb-steps.txt"
+
+    def start(key: str | None, out: Path, overwrite: bool) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in ENV.items() if k != "WANDB_API_KEY"}
+        env.update({"FAKE_WANDB_LOG": str(log)}, **({"WANDB_API_KEY": key} if key else {}))
+        args = train("--train.report_to", "[wandb]", "--train.output_dir", str(out),
+                     "--train.overwrite", str(overwrite).lower())
+        return cli([a.format(**world) for a in args], world["w"] / "cwd", env, path=[fake])
+
+    res = start(None, tracked, overwrite=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+        "error: train.report_to: wandb has no login here (no WANDB_API_KEY"), res.stderr
+    assert "run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline" in res.stderr
+    assert not tracked.exists()
+    res = start("unreachable", world["run"], overwrite=True)
+    assert res.returncode == 2 and "wandb could not start a run (cannot reach" in res.stderr
+    assert hashes(world["run"]) == world["hashes"]  # the run it was to replace: back in place
+    res = start("a-key", tracked, overwrite=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tracked / "adapter" / "adapter_config.json").is_file()
+    assert log.read_text().split() == ["0", "1", "1"]  # eval at 0, the step, the last eval
+
+
 def test_the_finished_run_is_untouched(world):
     """Last: every train case above pointed --train.output_dir at this run, with overwrite."""
     assert hashes(world["run"]) == world["hashes"]
-    assert not (world["w"] / ".run.new").exists()  # no half-built replacement left behind
+    for left in (".run.new", ".run.old"):  # no half-built replacement, no run kept aside
+        assert not (world["w"] / left).exists()

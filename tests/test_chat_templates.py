@@ -1,21 +1,27 @@
 """data.chat_template: built-in family templates against their published formats, masking with
-each, Jinja files, bad names and files, and data-check showing the rendered template."""
+each, Jinja files, bad names and files, data-check showing the rendered template; through the
+CLI, a chat run scored on its reply's content and exported with its template."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DATA, runs, save_fixture_tokenizer
+import torch
+from conftest import DATA, SMALL, runs, save_fixture_tokenizer
 
 from pace_llm import datacheck
-from pace_llm.schema import DataArgs
-from pace_llm.errors import UserError
 from pace_llm.data import templates
 from pace_llm.data.build import build_task
-from pace_llm.data.tokens import chat_segments, segments_to_example
+from pace_llm.data.tokens import (chat_segments, encode_continuation, generation_example,
+                                  segments_to_example)
+from pace_llm.errors import UserError
+from pace_llm.schema import DataArgs
+from tests.launch import cli
 
 SEED_TASKS = DATA / "instruct" / "self_instruct_seed_tasks.jsonl"
 SYSTEM, USER1, REPLY1, USER2, REPLY2 = ("Be brief.", "Hi there", "Hello! How can I help?",
@@ -358,3 +364,106 @@ def test_data_check_bad_template_exits_2_with_one_message(instruct_recipe, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: data.chat_template: unknown template 'chatm' (did you mean "
                           "'chatml'?)") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ through the CLI: a chat run
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+HELLO = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello"}]
+
+
+def answering_base(out: Path, template: str, messages: list[dict], after: str) -> Path:
+    """A tiny Llama (the fixture's marker-less tokenizer) that answers ``messages``' last reply
+    when prompted with the rest in ``template``, as pace_llm tokenizes it: trained here on that
+    one sequence until greedy decoding gives the reply, then ``after`` (its end of turn and a
+    next turn: the model runs on unless generation stops it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = save_fixture_tokenizer(out)
+    prompt = generation_example(tok, chat_segments(tok, messages, template, "row 1"),
+                                tok.eos_token_id, "")["prompt_ids"]
+    answer = encode_continuation(tok, messages[-1]["content"] + after)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": len(tok),
+                                            "bos_token_id": tok.bos_token_id,
+                                            "eos_token_id": tok.eos_token_id,
+                                            "max_position_embeddings": 512}))
+    ids, labels = torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    greedy = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(answer),
+                            do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert greedy == answer, tok.decode(greedy)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory) -> dict[str, Path]:
+    """A chatml instruct run (pace-llm train) on a marker-less tokenizer whose base answers
+    "hello<|im_end|>" and runs on into a next user turn; one step at a negligible lr, with the
+    merged model written."""
+    w = tmp_path_factory.mktemp("chat_run")
+    base = answering_base(w / "base", templates.CHATML, HELLO,
+                          "<|im_end|>\n<|im_start|>user\nSay hello again.<|im_end|>")
+    write_jsonl(w / "train.jsonl", [{"messages": HELLO}])
+    write_jsonl(w / "test.jsonl", [{"messages": HELLO}])
+    run = w / "run"
+    res = cli(["train", "--model.name_or_path", str(base), "--data.task", "instruct",
+               "--data.path", str(w / "train.jsonl"), "--data.eval_path", str(w / "test.jsonl"),
+               "--data.prompt_style", "chat", "--data.chat_template", "chatml",
+               "--data.max_length", "128", "--train.max_steps", "1",
+               "--train.micro_batch_size", "1", "--train.lr", "1e-7", "--train.precision",
+               "fp32", "--pace.mode", "off", "--lora.r", "2", "--lora.alpha", "4",
+               "--eval.limit", "1", "--eval.max_new_tokens", "48", "--eval.batch_size", "1",
+               "--deepspeed", str(ROOT / "ds_configs" / "zero0.json"), "--export.merge", "true",
+               "--train.output_dir", str(run)], w, ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {"w": w, "base": base, "run": run, "stdout": res.stdout}
+
+
+def test_a_chatml_run_scores_the_reply_that_answers(chat_run):
+    """The model answers "hello", closes its turn with <|im_end|> (text: the tokenizer has no
+    such token) and would run on: generation stops at the end of turn, the prediction is
+    "hello", exact match 1.0 before and after training (what early stopping ranks by)."""
+    evals = [json.loads(line)["eval"] for line in
+             (chat_run["run"] / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 2
+    for record in evals:
+        assert record["metrics"]["exact_match"] == 1.0, record
+        assert record["samples"] == [{"prediction": "hello", "reference": "hello"}]
+
+
+def test_the_export_carries_the_training_template(chat_run):
+    """The adapter directory holds the template; the run's merged model and `pace-llm export
+    --merge`'s render a conversation exactly as training did; the vLLM check passes it to the
+    server and refuses an adapter of a chat run that lost it."""
+    from transformers import AutoTokenizer
+
+    run, w = chat_run["run"], chat_run["w"]
+    assert (run / "adapter" / "chat_template.jinja").read_text() == templates.CHATML
+    res = cli(["export", "--run", str(run), "--merge", "--out", str(w / "merged")], w, ENV)
+    assert res.returncode == 0, res.stderr
+    base_tok = AutoTokenizer.from_pretrained(chat_run["base"])
+    trained = render(base_tok, "chatml", HELLO)  # the training text of the row
+    for merged in (run / "merged", w / "merged"):
+        tok = AutoTokenizer.from_pretrained(merged)
+        assert tok.apply_chat_template(HELLO, tokenize=False) == trained, merged
+    res = cli(["export", "--run", str(run), "--check", "vllm"], w, ENV)
+    assert res.returncode == 0, res.stderr
+    template = (run / "adapter" / "chat_template.jinja").resolve()
+    serve = [line for line in res.stdout.splitlines() if "serve: vllm serve" in line]
+    assert len(serve) == 1 and serve[0].endswith(f"--chat-template {template}"), res.stdout
+    shutil.copytree(run / "adapter", w / "lost")
+    (w / "lost" / "chat_template.jinja").unlink()
+    res = cli(["export", "--adapter", str(w / "lost"), "--check", "vllm"], w, ENV)
+    assert res.returncode == 2 and "no chat_template.jinja, but the adapter was trained on " \
+        "conversations rendered with a chat template (data.task 'instruct', data.prompt_style " \
+        "'chat'" in res.stderr, res.stderr

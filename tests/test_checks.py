@@ -14,7 +14,7 @@ from pace_llm import quant as Q
 from pace_llm.checks import DeepSpeedJSON, optimizer_path_problems
 from pace_llm.config import load_recipe, parse_command
 from pace_llm.errors import RecipeError, problems_error
-from pace_llm.schema import TrainArgs
+from pace_llm.schema import Recipe, TrainArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = ROOT / "ds_configs"
@@ -80,8 +80,10 @@ def test_optimizer_path_rule_waits_for_a_readable_stage(tmp_path):
 
 
 def _qlora_recipe(tmp_path: Path, bits: int, ds: str) -> list[str]:
+    (tmp_path / "model").mkdir(exist_ok=True)  # a local base (a hub id: the hub's rules too)
     (tmp_path / "r.yaml").write_text(json.dumps({
-        "model": {"name_or_path": "org/model"}, "quant": {"bits": bits}, "deepspeed": ds}))
+        "model": {"name_or_path": str(tmp_path / "model")}, "quant": {"bits": bits},
+        "deepspeed": ds}))
     return ["--recipe", str(tmp_path / "r.yaml")]
 
 
@@ -119,8 +121,8 @@ def test_model_path_only_for_a_command_about_to_run(tmp_path):
         parse_command(argv)
 
 
-def test_inert_keys_are_warnings_of_a_command_about_to_run(caplog):
-    argv = ["--model.name_or_path", "org/model", "--pace.lazy_interval", "4"]
+def test_inert_keys_are_warnings_of_a_command_about_to_run(caplog, tmp_path):
+    argv = ["--model.name_or_path", str(tmp_path), "--pace.lazy_interval", "4"]
     load_recipe(argv)
     assert not caplog.records
     parse_command(argv)
@@ -135,3 +137,29 @@ def test_one_problem_format():
         "2 problem(s) in x:\n  - a\n  - b")
     assert str(RecipeError(["a", "b"], source="f.yaml")) == "2 problem(s) in f.yaml:\n  - a\n  - b"
 
+
+
+def test_hub_ids_offline_are_read_from_the_cache(tmp_path, monkeypatch):
+    """Offline (this session), a hub id is fine when the cache holds it: the hub cache's repo
+    folder, or the datasets library's prepared copy; every id it lacks is named at once. A
+    local path, the synthetic task and a model.build base name no hub id."""
+    from huggingface_hub import constants
+
+    from pace_llm.checks import hub_ids, hub_problems
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    recipe = Recipe()
+    recipe.model.name_or_path, recipe.data.task, recipe.data.path = "org/model", "gsm8k", "o/gsm"
+    assert hub_ids(recipe) == [("model.name_or_path", "org/model", "model"),
+                               ("data.path", "o/gsm", "dataset")]
+    [problem] = hub_problems(recipe)
+    assert "no copy of model.name_or_path 'org/model' or data.path 'o/gsm'" in problem
+    (tmp_path / "hub" / "models--org--model").mkdir(parents=True)
+    (tmp_path / "datasets" / "o___gsm").mkdir(parents=True)
+    assert hub_problems(recipe) == []
+    recipe.data.mix = [{"path": str(tmp_path / "x.jsonl")}, {"path": "o/other", "weight": 2}]
+    assert hub_ids(recipe)[1:] == [("data.mix[1].path", "o/other", "dataset")]
+    recipe.model.build, recipe.model.name_or_path = {"model_type": "llama"}, ""
+    recipe.data.mix, recipe.data.task = None, "synthetic"
+    assert hub_ids(recipe) == []

@@ -43,10 +43,13 @@ def test_negative_rank(tmp_path):
 
 
 def test_negative_alpha_and_sigma_and_lambda_all_reported(tmp_path):
+    """...and the hub id this offline session cannot get: every problem of a start at once."""
     err = rejects(tmp_path, BASE + "lora: {alpha: -1}\npace: {sigma: -0.5, consistency_weight: -2}\n",
                   "lora.alpha: -1", "pace.sigma: -0.5 must be >= 0",
-                  "pace.consistency_weight: -2", "3 problem(s)")
-    assert err.count("\n  - ") == 3
+                  "pace.consistency_weight: -2", "4 problem(s)",
+                  "HF_HUB_OFFLINE is set and the hub cache holds no copy of model.name_or_path "
+                  "'some/model'")
+    assert err.count("\n  - ") == 4
 
 
 def test_unknown_preset(tmp_path):

@@ -27,7 +27,10 @@ def test_demo_recipe_end_to_end(tmp_path):
              if '"eval"' in x]
     first, last = evals[0]["eval"], evals[-1]["eval"]
     assert evals[0]["step"] == 0 and last["eval_loss"] <= 0.7 * first["eval_loss"], evals
-    assert "eval at step 0" in res.stdout and '"exact_match"' in res.stdout  # before and after
+    assert "eval at step 0: exact_match " in res.stdout  # before and after, with the eval loss
+    assert "eval at step 400: exact_match " in res.stdout and ", eval_loss " in res.stdout
+    assert "400 steps of 16 examples = 3.2 epoch(s) of 2000 examples;" in res.stdout
+    assert "[pace_llm] next steps:\n  pace-llm data-check --recipe " in res.stdout
     for name in ("recipe.yaml", "metrics.jsonl", "curves.png", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "base_model/config.json"):
         assert (out / name).is_file(), name

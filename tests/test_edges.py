@@ -592,7 +592,7 @@ def test_edge(world, tmp_path, case):
         before = hashes(*watched)
         cwd = c / "here" if (c / "here").is_dir() else c
         res = cli([a.format(**fill) for a in case.args], cwd, ENV, 240,
-                  case.before(c) if case.before else None)
+                  before=case.before(c) if case.before else None)
         after = hashes(*watched)
     finally:
         for rel, (data, stat) in saved.items():  # as it was, modification time included

@@ -342,15 +342,28 @@ def test_bucket_sizes_follow_the_adapter():
 
 
 def test_early_stopping_keeps_the_best_adapter(tiny_base, tmp_path):
-    out = tmp_path / "run"
-    rows, evals = train_ok(tiny_base, out, train__max_steps=40, eval__every=2, eval__patience=2)
-    # the tiny model's exact match stays at its first value: no gain in 2 evaluations after it
-    assert [e["step"] for e in evals] == [0, 2, 4, 6] and rows[-1]["step"] == 6
-    log = (tmp_path / "run-logs" / "rank0.log").read_text()
-    assert "early stop at step 6" in log and "best 0 at step 2" in log
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        assert (out / "adapter" / name).read_bytes() == (out / "adapter-best" / name).read_bytes()
-    assert (out / "curves.png").is_file()
+    """The best evaluation's adapter becomes adapter/ at an early stop, which metrics.jsonl
+    records. eval.save_best also keeps it as adapter-best/; patience alone shows no such
+    directory (it was kept hidden, and moved into place). The two runs are the same run."""
+    adapters = {}
+    for save_best in (True, False):
+        out = tmp_path / f"run-{save_best}"
+        rows, evals = train_ok(tiny_base, out, train__max_steps=40, eval__every=2,
+                               eval__patience=2, eval__save_best=save_best)
+        # the tiny model's exact match stays at its first value: no gain in 2 evaluations
+        assert [e["step"] for e in evals] == [0, 2, 4, 6] and rows[-1]["step"] == 6
+        log = (tmp_path / f"run-{save_best}-logs" / "rank0.log").read_text()
+        assert "early stop at step 6" in log and "best 0 at step 2" in log
+        last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last == {"step": 6, "early_stop": {"best_step": 2, "best_metric": 0.0,
+                                                  "patience": 2, "evals_without_gain": 2}}
+        adapters[save_best] = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert (out / "adapter-best").is_dir() == save_best and not (out / ".adapter-best").exists()
+        if save_best:
+            assert (out / "adapter-best" / "adapter_model.safetensors").read_bytes() == \
+                adapters[True]
+        assert (out / "curves.png").is_file()
+    assert adapters[False] == adapters[True]
 
 
 def test_a_run_reports_to_tensorboard(tiny_base, tmp_path):

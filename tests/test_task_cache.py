@@ -359,3 +359,20 @@ def test_csv_errors_name_file_row_and_line(tok, tmp_path):
     path.write_bytes(b"question,answer\nq,#### 1\n\x00\x01,#### 2\n")
     with pytest.raises(UserError, match=r"train\.csv line 3: binary data"):
         build_task(data, tok)
+
+
+def test_the_tests_never_touch_the_users_home():
+    """tests/conftest.py points HOME, the XDG folders, the Hugging Face caches and the task
+    cache into one temporary folder at import, before anything reads them (and so does every
+    child and subprocess of a test)."""
+    from huggingface_hub import constants
+
+    from conftest import HOME
+
+    home = Path(HOME)
+    assert Path.home() == home and home.name.startswith("pace_llm-tests-home-")
+    del os.environ["PACE_LLM_CACHE"]  # this module's fixture set its own: the default here
+    assert cache.cache_root(DataArgs()).is_relative_to(home)
+    for path in (constants.HF_HOME, constants.HF_HUB_CACHE, os.environ["XDG_CACHE_HOME"],
+                 os.environ["MPLCONFIGDIR"]):
+        assert Path(path).is_relative_to(home), path

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 from conftest import DATA, runs
+from PIL import Image
 
 from pace_llm.schema import DataArgs
 from pace_llm.errors import UserError
@@ -15,6 +17,9 @@ from pace_llm.data.build import build_task
 from pace_llm.tasks.instruct import text_metrics
 from pace_llm.data.tokens import DEFAULT_CHAT_TEMPLATE
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
+from tests.launch import cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SPM = DATA / "tokenizers" / "llama2c_tinystories_bpe512_bytefallback.model"
 SEED_TASKS = DATA / "instruct" / "self_instruct_seed_tasks.jsonl"
@@ -95,6 +100,20 @@ def test_sharegpt_equals_messages(tok, tmp_path):
     assert task.train[0] == task.train[1]
 
 
+def test_trl_prompt_completion_rows(tok, tmp_path):
+    """TRL's prompt-completion rows, as text (= an alpaca row) or as conversations (= the
+    messages of prompt then completion)."""
+    trl = [{"prompt": "Add the numbers.\n\n2 and 3", "completion": "5"},
+           {"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}]
+    peers = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+             {"messages": CONVERSATION}]
+    write_jsonl(tmp_path / "train.jsonl", trl + peers)
+    write_jsonl(tmp_path / "test.jsonl", trl)
+    task = build(tok, tmp_path)
+    assert task.train[0] == task.train[2] and task.train[1] == task.train[3]
+    assert [e["reference"] for e in task.eval] == ["5", "2 + 3 = 5"]
+
+
 def test_self_instruct_seed_tasks(tok):
     rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()]
     task = build(tok, SEED_TASKS, max_length=8192)
@@ -128,7 +147,9 @@ def test_plain_style_uses_default_layout_even_with_a_template(tok, tmp_path):
     task = build_task(DataArgs(task="instruct", path=str(tmp_path), prompt_style="plain"), tok)
     assert [text for _, text in runs(tok, task.train[0])] == [
         "<s> ### User:\nSay hi.\n\n### Assistant:\n", "Hi!</s>"]
-    assert tok.chat_template == CHATML  # untouched
+    # the tokenizer's own is replaced by the layout the rows were rendered with: the exported
+    # model's tokenizer (and the adapter's chat_template.jinja) serve what was trained
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
 def test_template_without_eos_gets_eos_on_the_last_turn(tok, tmp_path):
@@ -161,8 +182,19 @@ def test_bad_rows_name_file_and_row(tok, tmp_path):
         ({"conversations": [{"from": "human"}]},
          r"row 2: conversations\[1\] needs fields 'from' and 'value'"),
         ({"instruction": "Say hi."}, r"row 2: missing field 'output' \(the row has: instruction\)"),
-        ({"prompt": "x", "completion": "y"},
-         r"row 2: not an instruction row \(the row has: completion, prompt\)"),
+        ({"query": "x", "response": "y"},
+         r"row 2: not an instruction row \(the row has: query, response\); expected "
+         r"instruction/input/output, instruction/instances, messages, conversations or "
+         r"prompt/completion; if they hold the task's fields, map them with --data.columns "
+         r"'\{instruction: query, output: response\}'"),
+        ({"instruction": "Say hi.", "reply": "Hi!"},
+         r"row 2: missing field 'output' \(the row has: instruction, reply\); if they hold the "
+         r"task's fields, map them with --data.columns '\{output: reply\}'"),
+        ({"prompt": "x", "completion": [{"role": "assistant", "content": "y"}]},
+         r"row 2: fields 'prompt' and 'completion' must both be text or both lists of \{role, "
+         r"content\} turns \(TRL's formats\); got str and list"),
+        ({"prompt": [{"role": "user", "content": "x"}], "completion": []},
+         r"row 2: the completion has no assistant turn to train on"),
     ]
     for bad, message in cases:
         path = write_jsonl(tmp_path / "train.jsonl", [good, bad, good])
@@ -181,3 +213,53 @@ def test_bad_rows_name_file_and_row(tok, tmp_path):
 def test_text_metrics():
     assert text_metrics(["Blue.", "the cat sat"], ["Blue.", "a cat sat down"]) == {
         "exact_match": 0.5, "token_f1": pytest.approx((1.0 + 2 * 2 / (3 + 4)) / 2)}
+
+
+def test_trl_rows_train_through_the_cli(tiny_base, tmp_path):
+    """`pace-llm train` on TRL rows with no evaluation split: data.holdout's share is held out
+    (the notice shows), the run trains; the same start again reads the task cache and says so;
+    rows under other names train once data.columns maps them, as the refusal proposes."""
+    rows = [{"prompt": f"Say {w}.", "completion": w} for w in ("hi", "bye", "yes", "no")]
+    rows += [{"prompt": [{"role": "user", "content": f"Spell {w}."}],
+              "completion": [{"role": "assistant", "content": " ".join(w)}]}
+             for w in ("cat", "dog", "sun", "sky")]
+    data = write_jsonl(tmp_path / "trl.jsonl", rows)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["train", "--model.name_or_path", str(tiny_base), "--data.task", "instruct",
+            "--data.path", str(data), "--data.holdout", "0.25", "--data.max_length", "128",
+            "--data.cache_dir", str(tmp_path / "cache"), "--train.max_steps", "1",
+            "--train.micro_batch_size", "2", "--train.precision", "fp32", "--lora.r", "2",
+            "--eval.max_new_tokens", "2", "--eval.at_start", "false",
+            "--deepspeed", str(ROOT / "ds_configs" / "zero0.json"),
+            "--train.output_dir", str(tmp_path / "run"), "--train.overwrite", "true"]
+    first = cli(args, tmp_path, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    notice = (f"[pace_llm] no eval split: holding out the last 2 of 8 examples of {data} for "
+              "evaluation (data.holdout 0.25)")
+    assert notice in first.stderr.splitlines() and "task cache hit" not in first.stderr
+    evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if '"eval"' in x]
+    assert evals[-1]["examples"] == 2
+    # what the console says: the run's length in epochs, the eval loss, what to do next
+    assert "1 steps of 2 examples = 0.333 epoch(s) of 6 examples;" in first.stdout
+    assert f"eval at step 1: exact_match {evals[-1]['metrics']['exact_match']:.4g}, " in first.stdout
+    assert f"eval_loss {evals[-1]['eval_loss']:.4g}\n" in first.stdout
+    steps = first.stdout.split("[pace_llm] next steps:\n")[1].splitlines()
+    assert steps[0].startswith(f"  pace-llm data-check --recipe {tmp_path / 'run' / 'recipe.yaml'}")
+    assert steps[2].startswith("  vllm serve ") and "--chat-template" in steps[2], steps
+    with Image.open(tmp_path / "run" / "curves.png") as png:
+        assert png.text["Description"].endswith("| eval loss (held-out answers)")
+    again = cli(args, tmp_path, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    hit = [line for line in again.stderr.splitlines() if "task cache hit: " in line]
+    assert len(hit) == 1 and hit[0].startswith(f"[pace_llm] task cache hit: {tmp_path / 'cache'}")
+    assert notice in again.stderr.splitlines()  # the build's notices, replayed
+    renamed = write_jsonl(tmp_path / "qa.jsonl", [{"query": r["prompt"], "response": r["completion"]}
+                                                  for r in rows[:4]])
+    args[args.index(str(data))] = str(renamed)
+    refused = cli(args, tmp_path, env)
+    hint = "--data.columns '{instruction: query, output: response}'"
+    assert refused.returncode == 2 and hint in refused.stderr, refused.stderr
+    mapped = cli([*args, "--data.columns", "{instruction: query, output: response}"], tmp_path,
+                 env)
+    assert mapped.returncode == 0, mapped.stderr[-3000:]

@@ -145,6 +145,27 @@ def test_check_installed_on_every_rank():
     assert check_installed([]) == []
 
 
+def test_wandb_login_is_found_before_a_run_starts(tmp_path, monkeypatch):
+    """readiness_problems: W&B needs a key (WANDB_API_KEY, or the netrc entry `wandb login`
+    writes) unless it runs offline; a missing package is named too."""
+    from pace_llm.tracking import readiness_problems
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert readiness_problems(["wandb", "tensorboard"]) == []  # WANDB_MODE=offline (fixture)
+    monkeypatch.delenv("WANDB_MODE")
+    [problem] = readiness_problems(["wandb"])
+    assert problem == (f"train.report_to: wandb has no login here (no WANDB_API_KEY, no key for "
+                       f"api.wandb.ai in {tmp_path / 'netrc'}); run `wandb login` (or set "
+                       "WANDB_API_KEY), or set WANDB_MODE=offline to log locally and upload "
+                       "later with `wandb sync`")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k3y\n")
+    assert readiness_problems(["wandb"]) == []
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert "no key for wandb.example.org" in readiness_problems(["wandb"])[0]
+    monkeypatch.setenv("WANDB_API_KEY", "k3y")
+    assert readiness_problems(["wandb"]) == []
+
+
 def test_wandb_that_cannot_start_is_a_user_error(tmp_path, monkeypatch):
     import wandb
 

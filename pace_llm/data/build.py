@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pace_llm.data import cache, mix, stream
 from pace_llm.data.examples import ListExamples, TaskData, TaskSpec, split_records
 from pace_llm.data.length import LengthPolicy
+from pace_llm.schema import TASKS
 from pace_llm.tasks import MODULES
 
 if TYPE_CHECKING:
@@ -54,8 +55,29 @@ def build_lists(data: DataArgs, tokenizer: Any) -> TaskData:
                       for name, read in splits.extra.items()})
 
 
+def renders_conversations(data: DataArgs) -> bool:
+    """Whether the task (a mixture: any source) renders its rows with a chat template: the
+    instruct task always (``plain``: pace_llm's layout), GSM8K-format tasks with
+    ``prompt_style: chat``."""
+    sources = mix.source_args(data) if data.mix else [data]
+    return any(s.task == "instruct" or (s.prompt_style == "chat" and TASKS[s.task] == "causal_lm")
+               for s in sources)
+
+
+def trained_template(data: DataArgs, tokenizer: Any) -> str | None:
+    """The chat template the task's conversations were rendered with (set on the tokenizer by
+    :func:`task_spec`), or None when no row was rendered with one. A mixture whose sources
+    render with different templates leaves the last source's on the tokenizer."""
+    return tokenizer.chat_template if renders_conversations(data) else None
+
+
 def task_texts(data: DataArgs) -> list[str]:
-    """The task's training text (prompts and targets as rendered), to train a tokenizer on."""
+    """The task's training text (prompts and targets as rendered), to train a tokenizer on; a
+    progress bar shows once it takes more than two seconds."""
+    from tqdm import tqdm
+
     if data.mix:
         return [text for source in mix.source_args(data) for text in task_texts(source)]
-    return MODULES[data.task].texts(data)
+    rows = MODULES[data.task].texts(data)
+    return list(tqdm(rows, desc=f"model.build: rendering the {data.task} rows", unit=" rows",
+                     delay=2, leave=False, dynamic_ncols=True))

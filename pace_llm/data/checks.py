@@ -8,6 +8,8 @@ import math
 from typing import Any
 
 from pace_llm.data.mix import KEYS, source_name
+from pace_llm.data.templates import name_problem
+from pace_llm.data.tokens import prompt_style_problem
 from pace_llm.schema import TASKS
 from pace_llm.tasks.glue import GLUE_TASKS
 
@@ -27,10 +29,17 @@ def data_problems(recipe: Any) -> list[str]:
              f"expected one of {', '.join(GLUE_TASKS)}")
     need(d.num_examples > 0, f"data.num_examples: {d.num_examples} must be > 0")
     need(d.limit is None or d.limit > 0, f"data.limit: {d.limit} must be > 0 or null")
+    need(0 < d.holdout < 1, f"data.holdout: {d.holdout} must be a fraction between 0 and 1 "
+         "(e.g. 0.05: the last 5% of the training rows are evaluated, at least 1, at most 200)")
     need(d.pad_to_multiple_of is None or d.pad_to_multiple_of >= 1,
          f"data.pad_to_multiple_of: {d.pad_to_multiple_of} must be >= 1 (1 = no rounding)")
     need(d.shuffle_buffer >= 1, f"data.shuffle_buffer: {d.shuffle_buffer} must be >= 1 "
          "(1 = file order)")
+    if (problem := name_problem(d.chat_template)) is not None:
+        p.append(problem)
+    elif TASKS[d.task] == "causal_lm" and not d.mix and (
+            problem := prompt_style_problem(d.prompt_style, d.chat_template)) is not None:
+        p.append(problem)
     if d.streaming:
         need(t.max_steps > 0, "data.streaming needs train.max_steps > 0: a stream has no known "
              "length, so train.epochs cannot be turned into steps")
@@ -117,4 +126,12 @@ def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:
     for key in ("name", "eval_path", "hub_config", "chat_template", "glue_task"):
         if item.get(key) is not None and not isinstance(item[key], str):
             p.append(f"{at}.{key}: {item[key]!r} must be a string")
+    template = item.get("chat_template")
+    if isinstance(template, str) and (problem := name_problem(template, f"{at}.chat_template")):
+        p.append(problem)
+    style, template = item.get("prompt_style", data.prompt_style), item.get(
+        "chat_template", data.chat_template)
+    if TASKS.get(task) == "causal_lm" and isinstance(template, (str, type(None))) and (
+            problem := prompt_style_problem(style, template)):
+        p.append(f"{at}: {problem}")
     return p

@@ -57,31 +57,27 @@ class Examples(Protocol):
         ...
 
 
-def _lengths(examples: Iterable[dict]) -> list[int]:
-    return [len(e["input_ids"]) for e in examples]
-
-
-def _max_token_id(examples: Iterable[dict]) -> int:
-    return max((max(e["input_ids"], default=-1) for e in examples), default=-1)
-
-
-class ListExamples(list):
-    """:class:`Examples` as a Python list (``build_lists``; a list given to :class:`TaskData`):
-    lengths and the largest id are read from every example."""
+class RowFacts:
+    """What :class:`Examples` asks beyond the rows, read from the rows themselves (a container
+    that knows them without reading every row overrides these)."""
 
     @property
-    def lengths(self) -> list[int]:
-        return _lengths(self)
+    def lengths(self) -> Sequence[int]:
+        return [len(e["input_ids"]) for e in self]
 
     @property
     def max_token_id(self) -> int:
-        return _max_token_id(self)
+        return max((max(e["input_ids"], default=-1) for e in self), default=-1)
 
     def lookup(self, ids: list[int]) -> list[dict]:
         return [self[i] for i in ids]
 
 
-class ExampleSequence(Sequence):
+class ListExamples(RowFacts, list):
+    """:class:`Examples` as a Python list (``build_lists``; a list given to :class:`TaskData`)."""
+
+
+class ExampleSequence(RowFacts, Sequence):
     """A read-only :class:`Examples`: ``[i]`` (negative too), slices, ``len``; a subclass gives
     ``__len__`` and ``row(j)`` for 0 <= j < len, and overrides what it knows without reading
     rows (:attr:`lengths`, :attr:`max_token_id`)."""
@@ -96,17 +92,6 @@ class ExampleSequence(Sequence):
         if not 0 <= j < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         return self.row(j)
-
-    @property
-    def lengths(self) -> Sequence[int]:
-        return _lengths(self)
-
-    @property
-    def max_token_id(self) -> int:
-        return _max_token_id(self)
-
-    def lookup(self, ids: list[int]) -> list[dict]:
-        return [self[i] for i in ids]
 
 
 class ArrowExamples(ExampleSequence):

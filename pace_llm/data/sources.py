@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pace_llm.errors import UserError, check_text, first_line, listing, read_text
+from pace_llm.hub import OFFLINE_FORM
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,31 @@ EVAL_NAMES = ("test", "validation", "dev")
 CSV_FIELD_LIMIT = 64 * 2**20  # characters in one CSV field (the csv module's default is 128 K)
 
 Item = tuple[int, dict[str, Any]]
+
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "question": ("question", "query", "prompt", "problem", "input", "instruction"),
+    "answer": ("answer", "response", "output", "completion", "solution", "target", "reply"),
+    "instruction": ("instruction", "prompt", "question", "query", "problem", "input"),
+    "output": ("output", "response", "completion", "answer", "solution", "target", "reply"),
+}
+"""Field names that commonly hold a task field's text, most likely first (a hint only)."""
+
+
+def columns_hint(row: dict[str, Any], fields: tuple[str, ...]) -> str:
+    """``; map them with --data.columns '{question: prompt, answer: response}'`` when each task
+    field the row lacks has a likely field in the row (:data:`SYNONYMS`), else ""."""
+    have = [k for k in row if isinstance(k, str) and k not in fields]
+    mapping: dict[str, str] = {}
+    for name in (f for f in fields if f not in row):
+        likely = [k for k in have if k.lower() in SYNONYMS.get(name, ())
+                  and k not in mapping.values()]
+        if not likely:
+            return ""
+        mapping[name] = min(likely, key=lambda k: SYNONYMS[name].index(k.lower()))
+    if not mapping:
+        return ""
+    pairs = ", ".join(f"{task}: {mine}" for task, mine in mapping.items())
+    return f"; if they hold the task's fields, map them with --data.columns '{{{pairs}}}'"
 
 
 class Rows:
@@ -57,11 +83,14 @@ class Rows:
         line = self.lines.get(n, n + self.header_lines)
         return f"{self.source} row {n}" + (f" (line {line})" if self.header_lines else "")
 
-    def get(self, n: int, row: dict[str, Any], key: str, kind: type | tuple = str) -> Any:
-        """``row[key]``, or a UserError naming the file, the row and the field."""
+    def get(self, n: int, row: dict[str, Any], key: str, kind: type | tuple = str,
+            fields: tuple[str, ...] = ()) -> Any:
+        """``row[key]``, or a UserError naming the file, the row and the field (and, given the
+        task's ``fields``, the data.columns mapping that would fit the row's own names)."""
         if key not in row or row[key] is None:
             have = ", ".join(sorted(map(str, row))) or "nothing"
-            raise UserError(f"{self.where(n)}: missing field '{key}' (the row has: {have})")
+            raise UserError(f"{self.where(n)}: missing field '{key}' (the row has: {have})"
+                            + columns_hint(row, fields or (key,)))
         value = row[key]
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise UserError(f"{self.where(n)}: field '{key}' is {type(value).__name__} "
@@ -285,8 +314,7 @@ def read_hub(name: str, config: str | None, split: str, streaming: bool = False)
     except (OSError, ValueError) as exc:  # ConnectionError, DatasetNotFoundError, bad split name
         raise UserError(f"data.path: cannot load hub dataset {label}: {first_line(exc)}. There "
                         f"is no local file or directory {name!r} here either: for local data give "
-                        "its path (./x.jsonl or /abs/dir); offline, HF_HUB_OFFLINE=1 skips the "
-                        "network retries") from None
+                        f"its path (./x.jsonl or /abs/dir); {OFFLINE_FORM}") from None
     if streaming:
         log.info("streaming hub dataset %s", label)
     else:

@@ -257,7 +257,31 @@ def _warn_missing_markers(name: str, markers: tuple[str, ...], tokenizer: Any) -
                     KEY, name, ", ".join(missing))
 
 
-def _load_file(path: Path, tokenizer: Any) -> str:
+def name_problem(name_or_path: str | None, key: str = KEY) -> str | None:
+    """What is wrong with a ``data.chat_template`` value, found without a tokenizer (None: a
+    built-in, the tokenizer's own, or a UTF-8 Jinja file that parses): the recipe's checks
+    report it with every other problem, before anything loads. Rendering it on a conversation
+    needs the tokenizer (:func:`resolve`)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if is_tokenizer_own(name_or_path) or name_or_path.lower() in BUILTINS:
+        return None
+    try:
+        if "/" not in name_or_path and not looks_like_path(name_or_path, JINJA_SUFFIXES):
+            raise UserError(_unknown_name(name_or_path))
+        path = Path(name_or_path).expanduser()
+        text = _read_file(path)
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
+    except UserError as exc:
+        return str(exc).replace(KEY, key, 1)
+    except TemplateSyntaxError as exc:
+        return (f"{key}: '{path}' line {exc.lineno}: the Jinja template does not parse: "
+                f"{exc.message}")
+    return None
+
+
+def _read_file(path: Path) -> str:
     if not path.exists():
         resolved = "" if path.is_absolute() else f" (resolved: {path.absolute()})"
         raise UserError(f"{KEY}: '{path}' is not a built-in name and no such file exists"
@@ -265,10 +289,14 @@ def _load_file(path: Path, tokenizer: Any) -> str:
     if not path.is_file():
         raise UserError(f"{KEY}: '{path}' is a directory; give a Jinja template file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{KEY}: '{path}' is not UTF-8 text ({exc.reason} at byte "
                         f"{exc.start}); save the template as UTF-8") from None
+
+
+def _load_file(path: Path, tokenizer: Any) -> str:
+    text = _read_file(path)
     check(text, tokenizer, str(path))
     return text
 

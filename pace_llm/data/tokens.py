@@ -12,6 +12,7 @@ generation markers (``{% generation %}``) are needed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -65,23 +66,37 @@ def chat_template(tok: Any, prompt_style: str, name: str | None = None) -> str:
 
     ``name`` is ``data.chat_template`` (see :func:`pace_llm.data.templates.resolve`). None
     means the tokenizer's own; a tokenizer without one gets :data:`DEFAULT_CHAT_TEMPLATE` set
-    on it explicitly, with a log line. A built-in or file template is set on the tokenizer too,
-    so a tokenizer saved with the merged model serves with the layout it was trained on.
+    on it explicitly, with a log line. The template conversations are rendered with is set on
+    the tokenizer (a built-in, a file, or for ``plain`` pace_llm's layout), so the tokenizer
+    saved with the merged model, and the adapter's chat_template.jinja, serve the layout the
+    model was trained on.
     """
     check_prompt_style(prompt_style, name)
     template = templates.resolve(name, tok)
-    if not templates.is_tokenizer_own(name) and tok.chat_template != template:
-        log.info("chat template %s set on the tokenizer", templates.describe(name))
-        tok.chat_template = template
-    return template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+    rendered = template if prompt_style == "chat" else DEFAULT_CHAT_TEMPLATE
+    if tok.chat_template != rendered:
+        what = templates.describe(name) if prompt_style == "chat" else "pace_llm's plain layout"
+        log.info("chat template %s set on the tokenizer (what the conversations are rendered "
+                 "with)", what)
+        tok.chat_template = rendered
+    return rendered
 
 
 def check_prompt_style(prompt_style: str, name: str | None) -> None:
     """A chosen ``data.chat_template`` needs ``prompt_style: chat`` (plain would ignore it)."""
+    problem = prompt_style_problem(prompt_style, name)
+    if problem is not None:
+        raise UserError(problem)
+
+
+def prompt_style_problem(prompt_style: str, name: str | None) -> str | None:
+    """:func:`check_prompt_style`'s rule as a problem (the recipe's checks list it at parse
+    time for a causal task)."""
     if prompt_style != "chat" and not templates.is_tokenizer_own(name):
-        raise UserError(f"data.chat_template is {name!r} but data.prompt_style is "
-                        f"{prompt_style!r}, which does not use a chat template; set "
-                        "data.prompt_style: chat, or remove data.chat_template")
+        return (f"data.chat_template is {name!r} but data.prompt_style is {prompt_style!r}, "
+                "which does not use a chat template; set data.prompt_style: chat, or remove "
+                "data.chat_template")
+    return None
 
 
 def render(tok: Any, messages: list[dict[str, str]], template: str, generation: bool,
@@ -124,6 +139,54 @@ def chat_segments(tok: Any, messages: list[dict[str, str]], template: str,
     return [(text, sup) for text, sup in segments if text]
 
 
+REPLY_PROBE = "PACE-LLM-REPLY-PROBE"
+"""The assistant content :func:`reply_format` renders to find what surrounds a reply."""
+
+Reply = dict[str, str]
+"""``{"prefix": ..., "end": ...}``: how a chat template lays out an assistant reply after the
+generation prompt (:func:`reply_format`); stored in each evaluation row as ``reply``."""
+
+
+def reply_format(tok: Any, template: str, where: str = templates.KEY) -> Reply:
+    """What surrounds an assistant reply in ``template``, found by rendering a one-turn probe.
+
+    ``prefix``: the text between the generation prompt and the reply's content (a template
+    whose generation prompt already opens the turn has none); ``end``: the text that closes the
+    turn, whitespace stripped (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``,
+    the EOS text; empty when nothing but EOS ends a reply). Generation stops at ``end`` (token
+    or text) and the scored prediction is the content between the two (:func:`reply_text`).
+    """
+    messages = [{"role": "user", "content": "PACE-LLM-USER-PROBE"},
+                {"role": "assistant", "content": REPLY_PROBE}]
+    reply = next((text for text, sup in chat_segments(tok, messages, template, where) if sup), "")
+    at = reply.find(REPLY_PROBE)
+    if at < 0:  # the template rewrites the content: only EOS can end a reply
+        return {"prefix": "", "end": ""}
+    return {"prefix": reply[:at], "end": reply[at + len(REPLY_PROBE):].strip()}
+
+
+def reply_text(tok: Any, ids: list[int], reply: Reply | None) -> str:
+    """A generated reply as the metric scores it: its content only.
+
+    Without a chat layout (``reply`` None) the ids are decoded without special tokens. With
+    one, the text (special tokens kept, so that a marker that is a special token is seen) is
+    cut at the first ``end`` (with the whitespace before it), the ``prefix`` is removed, then
+    special tokens are dropped, so a marker that the vocabulary spells as ordinary text
+    (``<|im_end|>`` on a tokenizer without it) is never part of a prediction.
+    """
+    if not reply:
+        return tok.decode(ids, skip_special_tokens=True)
+    text = tok.decode(ids, skip_special_tokens=False)
+    end, prefix = reply.get("end", ""), reply.get("prefix", "")
+    if end and end in text:  # the layout's whitespace before its end marker goes with it
+        text = text[:text.index(end)].rstrip()
+    if prefix and text.startswith(prefix):
+        text = text[len(prefix):]
+    for special in tok.all_special_tokens:
+        text = text.replace(special, "")
+    return text
+
+
 def supervised_ids(segment_ids: list[int], eos: int, last: bool) -> tuple[list[int], list[int]]:
     """Split an assistant segment into (supervised, unsupervised tail) around its EOS.
 
@@ -163,20 +226,24 @@ def segments_to_example(tok: Any, segments: list[Segment], eos: int) -> dict[str
     return {"input_ids": ids, "labels": labels}
 
 
-def generation_example(tok: Any, segments: list[Segment], eos: int,
-                       reference: str) -> dict[str, Any]:
+def generation_example(tok: Any, segments: list[Segment], eos: int, reference: str,
+                       reply: Reply | None = None) -> dict[str, Any]:
     """An evaluation row from segments ending with the supervised answer.
 
     ``prompt_ids``: everything before the last segment, as fed to generation (identical to the
     training prefix); ``target_ids``: the last segment's ids exactly as trained (EOS included);
-    ``reference``: the answer text the metric compares against.
+    ``reference``: the answer text the metric compares against; ``reply`` (a chat layout, see
+    :func:`reply_format`): where generation stops and what of it is scored.
     """
     example = segments_to_example(tok, segments, eos)
     prompt: list[int] = []
     for text, _ in segments[:-1]:
         prompt += _piece(tok, text, first=not prompt)
-    return {"prompt_ids": prompt, "target_ids": example["input_ids"][len(prompt):],
-            "reference": reference}
+    row = {"prompt_ids": prompt, "target_ids": example["input_ids"][len(prompt):],
+           "reference": reference}
+    if reply is not None:
+        row["reply"] = reply
+    return row
 
 
 def _piece(tok: Any, text: str, first: bool) -> list[int]:
@@ -190,9 +257,15 @@ def _piece(tok: Any, text: str, first: bool) -> list[int]:
 
 
 def render_default(messages: list[dict[str, str]], eos_token: str = "</s>") -> str:
-    """:data:`DEFAULT_CHAT_TEMPLATE` rendered without a tokenizer (text for tokenizer training)."""
+    """:data:`DEFAULT_CHAT_TEMPLATE` rendered without a tokenizer (text for tokenizer training);
+    the template is compiled once per process, not once per row."""
+    return _default_template().render(messages=messages, eos_token=eos_token,
+                                      add_generation_prompt=False)
+
+
+@functools.cache
+def _default_template() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(DEFAULT_CHAT_TEMPLATE).render(
-        messages=messages, eos_token=eos_token, add_generation_prompt=False)
+    return env.from_string(DEFAULT_CHAT_TEMPLATE)

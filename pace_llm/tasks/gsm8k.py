@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from pace_llm.data.examples import Splits, TaskSpec
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import Rows, load_splits
-from pace_llm.data.tokens import (Segment, chat_segments, chat_template, check_prompt_style,
-                                  eos_id, generation_example, render_default,
-                                  segments_to_example)
+from pace_llm.data.tokens import (Segment, chat_segments, chat_template,
+                                  check_prompt_style, eos_id, generation_example, render_default,
+                                  reply_format, segments_to_example)
 from pace_llm.errors import UserError
 
 if TYPE_CHECKING:
@@ -99,13 +99,15 @@ class Ctx:
 
 
 RECORD = {"where": "string", "question": "string", "answer": "string"}
+FIELDS = ("question", "answer")
+"""A row's fields (data.columns maps other names to them)."""
 
 
 def records(rows: Rows, limit: int | None = None) -> Iterator[dict[str, str]]:
     """Validated {where, question, answer} records of the first ``limit`` rows."""
     for n, row in rows.nonempty().head(limit):
-        yield {"where": rows.where(n), "question": rows.get(n, row, "question"),
-               "answer": rows.get(n, row, "answer")}
+        yield {"where": rows.where(n), "question": rows.get(n, row, "question", fields=FIELDS),
+               "answer": rows.get(n, row, "answer", fields=FIELDS)}
 
 
 def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
@@ -120,9 +122,11 @@ def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
 
 
 def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
-    """One generation example per record."""
+    """One generation example per record (chat: with where its reply stops)."""
+    reply = reply_format(tok, ctx.template) if ctx.template is not None else None
     return [generation_example(tok, segments(tok, r["question"], r["answer"], ctx.prompt_style,
-                                             ctx.template, r["where"]), ctx.eos, r["answer"])
+                                             ctx.template, r["where"]), ctx.eos, r["answer"],
+                               reply)
             for r in records]
 
 
@@ -168,10 +172,10 @@ def render_text(question: str, answer: str, prompt_style: str) -> str:
                            {"role": "assistant", "content": answer}])
 
 
-def texts(data: DataArgs) -> list[str]:
-    """Rendered training problems (for training an offline base's tokenizer)."""
+def texts(data: DataArgs) -> Iterator[str]:
+    """Rendered training problems, as read (for training an offline base's tokenizer)."""
     train, _ = load_splits(data.path, data.eval_path, data.hub_config or HUB_CONFIG, "test",
                            columns=data.columns)
-    return [render_text(r["question"], r["answer"], data.prompt_style)
-            for r in records(train, data.limit)]
+    return (render_text(r["question"], r["answer"], data.prompt_style)
+            for r in records(train, data.limit))
 

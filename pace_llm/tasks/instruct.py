@@ -7,7 +7,10 @@ Row formats (detected per row):
 - self-instruct seed tasks: ``{instruction, instances: [{input, output}, ...]}`` -> one alpaca
   example per instance;
 - ``messages``: ``[{role, content}, ...]`` with roles system / user / assistant;
-- sharegpt: ``conversations: [{from, value}, ...]`` with from human/user, gpt/assistant, system.
+- sharegpt: ``conversations: [{from, value}, ...]`` with from human/user, gpt/assistant, system;
+- TRL's prompt-completion: ``{prompt, completion}``, both text (user = prompt, assistant =
+  completion) or both conversations (``[{role, content}, ...]``: the prompt's turns, then the
+  completion's).
 
 ``prompt_style: chat`` renders with ``data.chat_template``: the tokenizer's own by default (a
 tokenizer without one gets :data:`~pace_llm.data.tokens.DEFAULT_CHAT_TEMPLATE`, logged), a
@@ -15,7 +18,8 @@ built-in family template or a Jinja file (:mod:`pace_llm.data.templates`); ``pla
 uses that default layout. Every assistant turn is supervised (up to and including its EOS or
 end-of-turn text), every system and user turn is not. Evaluation generates the last assistant
 turn from everything before it; without ``data.eval_path`` (or a test/validation file beside
-the data) the last 5% of rows (at least 1, at most 200) are held out for it.
+the data) the last ``data.holdout`` of the rows (5% by default; at least 1, at most 200) are
+held out for it.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from pace_llm.data.examples import Splits, TaskSpec, split_records
 from pace_llm.data.length import LengthPolicy
-from pace_llm.data.sources import Rows, load_splits
-from pace_llm.data.tokens import (chat_segments, chat_template, eos_id, generation_example,
-                                  render_default, segments_to_example)
+from pace_llm.data.sources import Rows, columns_hint, load_splits
+from pace_llm.data.tokens import (Reply, chat_segments, chat_template, eos_id,
+                                  generation_example, render_default, reply_format,
+                                  segments_to_example)
 from pace_llm.errors import UserError
 
 if TYPE_CHECKING:
@@ -40,13 +45,15 @@ log = logging.getLogger(__name__)
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "model": "assistant"}
-HOLDOUT_FRACTION, HOLDOUT_MAX = 0.05, 200
+HOLDOUT_MAX = 200
 
 Conversation = tuple[str, list[dict[str, str]]]  # (where, messages)
 
 
 def _turns(rows: Rows, n: int, row: dict[str, Any], key: str, role_key: str,
-           text_key: str) -> list[dict[str, str]]:
+           text_key: str, whole: bool = True) -> list[dict[str, str]]:
+    """``row[key]``'s turns as messages; ``whole``: they are the whole conversation (it needs an
+    assistant turn)."""
     turns = rows.get(n, row, key, list)
     messages = []
     for i, turn in enumerate(turns, start=1):
@@ -60,7 +67,7 @@ def _turns(rows: Rows, n: int, row: dict[str, Any], key: str, role_key: str,
         if not isinstance(turn[text_key], str):
             raise UserError(f"{rows.where(n)}: {key}[{i}].{text_key} must be a string")
         messages.append({"role": role, "content": turn[text_key]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if whole and not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{rows.where(n)}: the conversation has no assistant turn to train on")
     return messages
 
@@ -68,6 +75,27 @@ def _turns(rows: Rows, n: int, row: dict[str, Any], key: str, role_key: str,
 def _alpaca(instruction: str, inp: str, output: str) -> list[dict[str, str]]:
     user = instruction + ("\n\n" + inp if inp.strip() else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+ALPACA = ("instruction", "output")
+FORMATS = ("instruction/input/output, instruction/instances, messages, conversations or "
+           "prompt/completion")
+
+
+def _prompt_completion(rows: Rows, n: int, row: dict[str, Any]) -> list[dict[str, str]]:
+    """TRL's prompt-completion row: two texts, or two lists of {role, content} turns."""
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        messages = (_turns(rows, n, row, "prompt", "role", "content", whole=False)
+                    + _turns(rows, n, row, "completion", "role", "content", whole=False))
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError(f"{rows.where(n)}: the completion has no assistant turn to train on")
+        return messages
+    raise UserError(f"{rows.where(n)}: fields 'prompt' and 'completion' must both be text or "
+                    f"both lists of {{role, content}} turns (TRL's formats); got "
+                    f"{type(prompt).__name__} and {type(completion).__name__}")
 
 
 def each_conversation(rows: Rows) -> Iterator[Conversation]:
@@ -85,14 +113,16 @@ def each_conversation(rows: Rows) -> Iterator[Conversation]:
                     raise UserError(f"{where}: instances[{i}] missing field 'output'")
                 yield (f"{where} instance {i}",
                        _alpaca(instruction, str(inst.get("input") or ""), inst["output"]))
+        elif "prompt" in row and "completion" in row:
+            yield where, _prompt_completion(rows, n, row)
         elif "instruction" in row or "output" in row:
-            yield where, _alpaca(rows.get(n, row, "instruction"), str(row.get("input") or ""),
-                                 rows.get(n, row, "output"))
+            yield where, _alpaca(rows.get(n, row, "instruction", fields=ALPACA),
+                                 str(row.get("input") or ""),
+                                 rows.get(n, row, "output", fields=ALPACA))
         else:
             have = ", ".join(sorted(row)) or "nothing"
             raise UserError(f"{where}: not an instruction row (the row has: {have}); expected "
-                            "instruction/input/output, instruction/instances, messages or "
-                            "conversations")
+                            f"{FORMATS}" + columns_hint(row, ALPACA))
 
 
 def conversations(rows: Rows) -> list[Conversation]:
@@ -105,7 +135,8 @@ RECORD = {"where": "string", "messages": "messages"}
 
 def _read(data: DataArgs) -> Splits:
     """Training conversations (streamed) and evaluation ones: data.eval_path, a test/validation
-    file beside the data, or the last 5% of the training rows (at least 1, at most 200)."""
+    file beside the data, or the last data.holdout of the training rows (at least 1, at most
+    200)."""
     train_rows, eval_rows = load_splits(data.path, data.eval_path, data.hub_config, None,
                                         columns=data.columns, streaming=data.streaming)
     train = ({"where": w, "messages": m} for w, m in each_conversation(train_rows))
@@ -115,12 +146,12 @@ def _read(data: DataArgs) -> Splits:
                       limit=data.limit)
 
     def holdout(n: int) -> int:
-        hold = min(HOLDOUT_MAX, max(1, int(n * HOLDOUT_FRACTION)))
+        hold = min(HOLDOUT_MAX, max(1, int(n * data.holdout)))
         if n < 2:
             raise UserError(f"{train_rows.source}: {n} example(s) cannot be split into "
                             "train and eval; add rows or set data.eval_path")
-        log.info("no eval split: holding out the last %d of %d examples of %s for evaluation",
-                 hold, n, train_rows.source)
+        log.info("no eval split: holding out the last %d of %d examples of %s for evaluation "
+                 "(data.holdout %g)", hold, n, train_rows.source, data.holdout)
         return hold
     return Splits(train, data.path, None, holdout=holdout, limit=data.limit)
 
@@ -140,15 +171,19 @@ def train_examples(tok: Any, ctx: Ctx, records: list[dict], policy: LengthPolicy
 
 
 def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
-    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos) for r in records]
+    reply = reply_format(tok, ctx.template)  # where generation stops, what is scored
+    return [eval_example(tok, r["where"], r["messages"], ctx.template, ctx.eos, reply)
+            for r in records]
 
 
 def eval_example(tok: Any, where: str, messages: list[dict[str, str]], template: str,
-                 eos: int) -> dict[str, Any]:
-    """Prompt = the conversation up to the last assistant turn; reference = that turn's text."""
+                 eos: int, reply: Reply | None = None) -> dict[str, Any]:
+    """Prompt = the conversation up to the last assistant turn; reference = that turn's text;
+    ``reply``: where its generation stops (the template's end of turn)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     segments = chat_segments(tok, messages[: last + 1], template, where)
-    return generation_example(tok, segments, eos, messages[last]["content"])
+    return generation_example(tok, segments, eos, messages[last]["content"],
+                              reply if reply is not None else reply_format(tok, template))
 
 
 def _words(text: str) -> list[str]:
@@ -177,11 +212,11 @@ def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     return TaskSpec(kind="causal_lm", name="instruct", num_labels=None, metric=text_metrics,
                     main_metric="token_f1", read=lambda: _read(data), schema=RECORD,
                     train_fn=train_examples, eval_fn=eval_examples, ctx=Ctx(template, eos),
-                    key={"template": template, "eos": eos})
+                    key={"template": template, "eos": eos, "holdout": data.holdout})
 
 
-def texts(data: DataArgs) -> list[str]:
+def texts(data: DataArgs) -> Iterator[str]:
     """Training conversations in the default layout (for training an offline tokenizer)."""
     splits = _read(data)
     train, _ = split_records(splits, list(splits.train))
-    return [render_default(r["messages"]) for r in train]
+    return (render_default(r["messages"]) for r in train)

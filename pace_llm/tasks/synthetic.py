@@ -10,6 +10,7 @@ target and metric are GSM8K's (:mod:`pace_llm.tasks.gsm8k`).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pace_llm.data.examples import TaskSpec
@@ -102,7 +103,7 @@ def task_spec(data: DataArgs, tok: Any) -> TaskSpec:
     return task_spec_from_rows(read, data, tok, "synthetic")
 
 
-def texts(data: DataArgs) -> list[str]:
+def texts(data: DataArgs) -> Iterator[str]:
     """Rendered training problems (the demo trains its tokenizer on them)."""
-    return [render_text(row["question"], row["answer"], data.prompt_style)
-            for row in splits(data)[0][: data.limit]]
+    return (render_text(row["question"], row["answer"], data.prompt_style)
+            for row in splits(data)[0][: data.limit])
