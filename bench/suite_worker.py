@@ -69,7 +69,7 @@ def build_base(cfg: dict) -> dict:
     from pace_llm.tasks import gsm8k
     from pace_llm.tinymodel import train_tokenizer
 
-    texts = gsm8k.texts(DataArgs(task="gsm8k", path=cfg["data"], limit=cfg["limit"]))
+    texts = list(gsm8k.texts(DataArgs(task="gsm8k", path=cfg["data"], limit=cfg["limit"])))
     base = Path(cfg["base"])
     tok = train_tokenizer(texts, base, cfg["tokenizer_vocab"])
     build = cfg["build"]

@@ -212,7 +212,7 @@ def worker_build(cfg: dict) -> None:
     from pace_llm.tinymodel import build_base
 
     logging.basicConfig(level=logging.INFO)
-    texts = gsm8k.texts(DataArgs(task="gsm8k", path=cfg["data"]))
+    texts = list(gsm8k.texts(DataArgs(task="gsm8k", path=cfg["data"])))
     build_base(cfg["build"], texts, Path(cfg["base"]), seed=0)
     if cfg["dtype"] == "bf16":  # saved as hub checkpoints are: bf16 safetensors
         import torch

@@ -14,7 +14,7 @@ import torch
 
 from pace_llm import families as F
 from pace_llm.families import Family, Sizes, expected_shape
-from tests.conftest import save_fixture_tokenizer
+from conftest import save_fixture_tokenizer
 from tests.launch import argv, run
 
 NEOX = Family(

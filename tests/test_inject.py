@@ -7,7 +7,7 @@ import transformers as tf
 from pace_llm import LoraArgs, NoisyLoRALinear, PaceArgs, UserError, inject_noisy_lora
 from pace_llm.inject import block_relative, trainable_parameters
 from pace_llm.lora import lora_layers, shared_views
-from tests.conftest import SMALL, noisy_llama, tiny_llama
+from conftest import SMALL, noisy_llama, tiny_llama
 
 DEC = dict(SMALL, num_hidden_layers=3)
 ENC = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

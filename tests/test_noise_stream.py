@@ -9,7 +9,7 @@ from pace_llm import LoraArgs, PaceArgs, inject_noisy_lora
 from pace_llm.inject import block_relative
 from pace_llm.lora import NoisyLoRALinear, lora_layers, shared_views
 from pace_llm.noise import NoiseBank, RowKeys, pace_noise, row_seed
-from tests.conftest import noisy_llama, tiny_llama
+from conftest import noisy_llama, tiny_llama
 
 
 def constant_layers(sigmas, d=8):

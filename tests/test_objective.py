@@ -9,7 +9,7 @@ from pace_llm.data.collate import supervised_index
 from pace_llm.lora import lora_layers, shared_views
 from pace_llm.noise import RowKeys, pace_noise
 from pace_llm.objective import PaceObjective, doubled
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 
 def batch():

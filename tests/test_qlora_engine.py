@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import save_tiny_base
+from conftest import save_tiny_base
 from tests.launch import DS, rel_close, train_ok
 
 pytest.importorskip("bitsandbytes", reason="the quant extra is installed by .ci/run")

@@ -29,7 +29,7 @@ from pace_llm.errors import RecipeError, UserError
 from pace_llm.inject import inject_noisy_lora, trainable_parameters
 from pace_llm.lora import NoisyLoRALinear, shared_views
 from pace_llm.schema import LoraArgs, PaceArgs, QuantArgs
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 QLLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
           "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False}

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from pace_llm.tinymodel import tokenizer_from_sentencepiece
-from tests.conftest import DATA
+from conftest import DATA
 from tests.launch import run
 from tests.test_tasks_gsm8k import CHATML
 
