@@ -170,12 +170,12 @@ class Trainer:
         return step_plan(self.recipe.pace, step, self.recipe.train.micro_batch_size)
 
     def train_step(self, global_batch: list[int]) -> dict[str, Any]:
-        """One optimizer step: this rank's micro-batches, token-normalised over the window. The
+        """One optimizer step: this rank's micro-batches, token-normalised over the step. The
         loss sums, the skip flag and the gradient norm stay device values until a logging step
-        (``settle``); a window whose loss is not finite is not applied.
+        (``settle``); a step whose loss is not finite is not applied.
 
-        Loss scale: the engine averages gradients over the window's micro-batches and the ranks,
-        so each micro-batch's summed loss is multiplied by world·grad_accum / N, N the window's
+        Loss scale: the engine averages gradients over the step's micro-batches and the ranks,
+        so each micro-batch's summed loss is multiplied by world·grad_accum / N, N the step's
         supervised tokens (causal LM) or examples over every rank: the step's gradient is the
         gradient of the token mean."""
         t, started = self.recipe.train, time.perf_counter()
@@ -187,7 +187,7 @@ class Trainer:
         if n_total == 0:
             raise UserError("a training batch has no supervised tokens; check the data's labels")
         scale = self.world * t.grad_accum / n_total
-        sums = None  # device: [ce, cons, loss] summed over the window (a non-finite loss stays so)
+        sums = None  # device: [ce, cons, loss] summed over the step (a non-finite loss stays so)
         for a, (idx, batch) in enumerate(zip(micro, batches)):
             out = self._forward(batch, plan, scale, idx, self.positions(a, len(idx)))
             self.stepper.backward(out["loss"])
@@ -195,7 +195,7 @@ class Trainer:
             sums = terms if sums is None else sums + terms
             if self.history is not None:
                 self.history.update(idx, out["logits"][: len(idx)])
-        totals, tokens = _reduce_window(sums, self._tokens(batches), self.world)
+        totals, tokens = _reduce_step(sums, self._tokens(batches), self.world)
         grad_norm, skipped = self.stepper.step(~torch.isfinite(totals[2]))
         return {"task_loss": totals[0] / n_total, "consistency": totals[1] / n_total,
                 "lr": self.stepper.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -330,7 +330,7 @@ def eval_line(record: dict[str, Any]) -> str:
     return line
 
 
-def _reduce_window(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
+def _reduce_step(sums: torch.Tensor, tokens: int, world: int) -> tuple[torch.Tensor, Any]:
     """(a step's [ce, cons, loss] sums over every rank, the tokens trained on): one device
     collective across ranks (no host read); on one rank the sums and the host count as given."""
     if world == 1:
