@@ -1,8 +1,8 @@
 """Does PACE help? Full-data GLUE CoLA and SST-2 on a real pretrained encoder (issue #22).
 
 Every number is a real run of ``pace_llm/train.py``, started as a subprocess with the task's
-recipe (``recipes/glue_<task>.yaml``) and command-line overrides; this script imports nothing
-from ``pace_llm``. It reads the GLUE TSVs itself, writes the splits it needs as GLUE-layout TSVs
+recipe (``recipes/glue_<task>.yaml``) and command-line overrides (the dry run forks each run
+from this script instead, the same ``train.main`` with its imports paid once). It reads the GLUE TSVs itself, writes the splits it needs as GLUE-layout TSVs
 (``train.tsv`` + ``dev.tsv``, header ``sentence<TAB>label``) under ``--work``, runs the
 protocol below one run at a time, appends one JSON line per finished run to ``--results`` and
 prints the markdown for bench/RESULTS.md (``report``).
@@ -78,6 +78,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -422,12 +423,15 @@ def run(ctx: Context, spec: Spec) -> dict:
     with open(log, "w", encoding="utf-8") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                              check=False)
+        if ctx.dry_run:
+            returncode = forked_run(cmd[2:], env, f.fileno())
+        else:
+            returncode = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT, check=False).returncode
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
+    if returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-4000:]
-        raise SystemExit(f"{tail}\nrun {name} failed (exit {proc.returncode}); log {log}")
+        raise SystemExit(f"{tail}\nrun {name} failed (exit {returncode}); log {log}")
     record = summarize(ctx, spec, name, out_dir, steps, spe, wall)
     with open(ctx.results, "a", encoding="utf-8") as f:  # one write per line: whole or torn
         f.write(json.dumps(record) + "\n")
@@ -440,6 +444,41 @@ def run(ctx: Context, spec: Spec) -> dict:
           f"fp {record['fp_distance']:.3g}, out-grad {record['output_grad_norm']:.3g}, "
           f"wall {wall:.0f} s, loop {record['loop_s']:.0f} s{curve}", flush=True)
     return record
+
+
+def forked_run(args: list[str], env: dict[str, str], log_fd: int) -> int:
+    """``pace_llm/train.py ARGS`` as a child forked from this process (the dry run: the imports
+    are paid once, not per run; the same ``train.main``), output to ``log_fd``; its exit code.
+    The real runs are subprocesses: each a fresh interpreter, as a user runs it."""
+    for key in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+                "TRANSFORMERS_VERBOSITY"):  # before transformers reads them at import
+        os.environ.setdefault(key, env[key])
+    sys.path.insert(0, str(ROOT))
+    import threading
+
+    from tqdm import tqdm
+
+    from pace_llm.train import main as train_main
+
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh rank 0 of 1 with the run's environment
+        code = 1
+        try:
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.chdir(ROOT)
+            os.environ.clear()
+            os.environ.update(env, HF_DEACTIVATE_ASYNC_LOAD="1")
+            tqdm.set_lock(threading.RLock())  # not the lock shared with this process
+            code = train_main(args)
+        except BaseException:  # noqa: BLE001 - shown as Python would show it, exit 1
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def summarize(ctx: Context, spec: Spec, name: str, out_dir: Path, steps: int, spe: int,

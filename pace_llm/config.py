@@ -83,45 +83,63 @@ def _nearest(key: str, options: list[str]) -> str:
 
 
 def check_raw(raw: dict[str, Any], source: str, parser: Any) -> tuple[list[str], dict[str, Any]]:
-    """Unknown sections/keys (with the nearest valid name) and values jsonargparse refuses, each
-    key checked on its own so every problem is found at once. Returns (problems, the
-    well-typed keys as a recipe dict)."""
-    problems: list[str] = []
+    """Unknown sections/keys (with the nearest valid name) and values jsonargparse refuses, in
+    the file's order, so every problem is found at once. The known keys are parsed together
+    first (one jsonargparse call, ~0.1 s); only if that fails is each key parsed on its own to
+    name the ones refused. Returns (problems, the well-typed keys as a recipe dict)."""
+    found: list[str | tuple[str, str, Any]] = []  # a problem, or a known key to type-check
     good: dict[str, Any] = {}
     top = list(SECTIONS) + ["deepspeed"]
     for section, body in raw.items():
         if section not in top:
-            problems.append(f"unknown section '{section}' in {source}: {_nearest(section, top)}")
+            found.append(f"unknown section '{section}' in {source}: {_nearest(section, top)}")
             continue
         if section == "deepspeed":
             if body is not None and not isinstance(body, str):
-                problems.append(f"deepspeed: {body!r} is not a path string; give e.g. "
-                                "ds_configs/zero2.json")
+                found.append(f"deepspeed: {body!r} is not a path string; give e.g. "
+                             "ds_configs/zero2.json")
             else:
                 good[section] = body
             continue
         if body is None:
             continue
         if not isinstance(body, dict):
-            problems.append(f"{section}: expected a mapping of keys, got {body!r}")
+            found.append(f"{section}: expected a mapping of keys, got {body!r}")
             continue
         types = typing.get_type_hints(SECTIONS[section])
         for key, value in body.items():
-            if key not in types:
-                problems.append(f"unknown key '{section}.{key}' in {source}: "
-                                f"{_nearest(key, list(types))}")
-            elif not _parses(parser, section, key, value):
-                problems.append(f"{section}.{key}: {value!r} is not allowed; expected "
-                                f"{_allowed(types[key])}")
-            else:
-                good.setdefault(section, {})[key] = value
+            found.append((section, key, value) if key in types else
+                         f"unknown key '{section}.{key}' in {source}: "
+                         f"{_nearest(key, list(types))}")
+    known = [item for item in found if isinstance(item, tuple)]
+    together: dict[str, dict[str, Any]] = {}
+    for section, key, value in known:
+        together.setdefault(section, {})[key] = value
+    all_typed = not together or _parses_object(parser, together)
+    problems = []
+    for item in found:
+        if isinstance(item, str):
+            problems.append(item)
+            continue
+        section, key, value = item
+        if all_typed or _parses(parser, section, key, value):
+            good.setdefault(section, {})[key] = value
+        else:
+            types = typing.get_type_hints(SECTIONS[section])
+            problems.append(f"{section}.{key}: {value!r} is not allowed; expected "
+                            f"{_allowed(types[key])}")
     return problems, good
 
 
 def _parses(parser: Any, section: str, key: str, value: Any) -> bool:
     """jsonargparse accepts ``value`` for ``section.key`` (its own type check)."""
+    return _parses_object(parser, {section: {key: value}})
+
+
+def _parses_object(parser: Any, sections: dict[str, dict[str, Any]]) -> bool:
+    """jsonargparse accepts these sections' values (its own type checks)."""
     try:
-        parser.parse_object({section: {key: value}})
+        parser.parse_object(sections)
     except (ArgumentError, ValueError, TypeError):
         return False
     return True
