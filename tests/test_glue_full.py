@@ -92,10 +92,19 @@ def test_dry_run_end_to_end_resumes_and_reports(tmp_path):
 
     # every phase on CoLA as real train.py runs (forked from the script): the lr curve (1 lr,
     # 2 epochs), tuning (the off reference + 1 full point), final (2 seeds x off/full) on the
-    # fixture's GLUE dev
+    # fixture's GLUE dev. --seeds narrows the final phase (to share it between two processes):
+    # seed 1 first, then the rest of the protocol's seeds in a second invocation
     args = (*common, "--tasks", "cola")
-    res = glue_full("all", *args, tmp=tmp_path)
+    wrong = glue_full("final", *args, "--seeds", "7", tmp=tmp_path)
+    assert wrong.returncode == 2
+    assert "--seeds 7: the protocol's seeds are 0 1; pick among them" in wrong.stderr
+    res = glue_full("all", *args, "--seeds", "1", tmp=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [(json.loads(ln)["phase"], json.loads(ln)["seed"])
+            for ln in results.read_text().splitlines()][-2:] == [("final", 1), ("final", 1)]
+    res = glue_full("final", *args, tmp=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "final: 2 new run(s)" in res.stdout
     records = [json.loads(ln) for ln in results.read_text().splitlines()]
     assert sorted((r["phase"], r["mode"], r["seed"]) for r in records) == [
         ("final", "full", 0), ("final", "full", 1), ("final", "off", 0), ("final", "off", 1),
