@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from pace_llm import distributed as D
 from pace_llm.data.examples import ArrowExamples, TaskData, TaskSpec
-from pace_llm.data.files import data_files
+from pace_llm.data.files import data_files, file_sha256
 from pace_llm.data.length import LengthPolicy
 from pace_llm.errors import UserError
 
@@ -264,20 +264,12 @@ MANIFEST = "MANIFEST.json"
 """Every file of an entry with its size and SHA-256, written last by the builder."""
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _entry_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.name != MANIFEST and not p.is_dir())
 
 
 def _write_manifest(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in _entry_files(directory)}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
@@ -300,7 +292,7 @@ def verify_entry(directory: Path) -> str | None:
     for rel, meta in files.items():
         if not isinstance(meta, dict) or present[rel].stat().st_size != meta.get("size"):
             return f"{rel} has another size than its {MANIFEST} records (truncated or changed)"
-        if _sha256_file(present[rel]) != meta.get("sha256"):
+        if file_sha256(present[rel]) != meta.get("sha256"):
             return f"{rel} does not match its SHA-256 in {MANIFEST} (the file was changed)"
     return None
 
