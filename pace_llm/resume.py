@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,12 +22,32 @@ from pace_llm.atomic import atomic_write
 from pace_llm.data.batches import Cursor
 from pace_llm.data.files import data_changes
 from pace_llm.errors import UserError, bulleted
-from pace_llm.results import write_adapter
+from pace_llm.objective import FastHistory
+from pace_llm.results import EarlyStopping, write_adapter
+from pace_llm.run import Run
 from pace_llm.schedule import apply_schedule
 from pace_llm.schema import recipe_to_dict
 
-if TYPE_CHECKING:
-    from pace_llm.trainer import Trainer
+
+class Loop(Protocol):
+    """What a checkpoint saves of the training loop and a resume sets back: the loop's state
+    (pace_llm/trainer.py's ``Trainer`` is one; this module does not import it)."""
+
+    run: Run
+    step: int
+    cursor: Cursor
+    bad_in_a_row: int
+    bad_total: int
+    stopping: EarlyStopping
+    history: FastHistory | None
+    """``fast`` mode's output buffer."""
+    metrics_file: Path
+
+    def settle(self) -> None:
+        """Read the skip outcome of every step taken so far into the bad-step counts."""
+
+    def log(self, message: str) -> None:
+        """A line on rank 0's console."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,7 +57,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
-def save_checkpoint(trainer: Trainer) -> Path:
+def save_checkpoint(trainer: Loop) -> Path:
     """checkpoints/step-N of the trainer's current step (collective: every rank calls)."""
     run = trainer.run
     trainer.settle()  # the bad-step counts of the steps so far
@@ -52,7 +72,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
                      extra_writer=lambda d: write_adapter(run, d / "adapter", quiet=True))
 
 
-def resume(trainer: Trainer, path: Path) -> None:
+def resume(trainer: Loop, path: Path) -> None:
     """Continue from a verified checkpoint (module docstring)."""
     run = trainer.run
     saved = ckpt.read_state(path)

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"lora", "noise", "plot", "records", "distributed", "dsconfig", "schedule",
                      "flat_optim", "tracking", "tinymodel", "checkpoint", "rundir", "hub"}),
     ("data", {"data", "data.sources", "data.files", "data.tokens", "data.templates",
-              "data.length", "data.examples", "data.cache", "data.stream", "data.mix",
+              "data.length", "data.examples", "data.spec", "data.cache", "data.stream", "data.mix",
               "data.batches", "data.collate", "data.build", "data.checks", "tasks", "tasks.gsm8k",
               "tasks.glue", "tasks.instruct", "tasks.synthetic"}),
     ("model", {"quant", "model", "inject", "objective", "probes", "evaluate", "peft_format",

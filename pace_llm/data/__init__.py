@@ -13,6 +13,7 @@
 - collate: :mod:`~pace_llm.data.collate` (padded tensors, supervised positions).
 
 :mod:`~pace_llm.data.examples` declares what they hand around (the :class:`Examples` protocol,
-TaskData, the task spec); :mod:`~pace_llm.data.build` is the entry (``build_task``);
+TaskData); :mod:`~pace_llm.data.spec` what a task definition gives (TaskSpec, its rows as
+Splits); :mod:`~pace_llm.data.build` is the entry (``build_task``);
 :mod:`~pace_llm.data.checks` holds the data section's recipe checks.
 """

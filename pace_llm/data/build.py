@@ -1,7 +1,7 @@
 """A recipe's data section -> TaskData: the task's spec, then the cache, the stream or a mixture.
 
 The engine calls :func:`build_task` once: the task definition named by ``data.task``
-(:data:`pace_llm.tasks.MODULES`) gives its :class:`~pace_llm.data.examples.TaskSpec`, which
+(:data:`pace_llm.tasks.MODULES`) gives its :class:`~pace_llm.data.spec.TaskSpec`, which
 :mod:`pace_llm.data.cache` runs once per data/tokenizer/settings key and stores as Arrow (every
 rank then memory-maps it), or :mod:`pace_llm.data.stream` reads as consumed
 (``data.streaming``); ``data.mix`` builds each source so and concatenates them
@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pace_llm.data import cache, mix, stream
-from pace_llm.data.examples import ListExamples, TaskData, TaskSpec, split_records
+from pace_llm.data.examples import ListExamples, TaskData
 from pace_llm.data.length import LengthPolicy
+from pace_llm.data.spec import TaskSpec, split_records
 from pace_llm.schema import TASKS
 from pace_llm.tasks import MODULES
 

@@ -1,6 +1,6 @@
 """The task cache: tokenize a task once, store it as Arrow, share it by memory map.
 
-:func:`build` turns a task's :class:`~pace_llm.data.examples.TaskSpec` into TaskData. The
+:func:`build` turns a task's :class:`~pace_llm.data.spec.TaskSpec` into TaskData. The
 training examples are stored under ``<cache>/tasks/<task>-<key>/`` (``data.cache_dir``, else
 ``$PACE_LLM_CACHE``, else ``~/.cache/pace_llm``); the key is a SHA-256 over everything the
 tokens depend on (:func:`cache_key`). Rank 0 builds: validated rows are streamed into an Arrow
@@ -35,9 +35,10 @@ from typing import Any
 import torch.distributed as dist
 
 from pace_llm import distributed as D
-from pace_llm.data.examples import ArrowExamples, TaskData, TaskSpec
+from pace_llm.data.examples import ArrowExamples, TaskData
 from pace_llm.data.files import data_files, file_sha256
 from pace_llm.data.length import LengthPolicy
+from pace_llm.data.spec import TaskSpec
 from pace_llm.errors import UserError
 
 log = logging.getLogger(__name__)

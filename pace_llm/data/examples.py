@@ -1,8 +1,7 @@
-"""What the data package hands around: examples, their containers, a task's rows and its spec.
+"""What the data package hands around: examples, their containers and a built task.
 
-A task definition (``pace_llm/tasks``) gives a :class:`TaskSpec`: how to read and validate its
-rows (:class:`Splits`) and its row -> example functions (they apply ``data.on_too_long``).
-:mod:`pace_llm.data.build` turns the spec into :class:`TaskData`, whose training examples are
+A task definition (``pace_llm/tasks``) gives a :class:`pace_llm.data.spec.TaskSpec`;
+:mod:`pace_llm.data.build` turns it into :class:`TaskData`, whose training examples are
 held by one of four containers, all of the one declared shape :class:`Examples`: a list
 (:class:`ListExamples`), the task cache's memory-mapped :class:`ArrowExamples`, a mixture's
 concatenation (``data.mix.ConcatExamples``) or the stream's view
@@ -12,16 +11,11 @@ concatenation (``data.mix.ConcatExamples``) or the stream's view
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pace_llm.schema import Kind
-
-if TYPE_CHECKING:
-    from pace_llm.data.length import LengthPolicy
-    from pace_llm.data.mix import Mixture
-
 
 IGNORE = -100
 """The label of a position that is not supervised (causal LM), as the loss ignores it."""
@@ -133,6 +127,16 @@ class ArrowExamples(ExampleSequence):
         return self._max_id
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """The sources of a mixture (``data.mix``, pace_llm/data/mix.py), in recipe order."""
+
+    names: list[str]
+    weights: list[float]
+    sizes: list[int]
+    """Training examples of each source."""
+
+
 @dataclass
 class TaskData:
     """What a task hands the engine.
@@ -163,7 +167,7 @@ class TaskData:
         default_factory=dict)
     """(metric, main metric) of an extra set scored unlike ``eval`` (a mixture's sources)."""
     mixture: Mixture | None = None
-    """``data.mix``: the :class:`pace_llm.data.mix.Mixture` (names, weights, sizes)."""
+    """``data.mix``: its sources' names, weights and sizes."""
     streaming: bool = False
     """``data.streaming``: ``train`` is a :class:`pace_llm.data.stream.StreamExamples`."""
     identity: dict[str, Any] | None = None
@@ -193,65 +197,3 @@ class TaskData:
     def probe_rows(self, n: int) -> list[dict]:
         """The first ``n`` training examples (fixed rows for the evaluation probes)."""
         return [self.train[i] for i in range(min(n, len(self.train)))]
-
-
-@dataclass
-class Splits:
-    """A task's validated rows as *records*: flat dicts with a ``where`` naming the row."""
-
-    train: Iterable[dict]
-    """Training records in order, read lazily."""
-    source: str
-    """Names the training data in length-policy messages."""
-    eval: Callable[[], list[dict]] | None
-    """Evaluation records (read after the training set is tokenized); None = hold out."""
-    extra: dict[str, Callable[[], list[dict]]] = field(default_factory=dict)
-    holdout: Callable[[int], int] | None = None
-    """Given the number of training records, how many at the end are evaluation records."""
-    limit: int | None = None
-    """Training records kept after the hold-out (None: all)."""
-
-
-def split_records(splits: Splits, records: Sequence[dict]) -> tuple[Sequence[dict], list[dict]]:
-    """(train records, eval records): the hold-out taken, the limit applied."""
-    evals = None
-    if splits.eval is None:
-        hold = splits.holdout(len(records))
-        records, evals = records[:len(records) - hold], list(records[len(records) - hold:])
-    train = records[:splits.limit] if splits.limit is not None else records
-    return train, evals if evals is not None else splits.eval()
-
-
-
-@dataclass
-class TaskSpec:
-    """A task ready to build: what it is, how to read its rows and turn them into examples."""
-
-    kind: Kind
-    name: str
-    num_labels: int | None
-    metric: Callable[[list, list], dict[str, float]]
-    main_metric: str
-    read: Callable[[], Splits]
-    schema: dict[str, str]
-    """A record's columns: name -> string, int64, float64 or messages (role/content list)."""
-    train_fn: Callable[[Any, Any, list[dict], LengthPolicy], list[dict | None]]
-    """(tokenizer, ctx, records, policy) -> one example per record, None if dropped; a
-    module-level function (it is sent to the tokenizing processes)."""
-    eval_fn: Callable[[Any, Any, list[dict]], list[dict]]
-    ctx: Any = None
-    key: dict[str, Any] = field(default_factory=dict)
-    """What else the tokens depend on (the resolved chat template, EOS id, ...)."""
-    label_dtype: str = "int64"
-    """seq_cls: int64 class ids or float64 scores."""
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return ("input_ids", "labels") if self.kind == "causal_lm" else ("input_ids", "label")
-
-    def task(self, train: Examples | list[dict], evals: list[dict], stats: dict[str, int],
-             extra: dict[str, list[dict]], streaming: bool = False) -> TaskData:
-        return TaskData(kind=self.kind, train=train, eval=evals, num_labels=self.num_labels,
-                        stats={**stats, "eval_rows": len(evals)}, metric=self.metric,
-                        name=self.name, main_metric=self.main_metric, extra_eval=extra,
-                        streaming=streaming)

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pace_llm.data.examples import Examples, ExampleSequence, TaskData
+from pace_llm.data.examples import Examples, ExampleSequence, Mixture, TaskData
 from pace_llm.errors import UserError
 
 OVERRIDES = ("task", "eval_path", "hub_config", "prompt_style", "chat_template", "limit",
@@ -40,16 +39,6 @@ OVERRIDES = ("task", "eval_path", "hub_config", "prompt_style", "chat_template",
 KEYS = ("path", "weight", "name", *OVERRIDES)
 PATH_KEYS = ("path", "eval_path", "chat_template")
 """A source's keys that hold paths (resolved against the recipe file's folder)."""
-
-
-@dataclass(frozen=True)
-class Mixture:
-    """The sources of a mixture, in recipe order."""
-
-    names: list[str]
-    weights: list[float]
-    sizes: list[int]
-    """Training examples of each source."""
 
 
 def source_name(item: dict[str, Any], i: int) -> str:

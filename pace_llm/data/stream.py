@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-from pace_llm.data.examples import ExampleSequence, TaskData, TaskSpec
+from pace_llm.data.examples import ExampleSequence, TaskData
 from pace_llm.data.files import stream_identity
 from pace_llm.data.length import LengthPolicy
+from pace_llm.data.spec import TaskSpec
 from pace_llm.errors import UserError
 
 HEAD = 16  # examples tokenized at the start: evaluation probes, data-check, preflight

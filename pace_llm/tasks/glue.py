@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.data.examples import Splits, TaskSpec
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import (LOCAL_EXTS, Rows, load_splits, looks_like_path, read_hub,
                                    read_local)
+from pace_llm.data.spec import Splits, TaskSpec
 from pace_llm.errors import UserError, read_text
 
 if TYPE_CHECKING:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.data.examples import Splits, TaskSpec
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import Rows, load_splits
+from pace_llm.data.spec import Splits, TaskSpec
 from pace_llm.data.tokens import (Segment, chat_segments, chat_template,
                                   check_prompt_style, eos_id, generation_example, render_default,
                                   reply_format, segments_to_example)

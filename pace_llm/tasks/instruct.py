@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.data.examples import Splits, TaskSpec, split_records
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.sources import Rows, columns_hint, load_splits
+from pace_llm.data.spec import Splits, TaskSpec, split_records
 from pace_llm.data.tokens import (Reply, chat_segments, chat_template, eos_id,
                                   generation_example, render_default, reply_format,
                                   segments_to_example)

@@ -13,8 +13,8 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pace_llm.data.examples import TaskSpec
 from pace_llm.data.sources import Rows
+from pace_llm.data.spec import TaskSpec
 from pace_llm.errors import UserError
 from pace_llm.tasks.gsm8k import render_text, task_spec_from_rows
 
