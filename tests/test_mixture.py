@@ -137,3 +137,26 @@ def test_a_source_whose_fields_do_not_fit_its_task_names_source_file_and_row(tin
     task = build_task(fixed.data, tok)
     assert task.mixture.names == ["seed", "mapped"]
     assert task.mixture.sizes[1] == 175 and len(task.train) == sum(task.mixture.sizes)
+
+
+def test_sources_rendering_conversations_share_one_chat_template(tiny_base, tmp_path):
+    """The adapter is evaluated, exported and served with one chat template, so a mixture whose
+    conversation-rendering sources name two is refused at parse time, naming each."""
+    chat_gsm = {**GSM, "prompt_style": "chat", "chat_template": "llama-3"}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(mix_argv(tiny_base, tmp_path, _mix(
+            SEED, chat_gsm, {**SEED, "name": "again", "chat_template": "chatml"}),
+            data__prompt_style="chat", data__chat_template="chatml"))
+    assert ("data.mix: the sources render conversations with 2 chat templates "
+            "(data.mix[0] (seed), data.mix[2] (again): 'chatml'; data.mix[1] (math): "
+            "'llama-3'); an adapter is evaluated, exported and served with one: set one "
+            "data.chat_template for every source (or none, for the tokenizer's own)"
+            ) in str(err.value)
+    with pytest.raises(RecipeError) as err:  # instruct's plain layout is a template too
+        load_recipe(mix_argv(tiny_base, tmp_path, _mix(SEED, {**chat_gsm, "chat_template": None})))
+    assert ("(data.mix[0] (seed): pace_llm's plain layout; data.mix[1] (math): the tokenizer's "
+            "own)") in str(err.value)
+    one = load_recipe(mix_argv(tiny_base, tmp_path, _mix(SEED, {**chat_gsm,
+                                                               "chat_template": "chatml"}),
+                               data__prompt_style="chat", data__chat_template="chatml"))
+    assert [source["name"] for source in one.data.mix] == ["seed", "math"]

@@ -67,8 +67,8 @@ def renders_conversations(data: DataArgs) -> bool:
 
 def trained_template(data: DataArgs, tokenizer: Any) -> str | None:
     """The chat template the task's conversations were rendered with (set on the tokenizer by
-    :func:`task_spec`), or None when no row was rendered with one. A mixture whose sources
-    render with different templates leaves the last source's on the tokenizer."""
+    :func:`task_spec`), or None when no row was rendered with one (a mixture's sources render
+    with one template: :func:`pace_llm.data.checks.mix_problems`)."""
     return tokenizer.chat_template if renders_conversations(data) else None
 
 

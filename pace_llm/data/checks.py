@@ -82,7 +82,32 @@ def mix_problems(data: Any) -> list[str]:
             p.append(f"{at}: source name {name!r} is also data.mix[{names[name]}]'s; give each "
                      "source a distinct name: key")
         names.setdefault(name, i)
-    return p + _weight_sum_problems(mix)
+    return p + _weight_sum_problems(mix) + _template_problems(mix, data)
+
+
+def _template_problems(mix: list[Any], data: Any) -> list[str]:
+    """The sources that render conversations (instruct, or a causal task with prompt_style
+    chat) must render them with one chat template: the adapter is exported, evaluated and served
+    with one (chat_template.jinja), so a second one would be trained on and then never used.
+    (Told apart by the recipe's keys: instruct's plain layout, a template's name or file, or the
+    tokenizer's own.)"""
+    used: dict[str, list[str]] = {}
+    for i, item in enumerate(mix):
+        if not isinstance(item, dict):
+            continue
+        task = item.get("task", data.task)
+        style = item.get("prompt_style", data.prompt_style)
+        if task == "instruct" or (style == "chat" and TASKS.get(task) == "causal_lm"):
+            template = item.get("chat_template", data.chat_template)
+            shown = ("pace_llm's plain layout" if style != "chat" else
+                     "the tokenizer's own" if template is None else repr(template))
+            used.setdefault(shown, []).append(f"data.mix[{i}] ({source_name(item, i)})")
+    if len(used) < 2:
+        return []
+    listed = "; ".join(f"{', '.join(at)}: {shown}" for shown, at in used.items())
+    return [f"data.mix: the sources render conversations with {len(used)} chat templates "
+            f"({listed}); an adapter is evaluated, exported and served with one: set one "
+            "data.chat_template for every source (or none, for the tokenizer's own)"]
 
 
 def _weight_sum_problems(mix: list[Any]) -> list[str]:
