@@ -206,8 +206,9 @@ class RunDir:
 
     def _decide(self, resume: str | None, overwrite: bool, max_steps: int, log,
                 inputs: list[tuple[str, str]]) -> Start:
-        if self.staging.exists():  # left by a start that was killed before its commit
+        if self._left(self.staging, "its staging directory"):  # killed before its commit
             shutil.rmtree(self.staging)
+        self._left(self.old, "the run it replaces")  # killed before it settled: commit removes it
         if resume and resume != "auto":  # a named checkpoint must verify, wherever it is
             problem = verify(Path(resume))
             if problem:
@@ -229,6 +230,24 @@ class RunDir:
                             "it; a new run takes its directory's place as a whole: give a "
                             "directory below this one (e.g. runs/NAME) or run from elsewhere")
         return start
+
+    def _left(self, path: Path, kept: str) -> bool:
+        """Whether ``path`` (beside the run: ``.NAME.new`` or ``.NAME.old``, where a start keeps
+        ``kept``) is there, left by a killed start: a directory holding only what a run writes.
+        Anything else by that name is the user's: exit 2, nothing changed."""
+        if not (path.exists() or path.is_symlink()):
+            return False
+        if path.is_symlink() or not path.is_dir():
+            found = "a symbolic link" if path.is_symlink() else "a file"
+        else:
+            foreign = sorted(p.name for p in path.iterdir() if not run_written(p.name))
+            found = f"a directory holding {listing(foreign)}, which no run writes" if foreign \
+                else ""
+        if found:
+            raise UserError(f"train.output_dir: {path} is where a start of {self.out} keeps "
+                            f"{kept}, but it is {found}; nothing was changed: move it away, or "
+                            "choose another train.output_dir")
+        return True
 
     def _resume(self, resume: str, max_steps: int, log) -> Start:
         """Resume the run in the directory: its newest verified checkpoint (auto) or the named
@@ -306,7 +325,7 @@ class RunDir:
         D.barrier()  # every rank has loaded what it needs from the staging directory
 
         def move() -> None:
-            if self.old.exists():  # left by a start killed between its commit and settle
+            if self.old.exists():  # left by a start killed before it settled (_decide: a run's)
                 shutil.rmtree(self.old)
             if self.out.exists():
                 os.replace(self.out, self.old)

@@ -235,3 +235,61 @@ def test_recipe_changes_on_resume_classify_keys():
     refused, applied = recipe_changes(saved, now)
     assert refused == ["data.mix None -> [{'path': 'x.jsonl'}]", "data.streaming None -> True"]
     assert applied == ["train.lr 0.0002 -> 0.001"]
+
+
+def test_what_a_killed_start_left_beside_the_run_is_removed_only_when_a_run_wrote_it(tmp_path):
+    """``.NAME.new`` (a start's staging directory) and ``.NAME.old`` (the run it replaces, until
+    it settles) are removed by the next start only when they hold nothing but what a run writes;
+    the user's own file, directory or link by that name is one message, nothing changed."""
+    import shutil
+
+    from pace_llm.errors import UserError
+    from pace_llm.rundir import RunDir
+
+    out = tmp_path / "run"
+    staging, old = tmp_path / ".run.new", tmp_path / ".run.old"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+
+    def refused(path: Path, found: str) -> None:
+        kept = "its staging directory" if path == staging else "the run it replaces"
+        rundir = RunDir(out)
+        with pytest.raises(UserError) as err:
+            rundir.open(None, False, 10, print)
+        rundir.release()  # the process would have exited
+        assert str(err.value) == (f"train.output_dir: {path} is where a start of {out} keeps "
+                                  f"{kept}, but it is {found}; nothing was changed: move it "
+                                  "away, or choose another train.output_dir")
+        assert not out.exists() and (elsewhere / "keep.txt").read_text() == "mine"
+
+    for path in (staging, old):
+        path.mkdir()
+        (path / "notes.txt").write_text("mine")
+        (path / "recipe.yaml").write_text("train: {}\n")
+        refused(path, "a directory holding notes.txt, which no run writes")
+        assert (path / "notes.txt").read_text() == "mine"
+        shutil.rmtree(path)
+        path.symlink_to(elsewhere)
+        refused(path, "a symbolic link")
+        path.unlink()
+        path.write_text("mine")
+        refused(path, "a file")
+        assert path.read_text() == "mine"
+        path.unlink()
+
+    # what a start killed before its commit (staging) or before it settled (old) leaves: only
+    # what a run writes; the next start removes the first at once, the second when it commits
+    for path in (staging, old):
+        (path / "checkpoints").mkdir(parents=True)
+        (path / "recipe.yaml").write_text("train: {}\n")
+        (path / "metrics.jsonl.tmp").write_text("{}\n")
+    rundir = RunDir(out)
+    assert rundir.open(None, False, 10, print).mode == "new"
+    assert list(staging.iterdir()) == [] and (old / "recipe.yaml").is_file()
+    (staging / "recipe.yaml").write_text("train: {max_steps: 10}\n")
+    rundir.commit()
+    assert not old.exists() and not staging.exists()
+    assert (out / "recipe.yaml").read_text() == "train: {max_steps: 10}\n"
+    rundir.settle()
+    rundir.release()
