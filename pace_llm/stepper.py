@@ -19,9 +19,10 @@ The two engines:
   scaling), CPU offload of the optimizer, or ``train.optimizer_path: deepspeed``.
 
 ``train.optimizer_path`` auto takes flat wherever it fits, flat refuses a run where it does not
-(at parse time), deepspeed always takes DeepSpeed's engine (the rule: ``dsconfig.engine_for``). Each run writes what ran to
-``engine.json`` (:func:`describe`) and says it in its start line (:func:`summary`);
-``ds_config.json`` is the config DeepSpeed received, written only when it was initialised.
+(at parse time), deepspeed always takes DeepSpeed's engine (the rule: ``dsconfig.engine_for``).
+Each run writes what ran to ``engine.json`` (:func:`describe`) and says it in its start line
+(:func:`summary`); ``ds_config.json`` is the config DeepSpeed received, written only when it
+was initialised.
 """
 
 from __future__ import annotations
