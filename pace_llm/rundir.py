@@ -208,7 +208,6 @@ class RunDir:
                 inputs: list[tuple[str, str]]) -> Start:
         if self._left(self.staging, "its staging directory"):  # killed before its commit
             shutil.rmtree(self.staging)
-        self._left(self.old, "the run it replaces")  # killed before it settled: commit removes it
         if resume and resume != "auto":  # a named checkpoint must verify, wherever it is
             problem = verify(Path(resume))
             if problem:
@@ -229,6 +228,8 @@ class RunDir:
             raise UserError(f"train.output_dir: {self.out} is the current directory, or holds "
                             "it; a new run takes its directory's place as a whole: give a "
                             "directory below this one (e.g. runs/NAME) or run from elsewhere")
+        if start.mode != "resume":  # a start that commits first removes what a killed one left
+            self._left(self.old, "the run it replaces")
         return start
 
     def _left(self, path: Path, kept: str) -> bool:

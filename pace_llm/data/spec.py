@@ -44,7 +44,6 @@ def split_records(splits: Splits, records: Sequence[dict]) -> tuple[Sequence[dic
     return train, evals if evals is not None else splits.eval()
 
 
-
 @dataclass
 class TaskSpec:
     """A task ready to build: what it is, how to read its rows and turn them into examples."""
