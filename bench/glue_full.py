@@ -2,7 +2,8 @@
 
 Every number is a real run of ``pace_llm/train.py``, started as a subprocess with the task's
 recipe (``recipes/glue_<task>.yaml``) and command-line overrides (the dry run forks each run
-from this script instead, the same ``train.main`` with its imports paid once). It reads the GLUE TSVs itself, writes the splits it needs as GLUE-layout TSVs
+from this script instead, the same ``train.main`` with its imports paid once). It reads the
+GLUE TSVs itself, writes the splits it needs as GLUE-layout TSVs
 (``train.tsv`` + ``dev.tsv``, header ``sentence<TAB>label``) under ``--work``, runs the
 protocol below one run at a time, appends one JSON line per finished run to ``--results`` and
 prints the markdown for bench/RESULTS.md (``report``).
@@ -456,7 +457,8 @@ def forked_run(args: list[str], env: dict[str, str], log_fd: int) -> int:
     for key in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
                 "TRANSFORMERS_VERBOSITY"):  # before transformers reads them at import
         os.environ.setdefault(key, env[key])
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # the first run's; later runs find it there
+        sys.path.insert(0, str(ROOT))
     import threading
 
     import deepspeed  # noqa: F401 - loaded once here, not in every run

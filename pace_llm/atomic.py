@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pace_llm.errors import UserError
 
-FULL = (errno.ENOSPC, errno.EDQUOT)
 FAULTS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EFBIG: "file size limit",
           errno.EROFS: "read-only", errno.EACCES: "no permission", errno.EPERM: "no permission"}
 """errno -> the kind of write fault (the rest of an OSError is no fault of the filesystem's)."""

@@ -36,12 +36,11 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pace_llm import hub
+from pace_llm import console, hub
 from pace_llm.data.checks import data_problems
 from pace_llm.data.sources import LOCAL_EXTS, looks_like_path
 from pace_llm.dsconfig import flat_misfit, offloads_optimizer, read_ds_json, zero_stage
@@ -65,7 +64,7 @@ def check(recipe: Recipe, about_to_run: bool = False, found: Iterable[str] = (),
     problems = [*found, *recipe_problems(recipe, about_to_run, loads, trains)]
     if problems:
         raise RecipeError(problems)
-    if about_to_run and os.environ.get("RANK", "0") == "0":
+    if about_to_run and console.rank() == 0:
         for line in inert_keys(recipe):
             log.warning("warning: %s", line)
 

@@ -235,8 +235,7 @@ def parse_command(argv: list[str] | None = None, prog: str = "pace-llm train",
     parser = build_parser(prog, description)
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
-    files = _recipe_files(argv)
-    argv, problems = _read_recipe_files(argv, parser)
+    argv, problems, files = _read_recipe_files(argv, parser)
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as exc:  # what jsonargparse raises with exit_on_error=False
@@ -265,7 +264,7 @@ def _remote_code_problems(recipe: Recipe, argv: list[str], files: list[str]) -> 
     problems = []
     for key, runs_code in CODE_KEYS.items():
         value, flag = getattr(recipe.model, key), f"--model.{key}"
-        if not runs_code(value) or any(a == flag or a.startswith(flag + "=") for a in argv):
+        if not runs_code(value) or _on_command_line(argv, flag):
             continue
         shown = "true" if value is True else value
         problems.append(f"model.{key}: {shown} comes from the recipe file {' / '.join(files)}; "
@@ -275,10 +274,9 @@ def _remote_code_problems(recipe: Recipe, argv: list[str], files: list[str]) -> 
     return problems
 
 
-def _recipe_files(argv: list[str]) -> list[str]:
-    """The files given with ``--recipe``, in order."""
-    return [a.split("=", 1)[1] if a.startswith("--recipe=") else b
-            for a, b in zip(argv, [*argv[1:], ""]) if a == "--recipe" or a.startswith("--recipe=")]
+def _on_command_line(argv: list[str], flag: str) -> bool:
+    """Whether ``flag`` is given in ``argv`` (``--flag value`` or ``--flag=value``)."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def load_recipe(argv: list[str] | None = None) -> Recipe:
@@ -286,11 +284,14 @@ def load_recipe(argv: list[str] | None = None) -> Recipe:
     return parse_command(argv, preflight=False).recipe
 
 
-def _read_recipe_files(argv: list[str], parser: Any) -> tuple[list[str], list[str]]:
+def _read_recipe_files(argv: list[str], parser: Any
+                       ) -> tuple[list[str], list[str], list[str]]:
     """``argv`` with each ``--recipe FILE`` replaced by that file's well-typed keys as YAML text
-    (its relative paths resolved against its folder), and the problems of its other keys."""
+    (its relative paths resolved against its folder), the problems of its other keys, and the
+    files, in order."""
     out: list[str] = []
     problems: list[str] = []
+    files: list[str] = []
     args = iter(argv)
     for arg in args:
         path = arg.split("=", 1)[1] if arg.startswith("--recipe=") else (
@@ -300,8 +301,9 @@ def _read_recipe_files(argv: list[str], parser: Any) -> tuple[list[str], list[st
             continue
         found, good = check_raw(_read_yaml(path), path, parser)
         problems += found
+        files.append(path)
         out += ["--recipe", yaml.safe_dump(_resolve_paths(good, Path(path).resolve().parent))]
-    return out, problems
+    return out, problems, files
 
 
 # recipe keys that hold input paths; "always" ones are never hub ids
@@ -336,7 +338,7 @@ def _resolve_flag_paths(recipe: Recipe, argv: list[str]) -> None:
     """A path key given on the command line is relative to the current directory."""
     for (section, key), rule in PATH_KEYS.items():
         flag = f"--{section}" if key is None else f"--{section}.{key}"
-        if any(a == flag or a.startswith(flag + "=") for a in argv):
+        if _on_command_line(argv, flag):
             holder, attr = (recipe, section) if key is None else (getattr(recipe, section), key)
             setattr(holder, attr, _resolve(getattr(holder, attr), Path.cwd(), rule == "always"))
 

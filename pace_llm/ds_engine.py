@@ -106,6 +106,7 @@ class DeepSpeedStepper:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=objective, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.optimizer = optimizer
+        self.params = params  # the trainable ones, in model order (ZeRO-0's norm reads them)
         self.module: nn.Module = self.engine.module
         self.device: torch.device = self.engine.device
         self.stage = zero_stage(ds_config)
@@ -136,8 +137,7 @@ class DeepSpeedStepper:
     def _stage0_norm(self) -> torch.Tensor | float:
         """ZeRO-0 keeps whole grads on the params (DeepSpeed reports no norm there): one
         multi-tensor norm per dtype/device group, accumulated in fp32; a device tensor."""
-        grads = [p.grad for p in self.engine.module.parameters()
-                 if p.requires_grad and p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
         return torch.linalg.vector_norm(torch.stack(

@@ -140,13 +140,18 @@ class FlatAdamW(torch.optim.AdamW):
         self.found_inf = bad.float()
         self.grad_scale = self._clip_scale(norm)
         super().step()
+        self._publish()
+        g.zero_()
+        self._folded, self._bad = 0, None
+        self.last_norm, self.last_skipped = norm, bad
+
+    def _publish(self) -> None:
+        """The params follow the master: this rank's shard of the flat buffer (a copy when the
+        params are of lower precision), then one all-gather of the shards when partitioned."""
         if self._lp:
             self.flat[self._shard].copy_(self.master)
         if self.shards > 1:
             dist.all_gather_into_tensor(self.flat, self.flat[self._shard])
-        g.zero_()
-        self._folded, self._bad = 0, None
-        self.last_norm, self.last_skipped = norm, bad
 
     def _global_norm(self, g: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(g)
@@ -192,7 +197,4 @@ class FlatAdamW(torch.optim.AdamW):
             "step": tensors["step"].reshape(()).to(device=device, dtype=torch.float32),
             "exp_avg": tensors["exp_avg"].to(device),
             "exp_avg_sq": tensors["exp_avg_sq"].to(device)}
-        if self._lp:
-            self.flat[self._shard].copy_(self.master)
-        if self.shards > 1:
-            dist.all_gather_into_tensor(self.flat, self.flat[self._shard])
+        self._publish()

@@ -76,9 +76,6 @@ def remote_code_error(name_or_path: str, exc: Exception, flag: str) -> UserError
                      f"it only when the command line asks: {flag} (only for a model you trust)")
 
 
-OFFLINE_HINT = OFFLINE_FORM
-
-
 def check_model_dir(name_or_path: str, need_model: bool = True,
                     key: str = "model.name_or_path") -> None:
     """A local model path, checked before anything loads (see :func:`model_dir_problem`)."""
@@ -210,7 +207,7 @@ def _load_failure(what: str, name_or_path: str, exc: BaseException) -> str:
     if looks_like_path(name_or_path):
         return f"model.name_or_path: cannot load {what} from {name_or_path!r}: {first_line(exc)}"
     return (f"model.name_or_path: {name_or_path!r} is no local directory and could not be loaded "
-            f"from the Hugging Face hub ({first_line(exc)}); {OFFLINE_HINT}")
+            f"from the Hugging Face hub ({first_line(exc)}); {OFFLINE_FORM}")
 
 
 def classifier_head(model: nn.Module) -> list[str]:

@@ -29,8 +29,6 @@ class Run:
     """The run directory (train.output_dir)."""
     precision: str
     """bf16, fp16 or fp32: train.precision resolved for this machine."""
-    ds_config: dict[str, Any]
-    """The DeepSpeed config with every "auto" filled (what DeepSpeed's engine receives)."""
     engine: dict[str, Any]
     """What runs: engine.json (pace_llm/stepper.py ``describe``)."""
     tokenizer: Any

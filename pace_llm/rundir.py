@@ -77,6 +77,11 @@ def run_written(name: str) -> bool:
     return bool(found) and (found["name"] or found["file"]) in RUN_ENTRIES
 
 
+def _foreign(directory: Path) -> list[str]:
+    """The entries at the top of ``directory`` that no run writes, sorted."""
+    return sorted(p.name for p in directory.iterdir() if not run_written(p.name))
+
+
 def is_run(path: Path) -> bool:
     """Whether ``path`` is recognisably a pace_llm run: its recipe.yaml is a recorded recipe."""
     try:
@@ -224,12 +229,13 @@ class RunDir:
             raise UserError(f"train.output_dir: {self.out} is not empty; nothing was changed. "
                             "Pass --train.resume auto to continue that run, --train.overwrite "
                             "true to replace it, or choose another directory")
-        if start.mode != "resume" and inside(Path.cwd().resolve(), self.out.resolve()):
-            raise UserError(f"train.output_dir: {self.out} is the current directory, or holds "
-                            "it; a new run takes its directory's place as a whole: give a "
-                            "directory below this one (e.g. runs/NAME) or run from elsewhere")
-        if start.mode != "resume":  # a start that commits first removes what a killed one left
-            self._left(self.old, "the run it replaces")
+        if start.mode != "resume":  # a start that commits: it takes the directory's place
+            if inside(Path.cwd().resolve(), self.out.resolve()):
+                raise UserError(f"train.output_dir: {self.out} is the current directory, or "
+                                "holds it; a new run takes its directory's place as a whole: "
+                                "give a directory below this one (e.g. runs/NAME) or run from "
+                                "elsewhere")
+            self._left(self.old, "the run it replaces")  # commit removes what a killed one left
         return start
 
     def _left(self, path: Path, kept: str) -> bool:
@@ -241,7 +247,7 @@ class RunDir:
         if path.is_symlink() or not path.is_dir():
             found = "a symbolic link" if path.is_symlink() else "a file"
         else:
-            foreign = sorted(p.name for p in path.iterdir() if not run_written(p.name))
+            foreign = _foreign(path)
             found = f"a directory holding {listing(foreign)}, which no run writes" if foreign \
                 else ""
         if found:
@@ -285,7 +291,7 @@ class RunDir:
             raise UserError(f"train.overwrite: {self.out} is not a pace_llm run (no recipe.yaml; "
                             f"it holds {inside_}); overwrite replaces only a run: nothing was "
                             "changed, choose another train.output_dir")
-        foreign = sorted(p.name for p in self.out.iterdir() if not run_written(p.name))
+        foreign = _foreign(self.out)
         if foreign:
             raise UserError(f"train.overwrite: {self.out} holds {listing(foreign)}, which no "
                             "run writes; overwrite would delete it: nothing was changed, move "

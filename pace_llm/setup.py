@@ -136,8 +136,8 @@ def build_run(recipe: Recipe, rundir: RunDir) -> Run:
     multiple = given if given is not None else 8 if stepper.device.type == "cuda" else 1
     collate = collator(task.kind == "causal_lm", tokenizer.pad_token_id,
                        regression=task.num_labels == 1, multiple=multiple)
-    return Run(recipe=recipe, out=rundir.out, precision=precision, ds_config=ds_config,
-               engine=record, tokenizer=tokenizer, task=task, model=model, adapted=adapted,
+    return Run(recipe=recipe, out=rundir.out, precision=precision, engine=record,
+               tokenizer=tokenizer, task=task, model=model, adapted=adapted,
                stepper=stepper, collate=collate, pad_multiple=multiple,
                batches=batches, max_steps=max_steps, history=_fast_history(recipe, task),
                served_name=_served_name(base_model_dir(recipe, rundir.out)),

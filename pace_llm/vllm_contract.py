@@ -367,15 +367,18 @@ def check_vllm_contract(adapter_dir: str | Path, base_config: Any = None, *,
         f"  {shape_note}",
         (f"  chat template: {template} (the layout the adapter was trained on)" if has_template
          else "  chat template: none (no chat layout was trained: prompt with the training text)"),
-        f"  serve: {serve_command(adapter_dir, shown)}",
+        f"  serve: {serve_command(adapter_dir, shown, config)}",
     ]
 
 
-def serve_command(adapter_dir: str | Path, shown_as: str | Path | None = None) -> str:
+def serve_command(adapter_dir: str | Path, shown_as: str | Path | None = None,
+                  config: dict[str, Any] | None = None) -> str:
     """The ``vllm serve`` command for an adapter that passed the check: its base, the rank it
     needs, the adapter, and its training chat template (``--chat-template``) when it has one.
-    ``shown_as``: the directory the command names (default ``adapter_dir``)."""
-    config, _ = read_adapter(adapter_dir)
+    ``shown_as``: the directory the command names (default ``adapter_dir``); ``config``: its
+    adapter_config.json when the caller has read it already."""
+    if config is None:
+        config, _ = read_adapter(adapter_dir)
     shown = Path(shown_as if shown_as is not None else adapter_dir).resolve()
     r = config["r"]
     need = required_max_lora_rank(r)

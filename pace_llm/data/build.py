@@ -18,7 +18,7 @@ from pace_llm.data import cache, mix, stream
 from pace_llm.data.examples import ListExamples, TaskData
 from pace_llm.data.length import LengthPolicy
 from pace_llm.data.spec import TaskSpec, split_records
-from pace_llm.schema import TASKS
+from pace_llm.data.tokens import renders_chat
 from pace_llm.tasks import MODULES
 
 if TYPE_CHECKING:
@@ -61,8 +61,7 @@ def renders_conversations(data: DataArgs) -> bool:
     instruct task always (``plain``: pace_llm's layout), GSM8K-format tasks with
     ``prompt_style: chat``."""
     sources = mix.source_args(data) if data.mix else [data]
-    return any(s.task == "instruct" or (s.prompt_style == "chat" and TASKS[s.task] == "causal_lm")
-               for s in sources)
+    return any(renders_chat(s.task, s.prompt_style) for s in sources)
 
 
 def trained_template(data: DataArgs, tokenizer: Any) -> str | None:

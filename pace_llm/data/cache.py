@@ -336,8 +336,9 @@ def _complete(directory: Path) -> bool:
 def _make(spec: TaskSpec, data: Any, tok: Any, directory: Path, material: dict) -> bool:
     """Build ``directory`` unless it is complete and verifies (:func:`verify_entry`); an entry
     that does not is named and built again. True if this call built it."""
-    problem = verify_entry(directory) if _complete(directory) else None
-    if _complete(directory) and problem is None:
+    complete = _complete(directory)
+    problem = verify_entry(directory) if complete else None
+    if complete and problem is None:
         return False
     if problem is not None:
         log.warning("warning: task cache: %s does not verify (%s); building it again",

@@ -9,7 +9,7 @@ from typing import Any
 
 from pace_llm.data.mix import KEYS, source_name
 from pace_llm.data.templates import name_problem
-from pace_llm.data.tokens import prompt_style_problem
+from pace_llm.data.tokens import prompt_style_problem, renders_chat
 from pace_llm.schema import TASKS
 from pace_llm.tasks.glue import GLUE_TASKS
 
@@ -97,7 +97,7 @@ def _template_problems(mix: list[Any], data: Any) -> list[str]:
             continue
         task = item.get("task", data.task)
         style = item.get("prompt_style", data.prompt_style)
-        if task == "instruct" or (style == "chat" and TASKS.get(task) == "causal_lm"):
+        if renders_chat(task, style):
             template = item.get("chat_template", data.chat_template)
             shown = ("pace_llm's plain layout" if style != "chat" else
                      "the tokenizer's own" if template is None else repr(template))
@@ -110,11 +110,16 @@ def _template_problems(mix: list[Any], data: Any) -> list[str]:
             "data.chat_template for every source (or none, for the tokenizer's own)"]
 
 
+def _valid_weight(weight: Any) -> bool:
+    """A source's weight: a finite number > 0 (not a bool)."""
+    return (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            and math.isfinite(weight) and weight > 0)
+
+
 def _weight_sum_problems(mix: list[Any]) -> list[str]:
     """The weights' sum must be a finite number (each is checked on its own above)."""
     weights = [item.get("weight", 1.0) for item in mix if isinstance(item, dict)]
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-               and w > 0 for w in weights) or math.isfinite(sum(weights)):
+    if not all(_valid_weight(w) for w in weights) or math.isfinite(sum(weights)):
         return []
     shown = ", ".join(map(repr, weights))
     return [(f"data.mix: the weights ({shown}) sum to more than the largest float; only their "
@@ -127,8 +132,7 @@ def _item_problems(at: str, item: dict[str, Any], data: Any) -> list[str]:
         p.append(f"{at}.path: {item.get('path')!r}; every source needs a path (a local file or "
                  "directory, or a hub dataset id)")
     weight = item.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            math.isfinite(weight) and weight > 0):
+    if not _valid_weight(weight):
         p.append(f"{at}.weight: {weight!r} must be a number > 0 (a source's share of the "
                  "examples is its weight over the sum of the weights)")
     task = item.get("task", data.task)

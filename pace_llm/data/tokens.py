@@ -20,6 +20,7 @@ from pace_llm.data import templates
 from pace_llm.data.examples import IGNORE
 from pace_llm.data.templates import DEFAULT_CHAT_TEMPLATE  # re-exported
 from pace_llm.errors import UserError
+from pace_llm.schema import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def check_prompt_style(prompt_style: str, name: str | None) -> None:
     problem = prompt_style_problem(prompt_style, name)
     if problem is not None:
         raise UserError(problem)
+
+
+def renders_chat(task: str, prompt_style: str) -> bool:
+    """Whether a (source's) task renders its rows with a chat template: the instruct task always
+    (``plain``: pace_llm's layout), GSM8K-format tasks with ``prompt_style: chat``."""
+    return task == "instruct" or (prompt_style == "chat" and TASKS.get(task) == "causal_lm")
 
 
 def prompt_style_problem(prompt_style: str, name: str | None) -> str | None:

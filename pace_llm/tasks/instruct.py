@@ -177,13 +177,13 @@ def eval_examples(tok: Any, ctx: Ctx, records: list[dict]) -> list[dict]:
 
 
 def eval_example(tok: Any, where: str, messages: list[dict[str, str]], template: str,
-                 eos: int, reply: Reply | None = None) -> dict[str, Any]:
+                 eos: int, reply: Reply) -> dict[str, Any]:
     """Prompt = the conversation up to the last assistant turn; reference = that turn's text;
     ``reply``: where its generation stops (the template's end of turn)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     segments = chat_segments(tok, messages[: last + 1], template, where)
     return generation_example(tok, segments, eos, messages[last]["content"],
-                              reply if reply is not None else reply_format(tok, template))
+                              reply)
 
 
 def _words(text: str) -> list[str]:
